@@ -1,0 +1,100 @@
+"""Pure-PyTorch references for every Triton kernel in this folder.
+
+They are the CPU path of the engine and the ground truth of the kernel tests. Layouts:
+
+    kv_cache (one layer): [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
+    query:               [num_tokens, num_heads, head_dim]
+    key / value (new):   [num_tokens, num_kv_heads, head_dim]
+
+Query head h reads KV head h // (num_heads // num_kv_heads) (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.attention.metadata import AttentionMetadata
+
+
+def write_kv_cache_reference(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+) -> None:
+    """Scatters each new token's K and V into its slot of the paged pool (in place)."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def gather_context_kv(
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [num_blocks_of_seq] int
+    context_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns one sequence's K and V, each [context_len, num_kv_heads, head_dim]."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-context_len // block_size)
+    blocks = kv_cache[:, block_table[:num_blocks].long()]  # [2, n, block_size, Hkv, D]
+    blocks = blocks.reshape(2, num_blocks * block_size, *kv_cache.shape[3:])
+    return blocks[0, :context_len], blocks[1, :context_len]
+
+
+def paged_attention_reference(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its whole paged context."""
+    if metadata.is_decode:
+        return _decode_attention(query, kv_cache, metadata, scale)
+    return _varlen_attention(query, kv_cache, metadata, scale)
+
+
+def _decode_attention(query, kv_cache, metadata, scale):
+    # One new token per sequence: gather every context padded to the longest, mask the padding.
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-metadata.max_context_len // block_size)
+    tables = metadata.block_tables[:, :num_blocks].long()  # [B, nb]
+    keys = kv_cache[0][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    values = kv_cache[1][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).float()  # [B, Hkv, G, D]
+    k = keys.permute(0, 2, 3, 1).float()  # [B, Hkv, D, S]
+    v = values.permute(0, 2, 1, 3).float()  # [B, Hkv, S, D]
+    scores = torch.matmul(q, k) * scale  # [B, Hkv, G, S]
+    positions = torch.arange(num_blocks * block_size, device=query.device)
+    padding = positions[None, :] >= metadata.context_lens[:, None].long()  # [B, S]
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+
+def _varlen_attention(query, kv_cache, metadata, scale):
+    num_heads = query.shape[1]
+    num_kv_heads = kv_cache.shape[3]
+    out = torch.empty_like(query)
+    starts = metadata.query_start_locs_cpu or metadata.query_start_locs.tolist()
+    context_lens = metadata.context_lens_cpu or metadata.context_lens.tolist()
+    for i, context_len in enumerate(context_lens):
+        start, end = starts[i], starts[i + 1]
+        query_len = end - start
+        keys, values = gather_context_kv(kv_cache, metadata.block_tables[i], context_len)
+        q = query[start:end].transpose(0, 1)  # [H, q, D]
+        k = keys.transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, dim=0)  # [H, ctx, D]
+        v = values.transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, dim=0)
+        # Token j of the query sits at position context_len - query_len + j and sees positions <= it.
+        prior = context_len - query_len
+        mask = torch.arange(context_len, device=query.device)[None, :] <= (
+            torch.arange(query_len, device=query.device)[:, None] + prior
+        )
+        attended = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=scale
+        )
+        out[start:end] = attended.transpose(0, 1).to(query.dtype)
+    return out
