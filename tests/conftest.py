@@ -7,4 +7,3 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
