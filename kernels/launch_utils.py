@@ -1,0 +1,142 @@
+"""What every Triton launcher in this folder shares: input checks and picking how a kernel runs.
+
+On CUDA a kernel runs compiled. On CPU it can only run in the Triton interpreter, which is chosen
+by TRITON_INTERPRET=1. Triton reads that variable when `@triton.jit` decorates a function, so a
+module imported before the variable was set holds compiled-only kernels; `runnable_kernel` reads
+the variable at launch time instead and wraps such a kernel for the interpreter. Kernels therefore
+must not call other `@triton.jit` functions (the wrapper cannot reach them).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_interpreted: dict[Any, Any] = {}
+
+
+def is_interpreter_enabled() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older releases only read the variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def runnable_kernel(kernel: Any, device: torch.device) -> Any:
+    """Returns `kernel`, or its interpreted twin when the tensors live on the CPU."""
+    if device.type == "cuda":
+        return kernel
+    if not is_interpreter_enabled():
+        raise RuntimeError(
+            f"Triton kernels cannot run on {device.type} tensors unless TRITON_INTERPRET=1 is set "
+            "(use the 'reference' attention backend on CPU)"
+        )
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    if kernel not in _interpreted:
+        _interpreted[kernel] = InterpretedFunction(kernel.fn)
+    return _interpreted[kernel]
+
+
+def check_tensor(
+    name: str,
+    tensor: Any,
+    *,
+    ndim: int,
+    dtypes: Iterable[torch.dtype],
+    device: torch.device | None = None,
+    is_contiguous: bool = False,
+) -> None:
+    """Raises ValueError naming `name` when the tensor has the wrong rank, dtype, device or layout."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    dtypes = tuple(dtypes)
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
+    if is_contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()}")
+    if tensor.numel() > 0 and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tensor.stride()}")
+
+
+def check_kv_cache(kv_cache: torch.Tensor, num_kv_heads_expected: int | None, head_dim: int) -> None:
+    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous."""
+    check_tensor("kv_cache", kv_cache, ndim=5, dtypes=FLOAT_DTYPES, is_contiguous=True)
+    if kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache dim 0 must be 2 (K, V), got shape {tuple(kv_cache.shape)}")
+    if kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache head_dim {kv_cache.shape[4]} does not match {head_dim}")
+    if num_kv_heads_expected is not None and kv_cache.shape[3] != num_kv_heads_expected:
+        raise ValueError(f"kv_cache has {kv_cache.shape[3]} KV heads, expected {num_kv_heads_expected}")
+
+
+def check_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Returns `out` after checking it can hold a result shaped and typed like `like`, else a new one."""
+    if out is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    check_tensor("out", out, ndim=like.dim(), dtypes=(like.dtype,), device=like.device)
+    if out.shape != like.shape:
+        raise ValueError(f"out must have shape {tuple(like.shape)}, got {tuple(out.shape)}")
+    return out
+
+
+def dot_operand_dtype(dtype: torch.dtype, device: torch.device) -> tl.dtype:
+    """The dtype tl.dot operands are cast to: the input dtype, except bf16 in the interpreter.
+
+    The interpreter multiplies bf16 operands as their raw uint16 bits (triton 3.9), so there they
+    are widened to fp32 first; the products are exact either way and accumulate in fp32.
+    """
+    if dtype == torch.bfloat16 and (device.type != "cuda" or is_interpreter_enabled()):
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs keep full precision in tl.dot (the default would round them to tf32 on GPU)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; an H100-sized guess elsewhere (interpreter runs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, block_n: int) -> None:
+    """Shared checks of the decode and prefill launchers (metadata is an AttentionMetadata)."""
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    check_kv_cache(kv_cache, None, head_dim)
+    if kv_cache.dtype != query.dtype:
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} must match query dtype {query.dtype}")
+    if kv_cache.device != query.device:
+        raise ValueError(f"kv_cache is on {kv_cache.device}, query on {query.device}")
+    if num_heads % kv_cache.shape[3] != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_cache.shape[3]}")
+    check_tensor("metadata.context_lens", metadata.context_lens, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+    num_seqs = metadata.context_lens.shape[0]
+    check_tensor("metadata.block_tables", metadata.block_tables, ndim=2, dtypes=INDEX_DTYPES, device=query.device)
+    check_tensor(
+        "metadata.query_start_locs", metadata.query_start_locs, ndim=1, dtypes=INDEX_DTYPES, device=query.device
+    )
+    if metadata.block_tables.shape[0] != num_seqs or metadata.query_start_locs.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"metadata describes {num_seqs} sequences but block_tables has {metadata.block_tables.shape[0]} "
+            f"rows and query_start_locs {metadata.query_start_locs.shape[0]} entries (need num_seqs + 1)"
+        )
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
