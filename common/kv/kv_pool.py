@@ -1,0 +1,88 @@
+"""The paged KV pool: one tensor per worker, every layer's attention reads a view of it.
+
+    kv: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]     (2 = K, V)
+    layer(i) -> kv[i]: [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+`gather_blocks` / `scatter_blocks` move a request's blocks to and from one contiguous buffer
+[num_layers, 2, n, block_size, num_kv_heads, head_dim]: that buffer is what the KV hand-off sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What two workers must agree on before KV blocks can move between them."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element_size
+
+    def block_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def mismatch(self, other: "KVLayout") -> str | None:
+        """Name of the first field that differs from `other`, or None when they match."""
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype"):
+            if getattr(self, name) != getattr(other, name):
+                return name
+        return None
+
+
+def num_blocks_for_budget(layout: KVLayout, memory_bytes: int) -> int:
+    """How many blocks fit in `memory_bytes`."""
+    if memory_bytes < 0:
+        raise ValueError(f"KV cache memory must be >= 0 bytes, got {memory_bytes}")
+    return memory_bytes // layout.bytes_per_block
+
+
+class KVPool:
+    """Owns the single KV tensor; block ids come from `BlockAllocator`."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu"):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        # Zeroed so that reading a padded (never written) slot can never produce NaN/Inf.
+        self.kv = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=self.device)
+
+    @property
+    def num_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def layer(self, layer_index: int) -> torch.Tensor:
+        """[2, num_blocks, block_size, num_kv_heads, head_dim] view of one layer (no copy)."""
+        return self.kv[layer_index]
+
+    def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Copies the given blocks out: [num_layers, 2, len(block_ids), block_size, Hkv, D], contiguous."""
+        index = self._index(block_ids)
+        return self.kv.index_select(2, index)
+
+    def scatter_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Writes `data` [num_layers, 2, len(block_ids), block_size, Hkv, D] into the given blocks."""
+        expected = self.layout.block_shape(len(block_ids))
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
+        if data.dtype != self.layout.dtype:
+            raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.dtype}")
+        self.kv.index_copy_(2, self._index(block_ids), data.to(self.device))
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise ValueError(f"block id {block_id} is outside 0..{self.num_blocks - 1}")
+        return torch.tensor(block_ids, dtype=torch.int64, device=self.device)

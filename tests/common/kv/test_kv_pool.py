@@ -1,0 +1,48 @@
+"""KV pool: layer views alias the pool; gather/scatter round-trip blocks between two pools."""
+
+import pytest
+import torch
+
+from common.kv.kv_pool import KVLayout, KVPool, num_blocks_for_budget
+
+LAYOUT = KVLayout(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def test_shape_and_layer_view_alias_the_pool():
+    pool = KVPool(LAYOUT, num_blocks=5)
+    assert pool.kv.shape == (3, 2, 5, 4, 2, 8)
+    pool.layer(1)[0, 2].fill_(7.0)
+    assert torch.all(pool.kv[1, 0, 2] == 7.0) and pool.kv[0].abs().sum() == 0
+
+
+def test_gather_then_scatter_into_other_blocks_of_another_pool():
+    source = KVPool(LAYOUT, num_blocks=6)
+    source.kv.copy_(torch.randn_like(source.kv))
+    gathered = source.gather_blocks([4, 1, 3])
+    assert gathered.shape == (3, 2, 3, 4, 2, 8) and gathered.is_contiguous()
+    target = KVPool(LAYOUT, num_blocks=8)
+    target.scatter_blocks([0, 7, 2], gathered)
+    assert torch.equal(target.kv[:, :, 0], source.kv[:, :, 4])
+    assert torch.equal(target.kv[:, :, 7], source.kv[:, :, 1])
+    assert torch.equal(target.kv[:, :, 2], source.kv[:, :, 3])
+    assert target.kv[:, :, [1, 3, 4, 5, 6]].abs().sum() == 0
+    source.kv.zero_()  # the gathered buffer is a copy, not a view
+    assert gathered.abs().sum() > 0
+
+
+def test_scatter_rejects_wrong_shape_dtype_and_ids():
+    pool = KVPool(LAYOUT, num_blocks=4)
+    with pytest.raises(ValueError, match="shape"):
+        pool.scatter_blocks([0, 1], torch.zeros(3, 2, 1, 4, 2, 8))
+    with pytest.raises(ValueError, match="dtype"):
+        pool.scatter_blocks([0], torch.zeros(3, 2, 1, 4, 2, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="outside"):
+        pool.gather_blocks([4])
+
+
+def test_budget_sizing_and_layout_mismatch():
+    # 2 (K,V) * 3 layers * 4 tokens * 2 heads * 8 dims * 4 bytes = 1536 bytes per block
+    assert LAYOUT.bytes_per_block == 1536
+    assert num_blocks_for_budget(LAYOUT, 1536 * 10 + 100) == 10
+    other = KVLayout(num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+    assert LAYOUT.mismatch(other) == "block_size" and LAYOUT.mismatch(LAYOUT) is None
