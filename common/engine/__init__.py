@@ -1,0 +1,1 @@
+"""The inference engine: sequences, scheduler, sampler, model runner and the engine loop."""

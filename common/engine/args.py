@@ -1,0 +1,63 @@
+"""Engine command-line flags (vLLM's names) shared by every service that runs an engine."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from common.engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory_size(text: str) -> int:
+    """'4GiB', '512MB', '1e9' or '1073741824' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r} (examples: 4GiB, 512MB, 1073741824)")
+    try:
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r}") from None
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    defaults = EngineConfig()
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None,
+                       help="HF model folder, .gguf file or dummy:<preset>; default: the embedded SmolLM2")
+    group.add_argument("--load-format", choices=LOAD_FORMATS, default=defaults.load_format)
+    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                       help="auto = bfloat16 on CUDA, float32 on CPU")
+    group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--block-size", type=int, default=defaults.block_size)
+    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    group.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    group.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    group.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory",
+                       type=parse_memory_size, default=None, help="KV pool size on CPU, e.g. 2GiB (default 1GiB)")
+    group.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size in blocks")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend)
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Builds the config (validation errors name the field) from parsed `add_engine_args` flags."""
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+    )

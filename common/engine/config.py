@@ -1,0 +1,92 @@
+"""Typed, validated engine settings; parsed from the command line only in `args.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB when nothing else says how big the CPU pool is
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF folder, .gguf file or "dummy:<preset>"; None = embedded SmolLM2
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # most sequences decoded together
+    max_num_batched_tokens: int = 8192  # most new tokens in one prefill step
+    max_model_len: int | None = None  # prompt + output cap; None = the model's max_position_embeddings
+    kv_cache_memory_bytes: int | None = None  # KV pool size on CPU (default 1 GiB)
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV pool
+    num_kv_blocks: int | None = None  # explicit pool size in blocks; overrides both budgets above
+    attention_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | reference | triton
+    seed: int = 0  # seeds the generator shared by requests without a seed of their own
+
+    def __post_init__(self) -> None:
+        self._check_choice("load_format", LOAD_FORMATS)
+        self._check_choice("dtype", DTYPES)
+        self._check_choice("attention_backend", ATTENTION_BACKENDS)
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"model must be a non-empty string or None, got {self.model!r}")
+        if not isinstance(self.device, str) or not _is_valid_device(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_positive("block_size")
+        self._check_positive("max_num_seqs")
+        self._check_positive("max_num_batched_tokens")
+        self._check_positive("max_model_len", is_optional=True)
+        self._check_positive("num_kv_blocks", is_optional=True)
+        if self.kv_cache_memory_bytes is not None and (
+            not _is_int(self.kv_cache_memory_bytes) or self.kv_cache_memory_bytes <= 0
+        ):
+            raise ValueError(f"kv_cache_memory_bytes must be a positive int, got {self.kv_cache_memory_bytes!r}")
+        utilization = self.gpu_memory_utilization
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device!r} but CUDA is not available")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    def _check_positive(self, name: str, is_optional: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and is_optional:
+            return
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive int{' or None' if is_optional else ''}, got {value!r}")
+
+
+def _is_valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = name.partition(":")
+    return prefix == "cuda" and index.isdigit()

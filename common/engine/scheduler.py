@@ -1,0 +1,186 @@
+"""Decides what the next forward pass computes; never touches tensors.
+
+Queues a request moves through:
+
+    add() ──► waiting ──(prefill step)──► running ──(decode steps)──► finished (blocks freed)
+                 ▲                           │
+                 └──── preempted: blocks freed, re-prefilled later (prompt + output so far)
+
+Policy (like nano-vllm): prefill steps come first. If anything in `waiting` can start, the step is a
+prefill step that packs waiting sequences in arrival order under `max_num_batched_tokens` (a prompt
+longer than the budget is split into chunks over several steps). Otherwise the step decodes one token
+for every running sequence. Prefill and decode never share a step: on CPU the decode attention is one
+batched kernel while prefill attention loops over sequences, so mixing would slow every decode.
+A request added while others decode therefore joins at the very next step, and a finished request
+leaves `running` in `postprocess`, before the next plan is made.
+
+When a decoding sequence needs a new block and none is free, the most recently started sequence is
+preempted (its blocks freed; it goes back to the head of `waiting`); the count is in `num_preemptions`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from common.engine.sequence import Sequence, SequenceStatus, TokenLogprobs, check_finish
+from common.kv.block_allocator import BlockAllocator
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int  # most sequences in one step (and in `running`)
+    max_num_batched_tokens: int  # most new tokens in one prefill step
+    block_size: int  # tokens per KV block
+    max_model_len: int  # prompt + output tokens cap per sequence
+
+
+@dataclass
+class SchedulerPlan:
+    is_prefill: bool  # True: sequences start or resume (query_len >= 1); False: decode, one token each
+    seqs: list[Sequence] = field(default_factory=list)  # sequences in this forward pass, in batch order
+    query_lens: list[int] = field(default_factory=list)  # new tokens each sequence computes this step
+    is_sampled: list[bool] = field(default_factory=list)  # False: a prompt chunk with more chunks to come
+    preempted_request_ids: list[str] = field(default_factory=list)  # preempted while making this plan
+    num_batched_tokens: int = 0  # sum(query_lens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [seq.request_id for seq in self.seqs]
+
+    def add(self, seq: Sequence, query_len: int, is_sampled: bool) -> None:
+        self.seqs.append(seq)
+        self.query_lens.append(query_len)
+        self.is_sampled.append(is_sampled)
+        self.num_batched_tokens += query_len
+
+
+@dataclass
+class SampledToken:
+    token_id: int  # the token chosen for this sequence
+    logprobs: TokenLogprobs | None  # None unless the request asked for logprobs
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, eos_token_ids: frozenset[int]):
+        self.config = config
+        self.allocator = allocator
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a sequence; it starts at the next prefill step that has room for it."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerPlan:
+        plan = self._schedule_prefill()
+        if plan.is_empty and self.running:
+            plan = self._schedule_decode()
+        return plan
+
+    def _schedule_prefill(self) -> SchedulerPlan:
+        plan = SchedulerPlan(is_prefill=True)
+        budget = self.config.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            query_len = min(seq.num_uncomputed_tokens, budget)
+            num_new_blocks = seq.num_blocks_needed(seq.num_computed_tokens + query_len, self.config.block_size)
+            if not self.allocator.can_allocate(num_new_blocks):
+                break
+            seq.block_table += self.allocator.allocate(num_new_blocks)
+            is_last_chunk = query_len == seq.num_uncomputed_tokens
+            plan.add(seq, query_len, is_sampled=is_last_chunk)
+            budget -= query_len
+            if not is_last_chunk:
+                break  # the rest of this prompt goes in the next step; nothing may overtake it
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return plan
+
+    def _schedule_decode(self) -> SchedulerPlan:
+        plan = SchedulerPlan(is_prefill=False)
+        scheduled: deque[Sequence] = deque()
+        while self.running:
+            seq = self.running.popleft()
+            # The newest token's KV is written this step, at position num_tokens - 1.
+            num_new_blocks = seq.num_blocks_needed(seq.num_tokens, self.config.block_size)
+            while not self.allocator.can_allocate(num_new_blocks) and self.running:
+                self._preempt(self.running.pop(), plan)
+            if not self.allocator.can_allocate(num_new_blocks):
+                self._preempt(seq, plan)
+                continue
+            seq.block_table += self.allocator.allocate(num_new_blocks)
+            plan.add(seq, 1, is_sampled=True)
+            scheduled.append(seq)
+        self.running = scheduled
+        return plan
+
+    def _preempt(self, seq: Sequence, plan: SchedulerPlan) -> None:
+        # Only the head of `waiting` may hold blocks (a prompt part-way through its chunks). The
+        # victim becomes the new head, so a part-prefilled head is reset too, or it could pin
+        # blocks that the victim needs to ever resume.
+        if self.waiting and self.waiting[0].block_table:
+            self._reset(self.waiting[0], plan)
+        self._reset(seq, plan)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _reset(self, seq: Sequence, plan: SchedulerPlan) -> None:
+        self._free_blocks(seq)
+        seq.num_computed_tokens = 0
+        plan.preempted_request_ids.append(seq.request_id)
+        self.num_preemptions += 1
+
+    def postprocess(self, plan: SchedulerPlan, samples: list[SampledToken | None]) -> list[Sequence]:
+        """Records what a step computed and sampled; returns the sequences that finished.
+
+        Finished sequences leave `running` here and free their blocks, except prefill-only ones,
+        whose blocks stay held (the caller owns them until it releases them).
+        """
+        finished: list[Sequence] = []
+        for seq, query_len, sample in zip(plan.seqs, plan.query_lens, samples):
+            seq.num_computed_tokens += query_len
+            if sample is None:
+                continue
+            seq.append_token(sample.token_id, sample.logprobs)
+            seq.finish_reason = check_finish(seq, self.eos_token_ids, self.config.max_model_len)
+            if seq.finish_reason is not None or seq.is_prefill_only:
+                self._finish(seq, keep_blocks=seq.is_prefill_only)
+                finished.append(seq)
+        return finished
+
+    def abort(self, seq: Sequence) -> None:
+        """Removes a waiting or running sequence and frees its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        self._free_blocks(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+
+    def release(self, seq: Sequence) -> None:
+        """Frees the blocks of a sequence that finished with its blocks held."""
+        self._free_blocks(seq)
+
+    def _finish(self, seq: Sequence, keep_blocks: bool) -> None:
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        if not keep_blocks:
+            self._free_blocks(seq)
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+            seq.block_table = []

@@ -1,0 +1,114 @@
+"""Per-request state: tokens so far, where its KV lives, and how far the model has computed it.
+
+    token_ids:  [ prompt tokens ............ | output tokens ...... ]
+                 0 .. num_prompt_tokens-1     .. num_tokens-1
+    KV written for positions 0 .. num_computed_tokens-1; the rest is computed by the next step(s).
+
+While decoding, num_computed_tokens == num_tokens - 1: the newest token is fed to the next step,
+which writes its KV and samples the token after it. Preemption resets num_computed_tokens to 0 and
+drops the block table, so the request later re-prefills prompt + output tokens in one go.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from common.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued for (re-)prefill
+    RUNNING = "running"  # prefilled; decoding one token per step
+    FINISHED = "finished"  # done; blocks freed (or held for a KV hand-off)
+
+
+@dataclass
+class TokenLogprobs:
+    """Raw model log-probabilities (before penalties/temperature/top-k/top-p), as vLLM returns."""
+
+    token_id: int  # the sampled token
+    logprob: float  # its log-probability
+    top_token_ids: list[int]  # the n most likely tokens, most likely first
+    top_logprobs: list[float]  # their log-probabilities
+
+
+class Sequence:
+    """One request's state; the scheduler and engine move it between queues."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        is_prefill_only: bool = False,
+    ):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling_params = sampling_params
+        self.block_table: list[int] = []  # KV block ids, in position order
+        self.num_computed_tokens = 0  # tokens whose KV is in `block_table`
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+        self.output_logprobs: list[TokenLogprobs] = []
+        self.is_prefill_only = is_prefill_only  # prefill worker: stop after token #1, keep the KV
+        self.is_prompt_counted = False  # prompt tokens counted in the engine's stats once
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def num_blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        """Extra blocks needed so that the block table covers `num_tokens` positions."""
+        return max(0, -(-num_tokens // block_size) - len(self.block_table))
+
+    def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
+        self.token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )
+
+
+def check_finish(seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int) -> str | None:
+    """Why `seq` should stop after its newest token ("stop" / "length"), or None to go on."""
+    params = seq.sampling_params
+    num_output = seq.num_output_tokens
+    if num_output >= params.min_tokens:
+        token_id = seq.last_token_id
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token_id in eos_token_ids:
+            return "stop"
+    if num_output >= params.max_tokens or seq.num_tokens >= max_model_len:
+        return "length"
+    return None

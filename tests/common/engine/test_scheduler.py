@@ -1,0 +1,143 @@
+"""Scheduler decisions step by step, without a model: tokens are fed back by the test."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.engine.sampling_params import SamplingParams
+from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
+from common.engine.sequence import Sequence, SequenceStatus
+from common.kv.block_allocator import BlockAllocator
+
+EOS = 2
+
+
+def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, block_size=4, max_model_len=64):
+    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, block_size, max_model_len)
+    return Scheduler(config, BlockAllocator(num_blocks), frozenset({EOS}))
+
+
+def make_seq(request_id, num_prompt_tokens, max_tokens=8, ignore_eos=True):
+    prompt = [10 + i for i in range(num_prompt_tokens)]
+    return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos))
+
+
+def run_step(scheduler, token_id=5):
+    plan = scheduler.schedule()
+    samples = [SampledToken(token_id, None) if sampled else None for sampled in plan.is_sampled]
+    finished = scheduler.postprocess(plan, samples)
+    return plan, finished
+
+
+def test_new_request_joins_next_step_and_finished_leaves_at_once():
+    scheduler = make_scheduler()
+    scheduler.add(make_seq("a", 5, max_tokens=3))
+    scheduler.add(make_seq("b", 6, max_tokens=6))
+    plan, _ = run_step(scheduler)
+    assert plan.is_prefill and plan.request_ids == ["a", "b"] and plan.query_lens == [5, 6]
+    plan, _ = run_step(scheduler)
+    assert not plan.is_prefill and plan.request_ids == ["a", "b"] and plan.query_lens == [1, 1]
+    scheduler.add(make_seq("c", 3, max_tokens=4))  # arrives while a and b decode
+    plan, _ = run_step(scheduler)
+    assert plan.is_prefill and plan.request_ids == ["c"]
+    plan, finished = run_step(scheduler)
+    assert plan.request_ids == ["a", "b", "c"]
+    assert [seq.request_id for seq in finished] == ["a"]  # a has its 3 tokens
+    plan, _ = run_step(scheduler)
+    assert plan.request_ids == ["b", "c"]  # a left at once
+
+
+def test_prefill_packs_under_token_budget_and_chunks_long_prompts():
+    scheduler = make_scheduler(max_num_batched_tokens=10)
+    scheduler.add(make_seq("long", 23))
+    scheduler.add(make_seq("short", 4))
+    plans = [run_step(scheduler)[0] for _ in range(4)]
+    assert [(p.request_ids, p.query_lens, p.is_sampled) for p in plans] == [
+        (["long"], [10], [False]),
+        (["long"], [10], [False]),
+        (["long", "short"], [3, 4], [True, True]),
+        (["long", "short"], [1, 1], [True, True]),
+    ]
+    assert scheduler.running[0].num_computed_tokens == 24  # 23 prompt + first output token
+
+
+def test_max_num_seqs_caps_running():
+    scheduler = make_scheduler(max_num_seqs=2)
+    for name in "abc":
+        scheduler.add(make_seq(name, 3, max_tokens=2))
+    plan, _ = run_step(scheduler)
+    assert plan.request_ids == ["a", "b"] and [s.request_id for s in scheduler.waiting] == ["c"]
+    plan, finished = run_step(scheduler)
+    assert plan.request_ids == ["a", "b"] and len(finished) == 2
+    plan, _ = run_step(scheduler)
+    assert plan.request_ids == ["c"]
+
+
+def test_preemption_frees_newest_and_recomputes_later():
+    # 4 blocks of 4 tokens: two sequences of 7 tokens need 2 blocks each; the 9th token needs a third.
+    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    scheduler.add(make_seq("a", 7, max_tokens=6))
+    scheduler.add(make_seq("b", 7, max_tokens=6))
+    run_step(scheduler)  # prefill both: 8 tokens each after sampling
+    plan, _ = run_step(scheduler)  # token 8 fits in block 2; samples token 9
+    assert plan.request_ids == ["a", "b"] and scheduler.num_preemptions == 0
+    plan, _ = run_step(scheduler)  # a needs a 3rd block: b is preempted
+    assert plan.request_ids == ["a"] and plan.preempted_request_ids == ["b"]
+    assert scheduler.num_preemptions == 1
+    b = scheduler.waiting[0]
+    assert b.block_table == [] and b.num_computed_tokens == 0 and b.num_tokens == 9
+    while scheduler.running:
+        plan, _ = run_step(scheduler)
+    plan, _ = run_step(scheduler)  # b comes back: prompt + its 2 outputs in one prefill
+    assert plan.is_prefill and plan.request_ids == ["b"] and plan.query_lens == [9]
+
+
+def test_abort_frees_blocks_from_any_queue():
+    scheduler = make_scheduler(num_blocks=8)
+    a, b = make_seq("a", 5), make_seq("b", 5)
+    scheduler.add(a)
+    run_step(scheduler)
+    scheduler.add(b)
+    scheduler.abort(a)
+    scheduler.abort(b)
+    assert scheduler.allocator.num_free_blocks == 8 and not scheduler.has_work()
+    assert a.finish_reason == "abort" and a.status == SequenceStatus.FINISHED
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    num_blocks=st.integers(6, 20),
+    block_size=st.sampled_from([1, 2, 4]),
+    budget=st.integers(8, 24),
+)
+def test_random_histories_never_leak_or_share_blocks(seed, num_blocks, block_size, budget):
+    rng = random.Random(seed)
+    max_model_len = min(24, num_blocks * block_size)
+    scheduler = make_scheduler(num_blocks, 4, budget, block_size, max_model_len)
+    live: list[Sequence] = []
+    for step in range(60):
+        action = rng.random()
+        if action < 0.3 and step < 40:
+            seq = make_seq(f"r{step}", rng.randint(1, max_model_len - 1), max_tokens=rng.randint(1, 10),
+                           ignore_eos=rng.random() < 0.5)
+            scheduler.add(seq)
+            live.append(seq)
+        elif action < 0.35 and live:
+            scheduler.abort(live.pop(rng.randrange(len(live))))
+        plan = scheduler.schedule()
+        samples = [SampledToken(rng.choice([5, 6, EOS]), None) if s else None for s in plan.is_sampled]
+        for seq in scheduler.postprocess(plan, samples):
+            live.remove(seq)
+        owned = [b for seq in live for b in seq.block_table]
+        assert len(owned) == len(set(owned)), "a block is held by two sequences"
+        assert scheduler.allocator.num_used_blocks == len(owned), "leaked blocks"
+        for seq in scheduler.running:
+            assert seq.num_computed_tokens == seq.num_tokens - 1
+            assert len(seq.block_table) * block_size >= seq.num_computed_tokens
+    for _ in range(500):
+        if not scheduler.has_work():
+            break
+        run_step(scheduler)
+    assert not scheduler.has_work() and scheduler.allocator.usage == 0.0
