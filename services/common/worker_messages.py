@@ -1,0 +1,124 @@
+"""worker.proto <-> domain objects; the one edge where protobuf meets the workers' dataclasses.
+
+Both sides of the internal API use it: the frontend packs requests (`*_to_pb`) and the workers unpack
+them (`*_from_pb`). Nothing past this module sees a worker protobuf message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.engine.sampling_params import SamplingParams
+from common.engine.sequence import TokenLogprobs
+from protos import worker_pb2
+
+FINISH_REASON_TO_PB = {
+    None: worker_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": worker_pb2.FINISH_REASON_STOP,
+    "length": worker_pb2.FINISH_REASON_LENGTH,
+}
+FINISH_REASON_FROM_PB = {value: key for key, value in FINISH_REASON_TO_PB.items()}
+
+
+def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
+    pb = worker_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+        min_tokens=params.min_tokens,
+    )
+    if params.seed is not None:
+        pb.seed = params.seed
+    if params.logprobs is not None:
+        pb.logprobs = params.logprobs
+    return pb
+
+
+def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
+    """Raises ValueError naming the field (the engine's validation) on bad values."""
+    return SamplingParams(
+        max_tokens=pb.max_tokens,
+        temperature=pb.temperature,
+        top_p=pb.top_p,
+        top_k=pb.top_k,
+        min_p=pb.min_p,
+        seed=pb.seed if pb.HasField("seed") else None,
+        repetition_penalty=pb.repetition_penalty,
+        frequency_penalty=pb.frequency_penalty,
+        presence_penalty=pb.presence_penalty,
+        stop_token_ids=list(pb.stop_token_ids),
+        ignore_eos=pb.ignore_eos,
+        min_tokens=pb.min_tokens,
+        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+    )
+
+
+def logprobs_to_pb(logprobs: TokenLogprobs) -> worker_pb2.TokenLogprobs:
+    return worker_pb2.TokenLogprobs(
+        token_id=logprobs.token_id,
+        logprob=logprobs.logprob,
+        top_token_ids=logprobs.top_token_ids,
+        top_logprobs=logprobs.top_logprobs,
+    )
+
+
+def logprobs_from_pb(pb: worker_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(pb.token_id, pb.logprob, list(pb.top_token_ids), list(pb.top_logprobs))
+
+
+@dataclass
+class WorkerStatsData:
+    """A worker's load and KV usage (what GetStats returns)."""
+
+    role: str  # "prefill" | "decode"
+    is_ready: bool
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    num_queued_prompt_tokens: int = 0
+    num_requests_served: int = 0
+    num_transfers: int = 0
+    num_transfer_bytes: int = 0
+    num_transfer_failures: int = 0
+    num_held_leases: int = 0
+    num_generated_tokens: int = 0
+    max_model_len: int = 0
+    vocab_size: int = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    layout: worker_pb2.KVLayout | None = None  # kept as the message: it is only passed through
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_total_blocks - self.num_free_blocks
+
+
+_STATS_SCALARS = (
+    "role", "is_ready", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
+    "kv_cache_usage", "num_queued_prompt_tokens", "num_requests_served", "num_transfers",
+    "num_transfer_bytes", "num_transfer_failures", "num_held_leases", "num_generated_tokens",
+    "max_model_len", "vocab_size",
+)
+
+
+def stats_to_pb(stats: WorkerStatsData) -> worker_pb2.WorkerStats:
+    pb = worker_pb2.WorkerStats(**{name: getattr(stats, name) for name in _STATS_SCALARS})
+    pb.eos_token_ids.extend(stats.eos_token_ids)
+    if stats.layout is not None:
+        pb.layout.CopyFrom(stats.layout)
+    return pb
+
+
+def stats_from_pb(pb: worker_pb2.WorkerStats) -> WorkerStatsData:
+    stats = WorkerStatsData(**{name: getattr(pb, name) for name in _STATS_SCALARS})
+    stats.eos_token_ids = list(pb.eos_token_ids)
+    stats.layout = pb.layout if pb.HasField("layout") else None
+    return stats

@@ -1,0 +1,141 @@
+"""The frontend's request path, behind the thin gRPC servicer.
+
+    GenerateRequest ─► validate (INVALID_ARGUMENT names the field) ─► chat template + tokenize
+      ─► fit to max_model_len ─► Relay (prefill -> decode) ─► TextStream ─► GenerateResponse*
+
+Active requests are kept by id so `Abort(request_id)` can cancel them; the cancelled stream ends with
+CANCELLED and the relay frees the request on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from protos import generation_pb2
+from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
+from services.frontend.convert import Chunk, chunk_to_pb, finish_to_pb
+from services.frontend.relay import Relay
+from services.frontend.router import Router
+from services.frontend.text_stream import TextStream, to_client_stream
+from services.frontend.validation import GenerateInput, fit_to_context, parse_generate_request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontendConfig:
+    prefill_addresses: list[str]  # host:port of each prefill worker
+    decode_addresses: list[str]  # host:port of each decode worker
+    host: str = "0.0.0.0"
+    port: int = 50051
+    model: str | None = None  # for the tokenizer; None = the embedded SmolLM2
+    max_num_requests: int = 1024  # open Generate streams before RESOURCE_EXHAUSTED
+    stats_refresh_seconds: float = 0.5  # how often workers' GetStats is polled
+
+    def __post_init__(self) -> None:
+        if not self.prefill_addresses:
+            raise ValueError("prefill_addresses: at least one prefill worker is required")
+        if not self.decode_addresses:
+            raise ValueError("decode_addresses: at least one decode worker is required")
+        for address in [*self.prefill_addresses, *self.decode_addresses]:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"worker address: expected host:port, got {address!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.max_num_requests < 1:
+            raise ValueError(f"max_num_requests: must be >= 1, got {self.max_num_requests}")
+        if self.stats_refresh_seconds <= 0:
+            raise ValueError(f"stats_refresh_seconds: must be > 0, got {self.stats_refresh_seconds}")
+
+
+class _ActiveRequest:
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.is_aborted = False
+
+
+class FrontendApp:
+    def __init__(self, config: FrontendConfig, tokenizer, model_name: str):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds)
+        self.relay = Relay(self.router)
+        self._active: dict[str, _ActiveRequest] = {}
+
+    async def start(self) -> None:
+        self.router.start()
+
+    async def close(self) -> None:
+        for active in list(self._active.values()):
+            active.task.cancel()
+        await self.relay.drain()
+        await self.router.close()
+
+    def tokenize(self, request: GenerateInput) -> list[int]:
+        prompt = request.prompt
+        if prompt.token_ids is not None:
+            return prompt.token_ids
+        if prompt.chat is not None:
+            from common.tokenizer import apply_chat_template
+
+            messages = [{"role": turn.role, "content": turn.content} for turn in prompt.chat]
+            return list(apply_chat_template(self.tokenizer, messages))
+        return list(self.tokenizer.encode(prompt.text, add_special_tokens=False))
+
+    async def generate(
+        self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        limits = self.router.model_limits()  # Unavailable until workers answered
+        request = parse_generate_request(request_pb, limits.vocab_size)
+        if request.request_id in self._active:
+            raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
+        if len(self._active) >= self.config.max_num_requests:
+            raise Overloaded(f"{len(self._active)} requests open (max_num_requests={self.config.max_num_requests})")
+        prompt_token_ids = await asyncio.to_thread(self.tokenize, request)
+        fit_to_context(request, len(prompt_token_ids), limits.max_model_len)
+        active = _ActiveRequest(asyncio.current_task())
+        self._active[request.request_id] = active
+        text_stream = TextStream(self.tokenizer, prompt_token_ids, request.sampling, request.stop)
+        try:
+            events = self.relay.run(request.request_id, prompt_token_ids, request.sampling, time_remaining)
+            async with contextlib.aclosing(events), contextlib.aclosing(to_client_stream(events, text_stream)) as out:
+                async for item in out:
+                    if isinstance(item, Chunk):
+                        yield chunk_to_pb(request.request_id, item)
+                    else:
+                        yield finish_to_pb(request.request_id, item)
+        except asyncio.CancelledError:
+            if active.is_aborted:
+                raise Cancelled(f"request {request.request_id} was aborted") from None
+            raise
+        finally:
+            self._active.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancels a running Generate; its stream ends with CANCELLED. False when not running."""
+        active = self._active.get(request_id)
+        if active is None:
+            return False
+        active.is_aborted = True
+        active.task.cancel()
+        return True
+
+    def model_info(self) -> generation_pb2.ModelInfo:
+        if not self.router.is_ready():
+            raise Unavailable("no ready prefill and decode workers yet")
+        limits = self.router.model_limits()
+        return generation_pb2.ModelInfo(
+            model_name=self.model_name,
+            max_model_len=limits.max_model_len,
+            vocab_size=limits.vocab_size,
+            eos_token_ids=limits.eos_token_ids,
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            num_prefill_workers=sum(w.is_healthy for w in self.router.prefill_workers),
+            num_decode_workers=sum(w.is_healthy for w in self.router.decode_workers),
+        )

@@ -1,0 +1,93 @@
+"""Worker token events -> client chunks: incremental detokenization, stop strings and usage.
+
+    TokenEvent ─► per token: detokenize ─► stop-string matcher ─► Chunk(token_ids, released text)
+    FinishEvent ─► flush held text ─► Chunk (if any) ─► Finish(reason, usage)
+
+A stop string ends the request on the token that completes it; that token is counted in usage and
+returned in token_ids, the matched text is not returned. Stop strings count only once `min_tokens`
+tokens exist (as in vLLM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from common.engine.sampling_params import SamplingParams
+from services.frontend.convert import Chunk, Finish
+from services.frontend.detokenizer import IncrementalDetokenizer, Tokenizer
+from services.frontend.relay import FinishEvent, TokenEvent
+from services.frontend.stop_strings import StopStringMatcher
+
+
+class TextStream:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        stop: list[str],
+    ):
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+        self._matcher = StopStringMatcher(stop)
+        self._min_tokens = sampling.min_tokens
+        self._num_prompt_tokens = len(prompt_token_ids)
+        self.num_completion_tokens = 0
+
+    def _text_for(self, token_id: int) -> str:
+        text = self._detokenizer.add_tokens([token_id])
+        if self.num_completion_tokens < self._min_tokens:
+            return text
+        return self._matcher.feed(text)
+
+    def on_tokens(self, event: TokenEvent) -> tuple[Chunk, Finish | None]:
+        """The chunk for these tokens, and a Finish when a stop string completed among them."""
+        token_ids: list[int] = []
+        pieces: list[str] = []
+        for token_id in event.token_ids:
+            self.num_completion_tokens += 1
+            token_ids.append(token_id)
+            pieces.append(self._text_for(token_id))
+            if self._matcher.matched is not None:
+                break
+        logprobs = event.logprobs[: len(token_ids)] if event.logprobs else None
+        chunk = Chunk(token_ids, "".join(pieces), logprobs)
+        if self._matcher.matched is None:
+            return chunk, None
+        return chunk, self._finish("stop", matched_stop=self._matcher.matched)
+
+    def on_finish(self, event: FinishEvent) -> tuple[Chunk | None, Finish]:
+        """Flushes held text; the held text itself may still complete a stop string."""
+        tail = self._detokenizer.flush()
+        if self.num_completion_tokens >= self._min_tokens:
+            text = self._matcher.feed(tail)
+            if self._matcher.matched is not None:
+                chunk = Chunk([], text) if text else None
+                return chunk, self._finish("stop", matched_stop=self._matcher.matched)
+            text += self._matcher.flush()
+        else:
+            text = tail
+        chunk = Chunk([], text) if text else None
+        return chunk, self._finish(event.finish_reason, matched_stop_token_id=event.matched_stop_token_id)
+
+    def _finish(self, reason: str, matched_stop: str | None = None, matched_stop_token_id: int | None = None) -> Finish:
+        return Finish(reason, self._num_prompt_tokens, self.num_completion_tokens, matched_stop, matched_stop_token_id)
+
+
+async def to_client_stream(
+    events: AsyncIterator[TokenEvent | FinishEvent], text_stream: TextStream
+) -> AsyncIterator[Chunk | Finish]:
+    """Consumes relay events until a Finish; the caller closes `events` (which aborts the workers)."""
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            chunk, finish = text_stream.on_tokens(event)
+            if chunk.token_ids or chunk.text:
+                yield chunk
+            if finish is not None:
+                yield finish
+                return
+        else:
+            chunk, finish = text_stream.on_finish(event)
+            if chunk is not None:
+                yield chunk
+            yield finish
+            return

@@ -1,0 +1,164 @@
+"""Public request -> validated domain objects (the frontend's `from_pb` edge).
+
+Every rejection is an `InvalidRequest` whose message starts with the offending field's path, e.g.
+`sampling.temperature: must be >= 0, got -1.0` or `chat.messages[1].role: must be one of ...`.
+Token-level checks (prompt length against max_model_len) happen after tokenization, in `check_prompt_length`.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+
+from google.protobuf import unknown_fields
+from google.protobuf.message import Message
+
+from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from protos import generation_pb2
+from services.common.errors import InvalidRequest
+
+CHAT_ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_STRINGS = 16
+MAX_REQUEST_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str  # one of CHAT_ROLES
+    content: str
+
+
+@dataclass
+class PromptInput:
+    """Exactly one of text / chat / token_ids is set; `field_name` is the proto field it came from."""
+
+    field_name: str  # "text" | "chat" | "token_ids"
+    text: str | None = None
+    chat: list[ChatTurn] | None = None
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class GenerateInput:
+    request_id: str
+    prompt: PromptInput
+    sampling: SamplingParams  # max_tokens is shortened to the room left in the context after tokenization
+    stop: list[str] = field(default_factory=list)  # stop strings (applied by the frontend only)
+
+
+def reject_unknown_fields(message: Message, path: str = "") -> None:
+    """Fails on fields this server does not know (a client built from a newer or a wrong schema)."""
+    unknown = unknown_fields.UnknownFieldSet(message)
+    if len(unknown):
+        numbers = sorted({entry.field_number for entry in unknown})
+        where = path or message.DESCRIPTOR.name
+        raise InvalidRequest(where, f"unknown field number(s) {numbers} in {message.DESCRIPTOR.full_name}")
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        child = f"{path}.{descriptor.name}" if path else descriptor.name
+        if descriptor.is_repeated:
+            for index, item in enumerate(value):
+                if isinstance(item, Message):
+                    reject_unknown_fields(item, f"{child}[{index}]")
+        else:
+            reject_unknown_fields(value, child)
+
+
+def parse_prompt(request: generation_pb2.GenerateRequest, vocab_size: int) -> PromptInput:
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("prompt", "one of text, chat or token_ids is required")
+    if kind == "text":
+        if not request.text.strip():
+            raise InvalidRequest("text", "prompt must not be empty")
+        return PromptInput("text", text=request.text)
+    if kind == "chat":
+        messages = request.chat.messages
+        if not messages:
+            raise InvalidRequest("chat.messages", "must not be empty")
+        turns = []
+        for index, message in enumerate(messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"chat.messages[{index}].role", f"must be one of {CHAT_ROLES}, got {message.role!r}"
+                )
+            turns.append(ChatTurn(message.role, message.content))
+        if not any(turn.content.strip() for turn in turns):
+            raise InvalidRequest("chat.messages", "every message is empty")
+        return PromptInput("chat", chat=turns)
+    token_ids = list(request.token_ids.ids)
+    if not token_ids:
+        raise InvalidRequest("token_ids.ids", "prompt must not be empty")
+    for index, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequest(f"token_ids.ids[{index}]", f"{token_id} is outside [0, {vocab_size})")
+    return PromptInput("token_ids", token_ids=token_ids)
+
+
+def _check_finite(pb: generation_pb2.SamplingParams) -> None:
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+        if pb.HasField(name) and not math.isfinite(getattr(pb, name)):
+            raise InvalidRequest(f"sampling.{name}", f"must be a finite number, got {getattr(pb, name)}")
+
+
+def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int) -> tuple[SamplingParams, list[str]]:
+    """-> (engine SamplingParams, stop strings)."""
+    _check_finite(pb)
+    if pb.HasField("max_tokens") and pb.max_tokens < 1:
+        raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {pb.max_tokens}")
+    if pb.HasField("logprobs") and not 0 <= pb.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {pb.logprobs}")
+    for index, token_id in enumerate(pb.stop_token_ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequest(f"sampling.stop_token_ids[{index}]", f"{token_id} is outside [0, {vocab_size})")
+    if len(pb.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(pb.stop)}")
+    for index, stop in enumerate(pb.stop):
+        if not stop:
+            raise InvalidRequest(f"sampling.stop[{index}]", "stop strings must not be empty")
+    values = {
+        name: getattr(pb, name)
+        for name in (
+            "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
+            "frequency_penalty", "presence_penalty", "ignore_eos", "min_tokens", "logprobs",
+        )
+        if pb.HasField(name)
+    }
+    values.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    values["stop_token_ids"] = list(pb.stop_token_ids)
+    try:
+        sampling = SamplingParams(**values)
+    except ValueError as exc:  # the engine's message starts with the field name
+        message = str(exc)
+        name = message.split(" ", 1)[0]
+        raise InvalidRequest(f"sampling.{name}", message.split(" ", 1)[1] if " " in message else message) from exc
+    return sampling, list(pb.stop)
+
+
+def parse_generate_request(request: generation_pb2.GenerateRequest, vocab_size: int) -> GenerateInput:
+    """Validates everything that can be checked before tokenization."""
+    reject_unknown_fields(request)
+    request_id = request.request_id if request.HasField("request_id") else ""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LENGTH} characters")
+    prompt = parse_prompt(request, vocab_size)
+    sampling, stop = parse_sampling(request.sampling, vocab_size)
+    return GenerateInput(request_id or uuid.uuid4().hex, prompt, sampling, stop)
+
+
+def fit_to_context(request: GenerateInput, num_prompt_tokens: int, max_model_len: int) -> None:
+    """Rejects prompts that leave no room to generate; shortens max_tokens to the room left."""
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise InvalidRequest(
+            request.prompt.field_name,
+            f"prompt is {num_prompt_tokens} tokens, longer than max_model_len {max_model_len} allows "
+            "(at least 1 token must be left to generate)",
+        )
+    sampling = request.sampling
+    if sampling.max_tokens > room:
+        sampling.max_tokens = room
+        sampling.min_tokens = min(sampling.min_tokens, room)
