@@ -29,7 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="HF model folder, .gguf file or dummy:<preset>; default: the embedded SmolLM2")
     group.add_argument("--load-format", choices=LOAD_FORMATS, default=defaults.load_format)
     group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
-                       help="auto = bfloat16 on CUDA, float32 on CPU")
+                       help="auto = float32 on CPU, the checkpoint dtype on CUDA (bfloat16 for float32 ones)")
     group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     group.add_argument("--block-size", type=int, default=defaults.block_size)
     group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)

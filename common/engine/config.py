@@ -20,7 +20,7 @@ def _is_int(value) -> bool:
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file or "dummy:<preset>"; None = embedded SmolLM2
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto = float32 on CPU; on CUDA the checkpoint's dtype (bfloat16 for fp32 ones)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 256  # most sequences decoded together
@@ -67,11 +67,6 @@ class EngineConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device is {self.device!r} but CUDA is not available")
         return device
-
-    def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:

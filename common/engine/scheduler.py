@@ -82,14 +82,29 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def add_prefilled(self, seq: Sequence) -> None:
+        """Adds a sequence whose prompt KV is already in its blocks (a KV hand-off).
+
+        It needs exactly what a running sequence needs (its newest token computed), so it joins
+        `running` and decodes at the next decode step; when `running` is full it waits its turn.
+        """
+        if len(self.running) < self.config.max_num_seqs:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            self.add(seq)
+
     def schedule(self) -> SchedulerPlan:
-        plan = self._schedule_prefill()
+        plan = SchedulerPlan(is_prefill=True)
+        self._schedule_prefill(plan)
+        if plan.is_empty and not self.running and self._unblock_waiting_head(plan):
+            self._schedule_prefill(plan)
         if plan.is_empty and self.running:
-            plan = self._schedule_decode()
+            plan.is_prefill = False
+            self._schedule_decode(plan)
         return plan
 
-    def _schedule_prefill(self) -> SchedulerPlan:
-        plan = SchedulerPlan(is_prefill=True)
+    def _schedule_prefill(self, plan: SchedulerPlan) -> None:
         budget = self.config.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
@@ -106,10 +121,17 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-        return plan
 
-    def _schedule_decode(self) -> SchedulerPlan:
-        plan = SchedulerPlan(is_prefill=False)
+    def _unblock_waiting_head(self, plan: SchedulerPlan) -> bool:
+        """Nothing runs, yet the head of `waiting` cannot start: the blocks it lacks are held by
+        sequences queued behind it (a part-prefilled prompt, a hand-off). Only recomputing those
+        later frees them. Returns whether anything was freed."""
+        blocking = [seq for seq in list(self.waiting)[1:] if seq.block_table]
+        for seq in blocking:
+            self._reset(seq, plan)
+        return bool(blocking)
+
+    def _schedule_decode(self, plan: SchedulerPlan) -> None:
         scheduled: deque[Sequence] = deque()
         while self.running:
             seq = self.running.popleft()
@@ -124,14 +146,8 @@ class Scheduler:
             plan.add(seq, 1, is_sampled=True)
             scheduled.append(seq)
         self.running = scheduled
-        return plan
 
     def _preempt(self, seq: Sequence, plan: SchedulerPlan) -> None:
-        # Only the head of `waiting` may hold blocks (a prompt part-way through its chunks). The
-        # victim becomes the new head, so a part-prefilled head is reset too, or it could pin
-        # blocks that the victim needs to ever resume.
-        if self.waiting and self.waiting[0].block_table:
-            self._reset(self.waiting[0], plan)
         self._reset(seq, plan)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -1,0 +1,251 @@
+"""The engine loop: requests in, one batched forward per `step()`, `RequestOutput`s out.
+
+Single-threaded and synchronous (services run it on a thread of their own). Where a request lives:
+
+    add_request / add_prefill_request ──► scheduler (waiting → running) ──► finished
+    reserve_kv ──► reserved blocks ──► add_decode_request ──► scheduler (running) ──► finished
+    prefill-only requests finish after token #1 with their blocks held ──► release_kv
+
+`abort_request` frees a request wherever it is; its final output (finish_reason "abort") comes
+from the next `step()`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.attention import get_attention_backend
+from common.engine.config import EngineConfig
+from common.engine.model_runner import ModelRunner, determine_num_kv_blocks
+from common.engine.outputs import EngineStats, RequestOutput
+from common.engine.sampling_params import SamplingParams
+from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
+from common.engine.sequence import Sequence, SequenceStatus, check_finish
+from common.kv.block_allocator import BlockAllocator
+from common.kv.kv_pool import KVLayout, KVPool
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module | None = None, model_config=None):
+        """Loads `config.model`, or uses an already loaded (model, model_config) pair."""
+        self.config = config
+        self.device = config.resolved_device()
+        self.model_name = config.model or "embedded"
+        if model is None:
+            model, model_config = self._load_model()
+        elif model_config is None:
+            raise ValueError("model_config is required when a loaded model is passed")
+        self.model, self.model_config = model, model_config
+        self.max_model_len = _max_model_len(config, model_config)
+        layout = KVLayout(
+            num_layers=model_config.num_hidden_layers,
+            block_size=config.block_size,
+            num_kv_heads=model_config.num_key_value_heads,
+            head_dim=model_config.head_dim,
+            dtype=next(model.parameters()).dtype,
+        )
+        num_blocks = determine_num_kv_blocks(config, model, layout, self.device, self.max_model_len)
+        self.kv_pool = KVPool(layout, num_blocks, self.device)
+        self.allocator = BlockAllocator(num_blocks)
+        scheduler_config = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.block_size, self.max_model_len
+        )
+        self.scheduler = Scheduler(scheduler_config, self.allocator, frozenset(model_config.eos_token_ids))
+        self.model_runner = ModelRunner(model, self.kv_pool, self.device, config.seed)
+        self._requests: dict[str, Sequence] = {}  # waiting or running
+        self._held: dict[str, Sequence] = {}  # prefill-only, finished, blocks held until release_kv
+        self._reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for a KV hand-off
+        self._pending_outputs: list[RequestOutput] = []  # abort outputs, returned by the next step
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._finished_reasons: dict[str, int] = {}
+        logger.info("KV pool: %d blocks of %d tokens (%.2f GiB) on %s", num_blocks, config.block_size,
+                    self.kv_pool.num_bytes / 2**30, self.device)
+
+    def _load_model(self):
+        from common.model.registry import resolve_model
+        from common.model.weights import load_model
+
+        resolved = resolve_model(self.config.model, self.config.load_format)
+        self.model_name = resolved.name
+        backend = get_attention_backend(self.config.attention_backend, self.device)
+        return load_model(resolved.folder, resolved.load_format, self.config.dtype, self.device, backend,
+                          model_config=resolved.model_config, seed=self.config.seed)
+
+    # ---- offline and shared ------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        """Queues a full generation; tokens come out of `step()`."""
+        self.scheduler.add(self._new_sequence(request_id, prompt_token_ids, sampling_params))
+
+    def step(self) -> list[RequestOutput]:
+        """One batched forward pass (if anything can run); outputs for every sequence that sampled."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        samples = self.model_runner.run(plan)
+        finished = self.scheduler.postprocess(plan, samples)
+        for seq, sample in zip(plan.seqs, samples):
+            if sample is not None:
+                outputs.append(self._sampled_output(seq, sample))
+        for seq in finished:
+            del self._requests[seq.request_id]
+            if seq.is_prefill_only:
+                self._held[seq.request_id] = seq
+            if seq.finish_reason is not None:
+                self._count_finish(seq.finish_reason)
+        return outputs
+
+    def abort_request(self, request_id: str) -> None:
+        """Stops a request wherever it is and frees its blocks; unknown or finished ids are ignored."""
+        if request_id in self._requests:
+            seq = self._requests.pop(request_id)
+            self.scheduler.abort(seq)
+            self._count_finish("abort")
+            self._pending_outputs.append(self._final_output(seq, "abort"))
+        elif request_id in self._held:
+            self.release_kv(request_id)
+        elif request_id in self._reserved:
+            self.allocator.free(self._reserved.pop(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        """True while `step()` has work (held KV blocks do not count: they need no steps)."""
+        return bool(self._requests or self._pending_outputs)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.allocator.num_free_blocks,
+            num_total_blocks=self.allocator.num_blocks,
+            kv_cache_usage=self.allocator.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            finished_reasons=dict(self._finished_reasons),
+        )
+
+    # ---- prefill worker ----------------------------------------------------------------------
+
+    def add_prefill_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
+        """Prefill only: `step()` samples token #1 and finishes with the prompt's blocks held."""
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling_params, is_prefill_only=True)
+        self.scheduler.add(seq)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Frees a prefill-only request's held blocks; False if none were held (idempotent)."""
+        seq = self._held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.release(seq)
+        return True
+
+    # ---- decode worker -----------------------------------------------------------------------
+
+    def reserve_kv(self, request_id: str, num_prompt_tokens: int) -> list[int]:
+        """Reserves blocks for a prompt's KV before it arrives; raises OutOfKVBlocks."""
+        self._check_new_id(request_id)
+        if not 0 < num_prompt_tokens < self.max_model_len:
+            raise ValueError(f"num_prompt_tokens must be in [1, {self.max_model_len - 1}], got {num_prompt_tokens}")
+        block_ids = self.allocator.allocate(-(-num_prompt_tokens // self.config.block_size))
+        self._reserved[request_id] = block_ids
+        return block_ids
+
+    def add_decode_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        sampling_params: SamplingParams,
+        block_ids: list[int],
+    ) -> None:
+        """Starts decoding a request whose prompt KV was scattered into its reserved `block_ids`."""
+        if self._reserved.get(request_id) != list(block_ids):
+            raise ValueError(f"block_ids of request {request_id!r} are not the ones reserve_kv returned")
+        expected = -(-len(prompt_token_ids) // self.config.block_size)
+        if len(block_ids) != expected:
+            raise ValueError(f"{len(prompt_token_ids)} prompt tokens need {expected} blocks, got {len(block_ids)}")
+        self._check_token_ids("first_token_id", [first_token_id])
+        del self._reserved[request_id]
+        seq = self._new_sequence(request_id, prompt_token_ids, sampling_params)
+        seq.append_token(first_token_id)
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.is_prompt_counted = True  # the prefill worker counted it
+        reason = check_finish(seq, self.scheduler.eos_token_ids, self.max_model_len)
+        if reason is not None:  # token #1 already ended it: nothing to decode
+            del self._requests[request_id]
+            self.scheduler.release(seq)
+            seq.status = SequenceStatus.FINISHED
+            self._count_finish(reason)
+            self._pending_outputs.append(self._final_output(seq, reason))
+            return
+        self.scheduler.add_prefilled(seq)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _new_sequence(self, request_id, prompt_token_ids, sampling_params, is_prefill_only=False) -> Sequence:
+        self._check_new_id(request_id)
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids has {len(prompt_token_ids)} tokens; max_model_len {self.max_model_len} "
+                f"leaves no room for output"
+            )
+        self._check_token_ids("prompt_token_ids", prompt_token_ids)
+        seq = Sequence(request_id, prompt_token_ids, sampling_params, is_prefill_only)
+        self._requests[request_id] = seq
+        return seq
+
+    def _check_new_id(self, request_id: str) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._requests or request_id in self._held or request_id in self._reserved:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+
+    def _check_token_ids(self, name: str, token_ids: list[int]) -> None:
+        vocab_size = self.model_config.vocab_size
+        for token_id in token_ids:
+            if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+                raise ValueError(f"{name} has token id {token_id!r} outside [0, {vocab_size})")
+
+    def _sampled_output(self, seq: Sequence, sample: SampledToken) -> RequestOutput:
+        self._generation_tokens_total += 1
+        if not seq.is_prompt_counted:
+            seq.is_prompt_counted = True
+            self._prompt_tokens_total += seq.num_prompt_tokens
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[sample.token_id],
+            new_logprobs=None if sample.logprobs is None else [sample.logprobs],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            kv_block_ids=list(seq.block_table) if seq.is_prefill_only else None,
+        )
+
+    def _final_output(self, seq: Sequence, reason: str) -> RequestOutput:
+        return RequestOutput(seq.request_id, [], None, True, reason, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def _count_finish(self, reason: str) -> None:
+        self._finished_reasons[reason] = self._finished_reasons.get(reason, 0) + 1
+
+
+def _max_model_len(config: EngineConfig, model_config) -> int:
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {limit}")
+    return config.max_model_len
