@@ -1,0 +1,98 @@
+"""Prefill -> decode KV hand-off: the interface (base.py) and its backends, chosen by name.
+
+    sender = create_sender("ucx", layout, kv_pool.gather_blocks, on_release, host="10.0.0.5")
+    handle = sender.offer(new_transfer_id(), block_ids, num_tokens, lease_seconds=30.0)
+    receiver = create_receiver("ucx", layout)
+    ticket = receiver.begin(handle, destination)   # then receiver.poll(ticket) each engine step
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from common.transfer.base import (
+    KVBlockSource,
+    KVHandle,
+    KVInvalidPull,
+    KVLayout,
+    KVLayoutMismatch,
+    KVReceiver,
+    KVSender,
+    KVSizeMismatch,
+    KVTransferError,
+    KVTransferNotFound,
+    KVTransferTimeout,
+    OnRelease,
+    TransferOutcome,
+    TransferState,
+    TransferStats,
+    TransferTicket,
+    new_transfer_id,
+)
+
+BACKENDS = ("ucx", "fake")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def create_sender(
+    backend: str,
+    layout: KVLayout,
+    gather_blocks: Callable[[list[int]], torch.Tensor],
+    on_release: OnRelease,
+    host: str | None = None,
+    port: int = 0,
+    ack_timeout_seconds: float = 30.0,
+) -> KVSender:
+    """A prefill-side sender; `host` is the address receivers dial (default 127.0.0.1, or "fake")."""
+    _check_backend(backend)
+    if backend == "ucx":
+        from common.transfer.ucx import UcxKVSender  # imports ucxx only when used
+
+        return UcxKVSender(layout, gather_blocks, on_release, host or "127.0.0.1", port, ack_timeout_seconds)
+    from common.transfer.fake import FakeKVSender
+
+    return FakeKVSender(layout, gather_blocks, on_release, host or "fake", port, ack_timeout_seconds)
+
+
+def create_receiver(
+    backend: str, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0
+) -> KVReceiver:
+    """A decode-side receiver for KV laid out as `layout`."""
+    _check_backend(backend)
+    if backend == "ucx":
+        from common.transfer.ucx import UcxKVReceiver
+
+        return UcxKVReceiver(layout, timeout_seconds, connect_timeout_seconds)
+    from common.transfer.fake import FakeKVReceiver
+
+    return FakeKVReceiver(layout, timeout_seconds, connect_timeout_seconds)
+
+
+__all__ = [
+    "BACKENDS",
+    "KVBlockSource",
+    "KVHandle",
+    "KVInvalidPull",
+    "KVLayout",
+    "KVLayoutMismatch",
+    "KVReceiver",
+    "KVSender",
+    "KVSizeMismatch",
+    "KVTransferError",
+    "KVTransferNotFound",
+    "KVTransferTimeout",
+    "OnRelease",
+    "TransferOutcome",
+    "TransferState",
+    "TransferStats",
+    "TransferTicket",
+    "create_receiver",
+    "create_sender",
+    "new_transfer_id",
+]

@@ -1,0 +1,345 @@
+"""The KV transfer interface: what prefill offers, what decode pulls, and how it can fail.
+
+Both backends (`ucx.py` for real workers, `fake.py` for in-process tests) implement `KVSender` and
+`KVReceiver` with identical semantics:
+
+    prefill: sender.offer(id, block_ids, ...) -> KVHandle   (blocks held under a lease)
+    decode:  ticket = receiver.begin(handle, destination)   (non-blocking)
+             receiver.poll(ticket) -> PENDING | DONE | FAILED
+    prefill: on_release(id, DONE | EXPIRED | FAILED | CANCELLED, stats)   (free the blocks here)
+
+A transfer moves one request's blocks as one contiguous tensor
+`[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (2 = K, V).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import secrets
+import threading
+import urllib.parse
+from dataclasses import dataclass, field, fields
+from typing import Callable, Protocol
+
+import torch
+
+
+class TransferState(enum.Enum):
+    """What `KVReceiver.poll` reports for a ticket."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class TransferOutcome(enum.Enum):
+    """Why the prefill side released an offer (its blocks can be freed in every case)."""
+
+    DONE = "done"  # the receiver acked the data
+    EXPIRED = "expired"  # nobody pulled before the lease ran out
+    FAILED = "failed"  # a pull was refused (layout/size mismatch), the send failed or no ack came
+    CANCELLED = "cancelled"  # cancel() or close() on the sender
+
+
+class KVTransferError(Exception):
+    """A KV hand-off failed; subclasses say why."""
+
+
+class KVLayoutMismatch(KVTransferError):
+    """Prefill and decode pools differ; the message names each differing field."""
+
+
+class KVTransferNotFound(KVTransferError):
+    """The sender has no live offer with this id (never offered, expired, cancelled or pulled)."""
+
+
+class KVTransferTimeout(KVTransferError):
+    """The transfer did not finish within its deadline."""
+
+
+class KVSizeMismatch(KVTransferError):
+    """The pull expects a different number of blocks than the offer holds."""
+
+
+class KVInvalidPull(KVTransferError):
+    """The pull request itself is malformed (bad id, byte count that does not match its layout, ...)."""
+
+
+_LAYOUT_INT_FIELDS = ("block_size", "num_layers", "num_kv_heads", "head_dim")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Maps a dtype name such as "float16" (or "torch.float16") to the torch dtype."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype: unknown torch dtype {name!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape and type of a paged KV pool; two workers can hand off KV only if these match."""
+
+    model_name: str  # served model, so two different models never exchange KV
+    dtype: str  # torch dtype name, e.g. "float16"
+    block_size: int  # tokens per block
+    num_layers: int  # decoder layers holding KV
+    num_kv_heads: int  # K/V heads per layer
+    head_dim: int  # channels per head
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name: must not be empty")
+        object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
+        torch_dtype(self.dtype)
+        for name in _LAYOUT_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive int, got {value!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across all layers, K and V."""
+        elements = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+        return elements * self.torch_dtype.itemsize
+
+    def transfer_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of a gathered transfer: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def signature(self) -> str:
+        """Stable one-line form for handles and logs; `from_signature` reads it back."""
+        parts = [f"model_name={urllib.parse.quote(self.model_name, safe='')}", f"dtype={self.dtype}"]
+        parts += [f"{name}={getattr(self, name)}" for name in _LAYOUT_INT_FIELDS]
+        return ";".join(parts)
+
+    @classmethod
+    def from_signature(cls, signature: str) -> "KVLayout":
+        values: dict[str, str] = {}
+        for part in signature.split(";"):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"layout signature: malformed part {part!r}")
+            values[name] = value
+        expected = {f.name for f in fields(cls)}
+        if set(values) != expected:
+            raise ValueError(f"layout signature: fields {sorted(values)} != {sorted(expected)}")
+        try:
+            ints = {name: int(values[name]) for name in _LAYOUT_INT_FIELDS}
+        except ValueError as error:
+            raise ValueError(f"layout signature: {error}") from None
+        return cls(urllib.parse.unquote(values["model_name"]), values["dtype"], **ints)
+
+    def describe_mismatch(self, other: "KVLayout", self_name: str = "this", other_name: str = "other") -> str:
+        """Empty when equal, else e.g. "block_size: prefill=16 decode=32; head_dim: prefill=64 decode=128"."""
+        diffs = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                diffs.append(f"{f.name}: {self_name}={mine} {other_name}={theirs}")
+        return "; ".join(diffs)
+
+
+def new_transfer_id() -> str:
+    """A random 128-bit transfer id as 32 lowercase hex chars."""
+    return secrets.token_hex(16)
+
+
+def check_transfer_id(transfer_id: str) -> None:
+    if not (isinstance(transfer_id, str) and len(transfer_id) == 32 and all(c in "0123456789abcdef" for c in transfer_id)):
+        raise ValueError(f"transfer_id: need 32 lowercase hex chars, got {transfer_id!r}")
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """What prefill returns to the frontend and decode needs to pull the KV (services map it to gRPC)."""
+
+    transfer_id: str  # 32 hex chars, random 128 bits
+    address: str  # the sender's "host:port"
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    num_blocks: int  # blocks to pull; the receiver reserves this many
+    layout_signature: str  # KVLayout.signature() of the prefill pool
+
+    def __post_init__(self) -> None:
+        check_transfer_id(self.transfer_id)
+        if not self.address:
+            raise ValueError("address: must not be empty")
+        if self.num_blocks <= 0:
+            raise ValueError(f"num_blocks: must be positive, got {self.num_blocks}")
+        if self.num_tokens <= 0:
+            raise ValueError(f"num_tokens: must be positive, got {self.num_tokens}")
+
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout.from_signature(self.layout_signature)
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """Measurements of one transfer, for spans (kv.bytes, kv.transport, kv.gbps) and metrics."""
+
+    num_bytes: int  # KV bytes moved (0 when nothing was sent)
+    num_blocks: int
+    seconds: float  # from pull request to data in place (receiver) / gather + send (sender)
+    transport: str  # UCX transport that carried the data ("tcp", "cuda_ipc", "posix", ...), "fake" or "none"
+    trace_context: dict[str, str] = field(default_factory=dict)  # this side's (from offer / begin)
+    peer_trace_context: dict[str, str] = field(default_factory=dict)  # the pull's, seen by the sender
+
+    @property
+    def gbps(self) -> float:
+        return self.num_bytes * 8 / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+# Called once per offer by the sender, off the caller's thread; must not block (enqueue the free).
+OnRelease = Callable[[str, TransferOutcome, TransferStats], None]
+
+
+class KVBlockSource(Protocol):
+    """The one thing a sender needs from a KV pool (common/kv/kv_pool.py provides it)."""
+
+    def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Contiguous copy [num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim]."""
+        ...
+
+
+class TransferTicket:
+    """One receive in flight; its state changes once, from PENDING to DONE or FAILED."""
+
+    def __init__(self, handle: KVHandle, destination: torch.Tensor) -> None:
+        self.handle = handle
+        self.destination = destination  # [L, 2, n, BS, Hkv, D], written in place
+        self.error: KVTransferError | None = None
+        self.stats: TransferStats | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def transfer_id(self) -> str:
+        return self.handle.transfer_id
+
+    @property
+    def state(self) -> TransferState:
+        if not self._done.is_set():
+            return TransferState.PENDING
+        return TransferState.FAILED if self.error is not None else TransferState.DONE
+
+    def set_done(self, stats: TransferStats) -> bool:
+        """Backends call this once; returns False if the ticket had already finished."""
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self.stats = stats
+            self._done.set()
+            return True
+
+    def set_failed(self, error: KVTransferError) -> bool:
+        with self._lock:
+            if self._done.is_set():
+                return False
+            self.error = error
+            self._done.set()
+            return True
+
+    def wait(self, timeout: float | None = None) -> TransferStats:
+        """Blocks until finished; returns the stats or raises the ticket's typed error.
+
+        Raises KVTransferTimeout if still pending after `timeout`; the transfer itself goes on
+        until its own deadline, so keep the destination untouched until poll() leaves PENDING.
+        """
+        if not self._done.wait(timeout):
+            raise KVTransferTimeout(f"transfer {self.transfer_id} still pending after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        assert self.stats is not None  # set together with _done
+        return self.stats
+
+    async def wait_async(self, timeout: float | None = None) -> TransferStats:
+        """`wait` for asyncio callers (runs the blocking wait on a worker thread)."""
+        import asyncio
+
+        return await asyncio.to_thread(self.wait, timeout)
+
+
+def check_destination(layout: KVLayout, handle: KVHandle, destination: torch.Tensor) -> None:
+    """The receiver writes raw bytes into `destination`, so its shape, dtype and layout must be exact."""
+    expected = layout.transfer_shape(handle.num_blocks)
+    if tuple(destination.shape) != expected:
+        raise ValueError(f"destination: shape {tuple(destination.shape)} != expected {expected}")
+    if destination.dtype != layout.torch_dtype:
+        raise ValueError(f"destination: dtype {destination.dtype} != layout dtype {layout.torch_dtype}")
+    if not destination.is_contiguous():
+        raise ValueError("destination: must be contiguous")
+
+
+def check_gathered(layout: KVLayout, num_blocks: int, gathered: torch.Tensor) -> None:
+    """A sender refuses to ship a gather result that does not match its own layout."""
+    expected = layout.transfer_shape(num_blocks)
+    if tuple(gathered.shape) != expected or gathered.dtype != layout.torch_dtype:
+        raise KVTransferError(
+            f"gather_blocks returned {tuple(gathered.shape)} {gathered.dtype}, expected {expected} {layout.torch_dtype}"
+        )
+    if not gathered.is_contiguous():
+        raise KVTransferError("gather_blocks returned a non-contiguous tensor")
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (same memory), for sending or receiving raw bytes."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+class KVSender(abc.ABC):
+    """Prefill side: offers held blocks and serves pulls. Methods are thread-safe and never block long."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """"host:port" that receivers connect to."""
+
+    @abc.abstractmethod
+    def offer(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        lease_seconds: float,
+        trace_context: dict[str, str] | None = None,
+    ) -> KVHandle:
+        """Holds `block_ids` for one pull until acked, cancelled or `lease_seconds` pass."""
+
+    @abc.abstractmethod
+    def cancel(self, transfer_id: str) -> bool:
+        """Releases an offer with CANCELLED; False if it was already released. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def num_pending(self) -> int:
+        """Offers not released yet (offered or being pulled)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stops serving; every pending offer is released with CANCELLED before this returns."""
+
+
+class KVReceiver(abc.ABC):
+    """Decode side: pulls offered KV into caller-owned tensors. Methods are thread-safe and non-blocking."""
+
+    @abc.abstractmethod
+    def begin(
+        self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
+    ) -> TransferTicket:
+        """Starts pulling `handle` into `destination` [L, 2, n, BS, Hkv, D]; raises ValueError on a bad destination."""
+
+    def poll(self, ticket: TransferTicket) -> TransferState:
+        return ticket.state
+
+    def wait(self, ticket: TransferTicket, timeout: float | None = None) -> TransferStats:
+        return ticket.wait(timeout)
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drops connections; transfers still in flight fail with KVTransferError."""

@@ -1,0 +1,154 @@
+"""In-process KV hand-off for unit tests of the services: no network, same semantics as ucx.py.
+
+Senders register under their address in a process-wide registry; a receiver's `begin` runs the
+whole pull at once (encode and validate the pull request, claim the offer, gather, copy, ack), so
+its ticket is already DONE or FAILED when `begin` returns. Leases, layout checks and releases go
+through the same OfferBook as the UCX backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from common.transfer import protocol
+from common.transfer.base import (
+    KVHandle,
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+    OnRelease,
+    TransferOutcome,
+    TransferStats,
+    TransferTicket,
+    check_destination,
+    check_gathered,
+)
+from common.transfer.offers import OfferBook
+
+_registry: dict[str, "FakeKVSender"] = {}
+_registry_lock = threading.Lock()
+_next_port = itertools.count(1)
+
+
+class FakeKVSender(KVSender):
+    """Prefill side, in process; port 0 picks an unused fake port."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        gather_blocks: Callable[[list[int]], torch.Tensor],
+        on_release: OnRelease,
+        host: str = "fake",
+        port: int = 0,
+        ack_timeout_seconds: float = 30.0,
+    ) -> None:
+        self.layout = layout
+        self._gather_blocks = gather_blocks
+        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
+        with _registry_lock:
+            while port == 0 or f"{host}:{port}" in _registry:
+                if port != 0:
+                    raise ValueError(f"port: {host}:{port} is already in use")
+                port = next(_next_port)
+            self._address = f"{host}:{port}"
+            _registry[self._address] = self
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def num_pending(self) -> int:
+        return self._book.num_pending
+
+    def offer(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        lease_seconds: float,
+        trace_context: dict[str, str] | None = None,
+    ) -> KVHandle:
+        offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
+        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature())
+
+    def cancel(self, transfer_id: str) -> bool:
+        return self._book.release(transfer_id, TransferOutcome.CANCELLED)
+
+    def close(self) -> None:
+        with _registry_lock:
+            if _registry.get(self._address) is self:
+                del _registry[self._address]
+        self._book.close()
+
+    def serve(self, pull: protocol.Pull, destination: torch.Tensor) -> tuple[float, Callable[[bool], None]]:
+        """Claims, gathers and copies into `destination`; returns (seconds, ack)."""
+        offer = self._book.claim(pull.transfer_id, pull.layout, pull.expected_num_blocks, pull.expected_bytes)
+        start = time.monotonic()
+        try:
+            gathered = self._gather_blocks(offer.block_ids)  # [L, 2, n, BS, Hkv, D]
+            check_gathered(self.layout, len(offer.block_ids), gathered)
+            destination.copy_(gathered)
+        except Exception as error:
+            self._book.finish(pull.transfer_id, False)
+            raise error if isinstance(error, KVTransferError) else KVTransferError(f"gather failed: {error}")
+        seconds = time.monotonic() - start
+        stats = TransferStats(
+            num_bytes=gathered.numel() * gathered.element_size(),
+            num_blocks=len(offer.block_ids),
+            seconds=seconds,
+            transport="fake",
+            trace_context=offer.trace_context,
+            peer_trace_context=pull.trace_context,
+        )
+        return seconds, lambda is_ok: self._book.finish(pull.transfer_id, is_ok, stats)
+
+
+class FakeKVReceiver(KVReceiver):
+    """Decode side, in process: `begin` completes the pull before returning."""
+
+    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
+        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
+            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
+        self.layout = layout
+        self._is_closed = False
+
+    def begin(
+        self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
+    ) -> TransferTicket:
+        if self._is_closed:
+            raise KVTransferError("receiver is closed")
+        check_destination(self.layout, handle, destination)
+        ticket = TransferTicket(handle, destination)
+        pull = protocol.Pull(
+            transfer_id=handle.transfer_id,
+            request_tag=protocol.new_request_tag(),
+            layout=self.layout,
+            expected_num_blocks=handle.num_blocks,
+            expected_bytes=self.layout.bytes_per_block * handle.num_blocks,
+            trace_context=dict(trace_context or {}),
+        )
+        # Round-trip through the wire format so the fake validates exactly what UCX would.
+        message = protocol.decode_frame(protocol.encode_frame(protocol.pull_to_message(pull)))
+        with _registry_lock:
+            sender = _registry.get(handle.address)
+        try:
+            if sender is None:
+                raise KVTransferError(f"cannot connect to KV sender at {handle.address}: no fake sender there")
+            seconds, ack = sender.serve(protocol.pull_from_message(message.pull_request), destination)
+        except KVTransferError as error:
+            ticket.set_failed(error)
+            return ticket
+        ack(True)
+        num_bytes = destination.numel() * destination.element_size()
+        ticket.set_done(TransferStats(num_bytes, handle.num_blocks, seconds, "fake", pull.trace_context))
+        return ticket
+
+    def close(self) -> None:
+        self._is_closed = True

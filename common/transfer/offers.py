@@ -1,0 +1,202 @@
+"""The sender's ledger of offered KV: leases, pull validation, and exactly-once release.
+
+Both backends keep their offers here, so leases, layout checks and acks behave identically.
+
+    offered ──claim (valid pull)──► pulling ──finish(ok)────────► released DONE
+       │  └─claim (bad layout/size)────────────────────────────► released FAILED
+       ├──lease passes──────────────────────────────────────────► released EXPIRED
+       │                    pulling ──ack_timeout passes / send error ► released FAILED
+       └──cancel / close (from either state)────────────────────► released CANCELLED
+
+A refused pull consumes the offer (FAILED) rather than leaving it to its lease: a handle goes to one
+decode worker, whose layout will not change, so retrying cannot succeed and the blocks are freed now.
+
+One daemon thread enforces the deadlines and calls `on_release`, so the callback never runs on a
+caller's thread, never under a lock, and never on the UCX event loop.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from common.transfer.base import (
+    KVInvalidPull,
+    KVLayout,
+    KVLayoutMismatch,
+    KVSizeMismatch,
+    KVTransferError,
+    KVTransferNotFound,
+    OnRelease,
+    TransferOutcome,
+    TransferStats,
+    check_transfer_id,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Offer:
+    transfer_id: str
+    block_ids: list[int]
+    num_tokens: int
+    deadline: float  # time.monotonic() when the lease (or, once pulling, the ack wait) ends
+    trace_context: dict[str, str] = field(default_factory=dict)
+    is_pulling: bool = False
+
+
+class OfferBook:
+    """Thread-safe offers of one sender; every offer is released exactly once."""
+
+    def __init__(self, layout: KVLayout, on_release: OnRelease, ack_timeout_seconds: float = 30.0) -> None:
+        if ack_timeout_seconds <= 0:
+            raise ValueError(f"ack_timeout_seconds: must be positive, got {ack_timeout_seconds}")
+        self.layout = layout
+        self._on_release = on_release
+        self._ack_timeout_seconds = ack_timeout_seconds
+        self._offers: dict[str, Offer] = {}
+        self._deadlines: list[tuple[float, str]] = []  # heap; stale entries skipped lazily
+        self._releases: queue.SimpleQueue = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._is_closed = False
+        self._thread = threading.Thread(target=self._run, name="kv-offer-book", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_pending(self) -> int:
+        with self._cond:
+            return len(self._offers)
+
+    def add(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        lease_seconds: float,
+        trace_context: dict[str, str] | None,
+    ) -> Offer:
+        check_transfer_id(transfer_id)
+        if not block_ids:
+            raise ValueError("block_ids: must not be empty")
+        if not 0 < num_tokens <= len(block_ids) * self.layout.block_size:
+            raise ValueError(
+                f"num_tokens: {num_tokens} does not fit {len(block_ids)} blocks of {self.layout.block_size}"
+            )
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds: must be positive, got {lease_seconds}")
+        offer = Offer(transfer_id, list(block_ids), num_tokens, time.monotonic() + lease_seconds, dict(trace_context or {}))
+        with self._cond:
+            if self._is_closed:
+                raise KVTransferError("sender is closed")
+            if transfer_id in self._offers:
+                raise ValueError(f"transfer_id: {transfer_id} is already offered")
+            self._offers[transfer_id] = offer
+            self._push_deadline(offer)
+        return offer
+
+    def claim(self, transfer_id: str, layout: KVLayout, expected_num_blocks: int, expected_bytes: int) -> Offer:
+        """Starts a pull; raises a typed error (and releases the offer FAILED if it named one)."""
+        with self._cond:
+            offer = self._offers.get(transfer_id)
+            if offer is None or offer.is_pulling:
+                raise KVTransferNotFound(
+                    f"transfer {transfer_id} is not offered here (unknown, expired, cancelled or already pulled)"
+                )
+            error = self._check_pull(offer, layout, expected_num_blocks, expected_bytes)
+            if error is None:
+                offer.is_pulling = True
+                offer.deadline = time.monotonic() + self._ack_timeout_seconds
+                self._push_deadline(offer)
+                return offer
+        self.release(transfer_id, TransferOutcome.FAILED)
+        raise error
+
+    def _check_pull(
+        self, offer: Offer, layout: KVLayout, expected_num_blocks: int, expected_bytes: int
+    ) -> KVTransferError | None:
+        mismatch = self.layout.describe_mismatch(layout, "prefill", "decode")
+        if mismatch:
+            return KVLayoutMismatch(f"KV layout mismatch: {mismatch}")
+        if expected_num_blocks != len(offer.block_ids):
+            return KVSizeMismatch(f"num_blocks: prefill={len(offer.block_ids)} decode={expected_num_blocks}")
+        if expected_bytes != self.layout.bytes_per_block * expected_num_blocks:
+            return KVInvalidPull(
+                f"expected_bytes: {expected_bytes} != {self.layout.bytes_per_block} bytes/block"
+                f" x {expected_num_blocks} blocks"
+            )
+        return None
+
+    def finish(self, transfer_id: str, is_ok: bool, stats: TransferStats | None = None) -> bool:
+        """Ends a pull (ack received: DONE; send or receiver failed: FAILED)."""
+        outcome = TransferOutcome.DONE if is_ok else TransferOutcome.FAILED
+        return self.release(transfer_id, outcome, stats)
+
+    def release(self, transfer_id: str, outcome: TransferOutcome, stats: TransferStats | None = None) -> bool:
+        """Queues the one on_release of this offer; False if it was already released."""
+        with self._cond:
+            offer = self._offers.pop(transfer_id, None)
+            if offer is None:
+                return False
+            if stats is None:
+                stats = TransferStats(0, len(offer.block_ids), 0.0, "none", offer.trace_context)
+            self._releases.put((transfer_id, outcome, stats))
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        """Releases every pending offer CANCELLED and waits until all callbacks have run."""
+        with self._cond:
+            if self._is_closed:
+                return
+            pending = list(self._offers)
+        for transfer_id in pending:
+            self.release(transfer_id, TransferOutcome.CANCELLED)
+        with self._cond:
+            self._is_closed = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _push_deadline(self, offer: Offer) -> None:
+        heapq.heappush(self._deadlines, (offer.deadline, offer.transfer_id))
+        self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                expired = self._pop_expired(time.monotonic())
+                if not expired and self._releases.empty():
+                    if self._is_closed:
+                        return
+                    timeout = self._deadlines[0][0] - time.monotonic() if self._deadlines else None
+                    self._cond.wait(timeout)
+                    continue
+            for transfer_id, outcome in expired:
+                self.release(transfer_id, outcome)
+            self._deliver_releases()
+
+    def _pop_expired(self, now: float) -> list[tuple[str, TransferOutcome]]:
+        expired = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, transfer_id = heapq.heappop(self._deadlines)
+            offer = self._offers.get(transfer_id)
+            if offer is not None and offer.deadline == deadline:
+                # A pull that never got its ack failed; an offer nobody pulled expired.
+                expired.append((transfer_id, TransferOutcome.FAILED if offer.is_pulling else TransferOutcome.EXPIRED))
+        return expired
+
+    def _deliver_releases(self) -> None:
+        while True:
+            try:
+                transfer_id, outcome, stats = self._releases.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._on_release(transfer_id, outcome, stats)
+            except Exception:  # a faulty callback must not stop other releases
+                logger.exception("on_release(%s, %s) raised", transfer_id, outcome.name)

@@ -1,0 +1,360 @@
+"""The real KV hand-off over UCX (ucxx): GPU memory goes device to device, host memory over tcp/shm.
+
+Per pull, on one cached endpoint (the framing is in protocol.py):
+
+    receiver (decode)                                    sender (prefill)
+    begin(): send PullRequest on the control tag ───►   claim the offer (validate layout, sizes)
+             recv PullResponse on request_tag     ◄───   gather blocks; send PullResponse
+             recv KV bytes on request_tag + 1     ◄───   send KV bytes [L, 2, n, BS, Hkv, D]
+             send Ack on the control tag          ───►   OfferBook.finish -> on_release(DONE)
+
+Each pull has its own random request_tag, so many pulls share one endpoint concurrently. Every
+ucxx call runs on the process-wide UcxRuntime loop; public methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from common.transfer import protocol
+from common.transfer.base import (
+    KVHandle,
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+    KVTransferTimeout,
+    OnRelease,
+    TransferOutcome,
+    TransferStats,
+    TransferTicket,
+    as_bytes,
+    check_destination,
+    check_gathered,
+)
+from common.transfer.offers import Offer, OfferBook
+from common.transfer.ucx_runtime import UcxRuntime, endpoint_transport, ucx_buffer
+
+logger = logging.getLogger(__name__)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address: expected 'host:port', got {address!r}")
+    return host, int(port)
+
+
+def _memory_type(tensor: torch.Tensor) -> str:
+    return "cuda" if tensor.is_cuda else "host"
+
+
+class UcxKVSender(KVSender):
+    """Prefill side: a UCX listener serving pulls of offered blocks.
+
+    UCX listens on all interfaces; `host` is what goes into `address` for receivers to dial.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        gather_blocks: Callable[[list[int]], torch.Tensor],
+        on_release: OnRelease,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ack_timeout_seconds: float = 30.0,
+    ) -> None:
+        if not 0 <= port < 65536:
+            raise ValueError(f"port: must be in [0, 65535], got {port}")
+        self.layout = layout
+        self._gather_blocks = gather_blocks
+        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
+        self._ack_timeout_seconds = ack_timeout_seconds
+        self._runtime = UcxRuntime.get()
+        # One thread gathers, so index_select copies never run on the UCX loop.
+        self._gather_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-gather")
+        self._ack_waiters: dict[str, asyncio.Future] = {}  # loop thread only
+        self._tasks: set[asyncio.Task] = set()  # connection handlers and pulls being served
+        self._endpoints: set[Any] = set()
+        self._is_closed = False
+        self._listener = self._runtime.run(self._listen(port), timeout=30)
+        self._address = f"{host}:{self._listener.port}"
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def num_pending(self) -> int:
+        return self._book.num_pending
+
+    def offer(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        lease_seconds: float,
+        trace_context: dict[str, str] | None = None,
+    ) -> KVHandle:
+        offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
+        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature())
+
+    def cancel(self, transfer_id: str) -> bool:
+        return self._book.release(transfer_id, TransferOutcome.CANCELLED)
+
+    def close(self) -> None:
+        if self._is_closed:
+            return
+        self._is_closed = True
+        try:
+            self._runtime.run(self._shutdown(), timeout=30)
+        finally:
+            self._gather_pool.shutdown(wait=True)
+            self._book.close()
+
+    async def _listen(self, port: int) -> Any:
+        return self._runtime.ucxx.create_listener(self._on_connect, port)
+
+    async def _shutdown(self) -> None:
+        self._listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for endpoint in list(self._endpoints):
+            endpoint.abort()
+        self._endpoints.clear()
+
+    def _track(self, coroutine: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _on_connect(self, endpoint: Any) -> None:
+        """Reads control frames from one receiver until it disconnects."""
+        if self._is_closed:
+            endpoint.abort()
+            return
+        self._endpoints.add(endpoint)
+        self._tasks.add(asyncio.current_task())
+        try:
+            while True:
+                frame = protocol.new_frame_buffer()
+                await endpoint.recv(frame)
+                message = protocol.decode_frame(frame)
+                kind = message.WhichOneof("body")
+                if kind == "pull_request":
+                    self._track(self._serve(endpoint, message.pull_request))
+                elif kind == "ack":
+                    waiter = self._ack_waiters.get(message.ack.transfer_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(message.ack.ok)
+                else:
+                    raise protocol.KVProtocolError(f"unexpected {kind} on the control tag")
+        except asyncio.CancelledError:
+            raise
+        except protocol.KVProtocolError as error:
+            logger.warning("dropping KV receiver connection: %s", error)
+            endpoint.abort()
+        except Exception as error:  # the receiver went away (UCX reports it as an endpoint error)
+            logger.debug("KV receiver connection ended: %r", error)
+        finally:
+            self._endpoints.discard(endpoint)
+            self._tasks.discard(asyncio.current_task())
+
+    async def _serve(self, endpoint: Any, request: Any) -> None:
+        tag = request.request_tag
+        try:
+            pull = protocol.pull_from_message(request)
+            offer = self._book.claim(pull.transfer_id, pull.layout, pull.expected_num_blocks, pull.expected_bytes)
+        except KVTransferError as error:
+            if 0 < tag < protocol.MAX_REQUEST_TAG:
+                await self._respond(endpoint, tag, protocol.response_error(error))
+            return
+        self._ack_waiters[pull.transfer_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self._send_offer(endpoint, pull, offer)
+        except Exception as error:
+            logger.warning("KV send of %s failed: %r", pull.transfer_id, error)
+            self._book.finish(pull.transfer_id, False)
+        finally:
+            self._ack_waiters.pop(pull.transfer_id, None)
+
+    async def _send_offer(self, endpoint: Any, pull: protocol.Pull, offer: Offer) -> None:
+        start = time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+            gathered = await loop.run_in_executor(self._gather_pool, self._gather, offer.block_ids)
+        except Exception as error:
+            await self._respond(endpoint, pull.response_tag, protocol.response_error(KVTransferError(f"gather failed: {error}")))
+            raise
+        data = as_bytes(gathered)  # [num_bytes] uint8 view
+        await self._respond(endpoint, pull.response_tag, protocol.response_ok(data.numel()))
+        await endpoint.send(ucx_buffer(data), tag=pull.data_tag)
+        seconds = time.monotonic() - start
+        try:
+            is_ok = await asyncio.wait_for(self._ack_waiters[pull.transfer_id], self._ack_timeout_seconds)
+        except asyncio.TimeoutError:
+            return  # the OfferBook's own ack deadline releases it FAILED
+        stats = TransferStats(
+            num_bytes=data.numel(),
+            num_blocks=len(offer.block_ids),
+            seconds=seconds,
+            transport=endpoint_transport(endpoint, _memory_type(gathered)),
+            trace_context=offer.trace_context,
+            peer_trace_context=pull.trace_context,
+        )
+        self._book.finish(pull.transfer_id, is_ok, stats)
+
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        gathered = self._gather_blocks(block_ids)  # [L, 2, n, BS, Hkv, D]
+        check_gathered(self.layout, len(block_ids), gathered)
+        if gathered.is_cuda:  # UCX reads the memory directly, outside stream order
+            torch.cuda.current_stream(gathered.device).synchronize()
+        return gathered
+
+    async def _respond(self, endpoint: Any, tag: int, message: Any) -> None:
+        await endpoint.send(protocol.encode_frame(message), tag=tag)
+
+
+class UcxKVReceiver(KVReceiver):
+    """Decode side: pulls offered KV into caller-owned tensors; endpoints cached per sender address.
+
+    A transfer past `timeout_seconds` fails with KVTransferTimeout and its endpoint is aborted (so
+    no late bytes land in the destination); other pulls on that endpoint fail with it.
+    """
+
+    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
+        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
+            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
+        self.layout = layout
+        self._timeout_seconds = timeout_seconds
+        self._connect_timeout_seconds = connect_timeout_seconds
+        self._runtime = UcxRuntime.get()
+        self._endpoints: dict[str, Any] = {}  # loop thread only
+        self._connect_locks: dict[str, asyncio.Lock] = {}
+        self._pulls: dict[concurrent.futures.Future, TransferTicket] = {}
+        self._pulls_lock = threading.Lock()
+        self._is_closed = False
+
+    def begin(
+        self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
+    ) -> TransferTicket:
+        if self._is_closed:
+            raise KVTransferError("receiver is closed")
+        check_destination(self.layout, handle, destination)
+        split_address(handle.address)
+        if destination.is_cuda:  # pending kernels on this memory must finish before UCX writes it
+            torch.cuda.current_stream(destination.device).synchronize()
+        ticket = TransferTicket(handle, destination)
+        future = self._runtime.submit(self._pull(ticket, dict(trace_context or {})))
+        with self._pulls_lock:
+            self._pulls[future] = ticket
+        future.add_done_callback(self._forget_pull)
+        return ticket
+
+    def _forget_pull(self, future: concurrent.futures.Future) -> None:
+        with self._pulls_lock:
+            self._pulls.pop(future, None)
+
+    def close(self) -> None:
+        if self._is_closed:
+            return
+        self._is_closed = True
+        with self._pulls_lock:
+            pulls = list(self._pulls.items())
+        for future, ticket in pulls:
+            future.cancel()  # a pull that never started would otherwise leave its ticket PENDING
+            ticket.set_failed(KVTransferError("receiver closed before the transfer finished"))
+        self._runtime.run(self._drop_all(), timeout=30)
+
+    async def _drop_all(self) -> None:
+        for address in list(self._endpoints):
+            self._drop(address)
+
+    def _drop(self, address: str) -> None:
+        endpoint = self._endpoints.pop(address, None)
+        if endpoint is not None:
+            endpoint.abort()
+
+    async def _pull(self, ticket: TransferTicket, trace_context: dict[str, str]) -> None:
+        address = ticket.handle.address
+        try:
+            stats = await asyncio.wait_for(self._pull_steps(ticket, trace_context), self._timeout_seconds)
+            ticket.set_done(stats)
+        except asyncio.TimeoutError:
+            self._drop(address)
+            ticket.set_failed(KVTransferTimeout(f"transfer {ticket.transfer_id} took over {self._timeout_seconds}s"))
+        except asyncio.CancelledError:
+            self._drop(address)
+            ticket.set_failed(KVTransferError("receiver closed during the transfer"))
+        except KVTransferError as error:
+            ticket.set_failed(error)
+        except Exception as error:  # UCX errors: the endpoint is broken, reconnect next time
+            self._drop(address)
+            ticket.set_failed(KVTransferError(f"UCX transfer from {address} failed: {error!r}"))
+
+    async def _pull_steps(self, ticket: TransferTicket, trace_context: dict[str, str]) -> TransferStats:
+        handle, num_blocks = ticket.handle, ticket.handle.num_blocks
+        endpoint = await self._endpoint(handle.address)
+        pull = protocol.Pull(
+            transfer_id=handle.transfer_id,
+            request_tag=protocol.new_request_tag(),
+            layout=self.layout,
+            expected_num_blocks=num_blocks,
+            expected_bytes=self.layout.bytes_per_block * num_blocks,
+            trace_context=trace_context,
+        )
+        start = time.monotonic()
+        await endpoint.send(protocol.encode_frame(protocol.pull_to_message(pull)))
+        frame = protocol.new_frame_buffer()
+        await endpoint.recv(frame, tag=pull.response_tag)
+        message = protocol.decode_frame(frame)
+        protocol.expect_body(message, "pull_response")
+        response = message.pull_response
+        if not response.ok:
+            raise protocol.error_from_response(response)
+        data = as_bytes(ticket.destination)  # [num_bytes] uint8 view of the destination
+        if response.num_bytes != data.numel():
+            await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, False)))
+            self._drop(handle.address)  # the sender's bytes would otherwise wait unmatched
+            raise protocol.KVProtocolError(f"sender offers {response.num_bytes} bytes, destination holds {data.numel()}")
+        await endpoint.recv(ucx_buffer(data), tag=pull.data_tag)
+        seconds = time.monotonic() - start
+        await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, True)))
+        return TransferStats(
+            num_bytes=data.numel(),
+            num_blocks=num_blocks,
+            seconds=seconds,
+            transport=endpoint_transport(endpoint, _memory_type(ticket.destination)),
+            trace_context=trace_context,
+        )
+
+    async def _endpoint(self, address: str) -> Any:
+        """The cached endpoint to `address`, connecting once even when many pulls start together."""
+        endpoint = self._endpoints.get(address)
+        if endpoint is not None and not endpoint.closed:
+            return endpoint
+        lock = self._connect_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            endpoint = self._endpoints.get(address)
+            if endpoint is not None and not endpoint.closed:
+                return endpoint
+            host, port = split_address(address)
+            try:
+                ip = await asyncio.get_running_loop().run_in_executor(None, socket.gethostbyname, host)
+                endpoint = await self._runtime.ucxx.create_endpoint(
+                    ip, port, connect_timeout=self._connect_timeout_seconds
+                )
+            except Exception as error:
+                raise KVTransferError(f"cannot connect to KV sender at {address}: {error!r}") from None
+            self._endpoints[address] = endpoint
+            return endpoint
