@@ -135,6 +135,18 @@ class KVLayout:
             raise ValueError(f"layout signature: {error}") from None
         return cls(urllib.parse.unquote(values["model_name"]), values["dtype"], **ints)
 
+    @classmethod
+    def from_pool(cls, pool_layout: object, model_name: str) -> "KVLayout":
+        """From a pool's layout (common/kv/kv_pool.py: num_layers, block_size, num_kv_heads, head_dim, dtype)."""
+        return cls(
+            model_name=model_name,
+            dtype=str(getattr(pool_layout, "dtype")),
+            block_size=getattr(pool_layout, "block_size"),
+            num_layers=getattr(pool_layout, "num_layers"),
+            num_kv_heads=getattr(pool_layout, "num_kv_heads"),
+            head_dim=getattr(pool_layout, "head_dim"),
+        )
+
     def describe_mismatch(self, other: "KVLayout", self_name: str = "this", other_name: str = "other") -> str:
         """Empty when equal, else e.g. "block_size: prefill=16 decode=32; head_dim: prefill=64 decode=128"."""
         diffs = []
