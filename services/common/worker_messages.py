@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
+from common.transfer.base import KVHandle, KVLayout, TransferStats
 from protos import worker_pb2
 
 FINISH_REASON_TO_PB = {
@@ -94,7 +95,7 @@ class WorkerStatsData:
     max_model_len: int = 0
     vocab_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
-    layout: worker_pb2.KVLayout | None = None  # kept as the message: it is only passed through
+    layout: KVLayout | None = None  # the worker's KV layout
 
     @property
     def num_used_blocks(self) -> int:
@@ -113,12 +114,55 @@ def stats_to_pb(stats: WorkerStatsData) -> worker_pb2.WorkerStats:
     pb = worker_pb2.WorkerStats(**{name: getattr(stats, name) for name in _STATS_SCALARS})
     pb.eos_token_ids.extend(stats.eos_token_ids)
     if stats.layout is not None:
-        pb.layout.CopyFrom(stats.layout)
+        pb.layout.CopyFrom(layout_to_pb(stats.layout))
     return pb
 
 
 def stats_from_pb(pb: worker_pb2.WorkerStats) -> WorkerStatsData:
     stats = WorkerStatsData(**{name: getattr(pb, name) for name in _STATS_SCALARS})
     stats.eos_token_ids = list(pb.eos_token_ids)
-    stats.layout = pb.layout if pb.HasField("layout") else None
+    stats.layout = layout_from_pb(pb.layout) if pb.HasField("layout") else None
     return stats
+
+
+def layout_to_pb(layout: KVLayout) -> worker_pb2.KVLayout:
+    return worker_pb2.KVLayout(
+        model_name=layout.model_name,
+        dtype=layout.dtype,
+        block_size=layout.block_size,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+    )
+
+
+def layout_from_pb(pb: worker_pb2.KVLayout) -> KVLayout:
+    """Raises ValueError naming the field on an empty or malformed layout."""
+    return KVLayout(pb.model_name, pb.dtype, pb.block_size, pb.num_layers, pb.num_kv_heads, pb.head_dim)
+
+
+def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
+    return worker_pb2.KVHandle(
+        transfer_id=handle.transfer_id,
+        sender_address=handle.address,
+        num_tokens=handle.num_tokens,
+        num_blocks=handle.num_blocks,
+        layout=layout_to_pb(handle.layout),
+    )
+
+
+def handle_from_pb(pb: worker_pb2.KVHandle) -> KVHandle:
+    """Raises ValueError naming the field (`kv_handle.<field>: ...`) on a malformed handle."""
+    try:
+        layout = layout_from_pb(pb.layout)
+        return KVHandle(pb.transfer_id, pb.sender_address, pb.num_tokens, pb.num_blocks, layout.signature())
+    except ValueError as exc:
+        raise ValueError(f"kv_handle.{exc}") from exc
+
+
+def transfer_stats_to_pb(stats: TransferStats | None) -> worker_pb2.TransferStats:
+    if stats is None:
+        return worker_pb2.TransferStats()
+    return worker_pb2.TransferStats(
+        num_bytes=stats.num_bytes, seconds=stats.seconds, transport=stats.transport, num_blocks=stats.num_blocks
+    )

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from common.tokenizer import TokenizerError, apply_chat_template, encode_prompt
 from protos import generation_pb2
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
 from services.frontend.convert import Chunk, chunk_to_pb, finish_to_pb
@@ -82,11 +83,12 @@ class FrontendApp:
         if prompt.token_ids is not None:
             return prompt.token_ids
         if prompt.chat is not None:
-            from common.tokenizer import apply_chat_template
-
             messages = [{"role": turn.role, "content": turn.content} for turn in prompt.chat]
-            return list(apply_chat_template(self.tokenizer, messages))
-        return list(self.tokenizer.encode(prompt.text, add_special_tokens=False))
+            try:
+                return apply_chat_template(self.tokenizer, messages)
+            except TokenizerError as exc:
+                raise InvalidRequest("chat", str(exc)) from exc
+        return encode_prompt(self.tokenizer, prompt.text)
 
     async def generate(
         self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None]

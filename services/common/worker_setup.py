@@ -1,0 +1,86 @@
+"""What both workers need around their engine: the KV layout, model facts, the transfer backend."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from common.transfer.base import KVLayout
+
+TRANSFER_BACKENDS = ("ucx", "fake")
+
+
+def kv_layout(engine) -> KVLayout:
+    """The engine's KV pool layout as the transfer layer checks it (model name included)."""
+    pool_layout = engine.kv_pool.layout
+    return KVLayout(
+        model_name=engine.model_name,
+        dtype=str(pool_layout.dtype).removeprefix("torch."),
+        block_size=pool_layout.block_size,
+        num_layers=pool_layout.num_layers,
+        num_kv_heads=pool_layout.num_kv_heads,
+        head_dim=pool_layout.head_dim,
+    )
+
+
+def model_facts(engine) -> dict:
+    """The model facts a worker reports in GetStats (the frontend validates requests with them)."""
+    return {
+        "max_model_len": engine.max_model_len,
+        "vocab_size": engine.model_config.vocab_size,
+        "eos_token_ids": sorted(engine.model_config.eos_token_ids),
+    }
+
+
+def env(name: str, default=None):
+    """TANDEM_<name> from the environment (flags win; read only in `main`)."""
+    return os.environ.get(f"TANDEM_{name}", default)
+
+
+def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--host", default=env("HOST", "0.0.0.0"), help="gRPC bind address")
+    parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
+                        help="gRPC port (0 = any free port; see --ready-file)")
+    parser.add_argument("--kv-transfer-backend", choices=TRANSFER_BACKENDS, default=env("KV_TRANSFER_BACKEND", "ucx"),
+                        help="ucx (real); fake works only with both workers in one process (tests)")
+    parser.add_argument("--kv-host", default=env("KV_HOST", "127.0.0.1"),
+                        help="host other workers use to reach this worker's UCX listener")
+    parser.add_argument("--ready-file", default=None, help="write {port, kv_address} as JSON here once serving")
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+
+
+async def load_engine(config):
+    """Loads the model off the event loop (so health probes are answered meanwhile)."""
+    import asyncio
+
+    import torch
+
+    from common.engine.llm_engine import LLMEngine
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return await asyncio.to_thread(LLMEngine, config)
+
+
+def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, host: str, port: int):
+    if backend == "ucx":
+        from common.transfer.ucx import UcxKVSender
+
+        return UcxKVSender(layout, gather_blocks, on_release, host=host, port=port)
+    if backend == "fake":
+        from common.transfer.fake import FakeKVSender
+
+        return FakeKVSender(layout, gather_blocks, on_release, port=port)
+    raise ValueError(f"kv_transfer_backend: must be one of {TRANSFER_BACKENDS}, got {backend!r}")
+
+
+def create_receiver(backend: str, layout: KVLayout, timeout_seconds: float):
+    if backend == "ucx":
+        from common.transfer.ucx import UcxKVReceiver
+
+        return UcxKVReceiver(layout, timeout_seconds=timeout_seconds)
+    if backend == "fake":
+        from common.transfer.fake import FakeKVReceiver
+
+        return FakeKVReceiver(layout, timeout_seconds=timeout_seconds)
+    raise ValueError(f"kv_transfer_backend: must be one of {TRANSFER_BACKENDS}, got {backend!r}")

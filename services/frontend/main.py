@@ -1,0 +1,89 @@
+"""`tandem frontend`: the public gRPC service (tokenize, route, relay, detokenize).
+
+    tandem frontend --prefill-addresses h1:50061,h2:50061 --decode-addresses h3:50062 [--port 50051]
+
+Every flag falls back to a TANDEM_* environment variable (e.g. TANDEM_PREFILL_ADDRESSES), which is
+what compose files set. Health turns SERVING once at least one prefill and one decode worker answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from common.model.registry import resolve_model
+from common.tokenizer import load_tokenizer
+from protos import generation_pb2_grpc
+from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
+from services.frontend.app import FrontendApp, FrontendConfig
+from services.frontend.servicer import GenerationServicer
+
+logger = logging.getLogger("tandem.frontend")
+
+SERVICE_NAME = "tandem.v1.Generation"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"TANDEM_{name}", default)
+
+
+def _addresses(text: str | None) -> list[str]:
+    return [a.strip() for a in (text or "").split(",") if a.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem frontend", description=__doc__.split("\n")[0])
+    parser.add_argument("--prefill-addresses", default=_env("PREFILL_ADDRESSES"),
+                        help="comma-separated host:port of prefill workers (env TANDEM_PREFILL_ADDRESSES)")
+    parser.add_argument("--decode-addresses", default=_env("DECODE_ADDRESSES"),
+                        help="comma-separated host:port of decode workers (env TANDEM_DECODE_ADDRESSES)")
+    parser.add_argument("--host", default=_env("HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
+    parser.add_argument("--model", default=_env("MODEL"), help="model whose tokenizer to use; default: embedded SmolLM2")
+    parser.add_argument("--load-format", default=_env("LOAD_FORMAT", "auto"))
+    parser.add_argument("--max-num-requests", type=int, default=int(_env("MAX_NUM_REQUESTS", "1024")))
+    parser.add_argument("--stats-refresh-seconds", type=float, default=float(_env("STATS_REFRESH_SECONDS", "0.5")))
+    parser.add_argument("--ready-file", default=None, help="write {port} as JSON here once serving")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return parser
+
+
+async def serve(config: FrontendConfig, load_format: str, ready_file: str | None) -> None:
+    resolved = await asyncio.to_thread(resolve_model, config.model, load_format)
+    tokenizer = await asyncio.to_thread(load_tokenizer, resolved.folder)
+    app = FrontendApp(config, tokenizer, resolved.name)
+    running = await start_server(
+        lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server),
+        [SERVICE_NAME], config.host, config.port,
+    )
+    await app.start()
+    shutdown = asyncio.ensure_future(wait_for_shutdown())
+    while not app.router.is_ready() and not shutdown.done():
+        await asyncio.sleep(0.1)
+    if not shutdown.done():
+        await running.mark_serving()
+        write_ready_file(ready_file, port=running.port)
+        logger.info("frontend serving %s on port %d", resolved.name, running.port)
+    signal_name = await shutdown
+    logger.info("%s received, stopping", signal_name)
+    await running.stop()
+    await app.close()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = FrontendConfig(
+            prefill_addresses=_addresses(args.prefill_addresses),
+            decode_addresses=_addresses(args.decode_addresses),
+            host=args.host, port=args.port, model=args.model,
+            max_num_requests=args.max_num_requests, stats_refresh_seconds=args.stats_refresh_seconds,
+        )
+    except ValueError as exc:
+        print(f"tandem frontend: {exc}")
+        return 2
+    asyncio.run(serve(config, args.load_format, args.ready_file))
+    return 0

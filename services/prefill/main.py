@@ -1,0 +1,73 @@
+"""`tandem prefill`: a prefill worker (gRPC PrefillWorker + a UCX listener serving its KV).
+
+    tandem prefill --port 50061 --kv-host 10.0.0.5 [engine flags: --model, --block-size, ...]
+
+Health is NOT_SERVING while the model loads, then SERVING. Flags fall back to TANDEM_* variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from common.engine.args import add_engine_args, engine_config_from_args
+from common.engine.config import EngineConfig
+from protos import worker_pb2_grpc
+from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
+from services.common.worker_setup import add_worker_args, create_sender, env, load_engine
+from services.prefill.servicer import PrefillServicer
+from services.prefill.worker import PrefillWorker
+
+logger = logging.getLogger("tandem.prefill")
+
+SERVICE_NAME = "tandem.worker.v1.PrefillWorker"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem prefill", description=__doc__.split("\n")[0])
+    add_worker_args(parser, default_port=50061)
+    parser.add_argument("--kv-port", type=int, default=int(env("KV_PORT", "0")),
+                        help="UCX listener port (0 = any free port)")
+    parser.add_argument("--kv-lease-seconds", type=float, default=float(env("KV_LEASE_SECONDS", "60")),
+                        help="free a prompt's KV if no decode worker pulled it within this time")
+    parser.add_argument("--max-num-waiting", type=int, default=int(env("MAX_NUM_WAITING", "1024")),
+                        help="queued prompts before RESOURCE_EXHAUSTED")
+    add_engine_args(parser)
+    return parser
+
+
+async def serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
+    servicer = PrefillServicer()
+    running = await start_server(
+        lambda server: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, server),
+        [SERVICE_NAME], args.host, args.port,
+    )
+    shutdown = asyncio.ensure_future(wait_for_shutdown())
+    engine = await load_engine(engine_config)
+    worker = PrefillWorker(engine, args.kv_lease_seconds, args.max_num_waiting)
+    sender = create_sender(args.kv_transfer_backend, worker.layout, engine.kv_pool.gather_blocks,
+                           worker.on_release, args.kv_host, args.kv_port)
+    worker.attach_sender(sender)
+    worker.start()
+    servicer.worker = worker
+    await running.mark_serving()
+    write_ready_file(args.ready_file, port=running.port, kv_address=sender.address)
+    logger.info("prefill worker serving %s on port %d, KV listener %s", engine.model_name, running.port, sender.address)
+    signal_name = await shutdown
+    logger.info("%s received, stopping", signal_name)
+    await running.stop()
+    worker.stop()
+    sender.close()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        engine_config = engine_config_from_args(args)
+    except ValueError as exc:
+        print(f"tandem prefill: {exc}")
+        return 2
+    asyncio.run(serve(args, engine_config))
+    return 0

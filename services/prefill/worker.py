@@ -1,0 +1,199 @@
+"""Prefill worker core: computes prompts, samples token #1, holds the KV until a decode worker pulls it.
+
+A request moves through these stages (all state is touched on the engine thread only):
+
+    Prefill RPC ─► _waiting (engine queue; batched by --max-num-batched-tokens) ─► step: token #1
+      ├─ token #1 ends the request (EOS / stop token / max_tokens 1): release_kv, answer finish_reason
+      └─ otherwise: KVSender.offer (lease) ─► _leases ─► answer with the KV handle
+    on_release (decode acked: DONE | lease ran out: EXPIRED | refused: FAILED | Abort: CANCELLED)
+      ─► release_kv: the blocks return to the pool
+
+`Abort` (or the Prefill call being cancelled) removes a request from whichever stage holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from common.engine.outputs import RequestOutput
+from common.engine.sampling_params import SamplingParams
+from common.engine.sequence import TokenLogprobs
+from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
+from services.common.engine_thread import EngineThread
+from services.common.errors import Cancelled, Overloaded
+from services.common.worker_messages import WorkerStatsData
+from services.common.worker_setup import kv_layout, model_facts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillResult:
+    first_token_id: int
+    first_logprobs: TokenLogprobs | None
+    finish_reason: str | None  # "stop" | "length" when token #1 ended the request, else None
+    kv_handle: KVHandle | None  # set when finish_reason is None
+
+
+@dataclass
+class _Waiting:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future  # resolved with a PrefillResult (or an exception) from the engine thread
+    num_prompt_tokens: int
+
+
+def _resolve(waiting: _Waiting, result=None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if waiting.future.done():
+            return
+        if error is not None:
+            waiting.future.set_exception(error)
+        else:
+            waiting.future.set_result(result)
+
+    try:
+        waiting.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop is closed: nobody is waiting any more
+        pass
+
+
+class PrefillWorker:
+    def __init__(self, engine, lease_seconds: float, max_num_waiting: int = 1024):
+        if lease_seconds <= 0:
+            raise ValueError(f"kv_lease_seconds: must be > 0, got {lease_seconds}")
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self.max_num_waiting = max_num_waiting
+        self.sender: KVSender | None = None  # attached once created (it needs `on_release`)
+        self.thread = EngineThread(engine, self._on_outputs, poll=self._refresh_stats, on_step_error=self._fail_all,
+                                   name="prefill-engine")
+        self._waiting: dict[str, _Waiting] = {}
+        self._leases: dict[str, str] = {}  # request id -> transfer id
+        self._lease_owners: dict[str, str] = {}  # transfer id -> request id
+        self._counters = {"served": 0, "transfers": 0, "bytes": 0, "failures": 0}
+        self.stats = WorkerStatsData(role="prefill", is_ready=False)
+        self._facts = model_facts(engine)
+        self.layout = kv_layout(engine)
+
+    def attach_sender(self, sender: KVSender) -> None:
+        self.sender = sender
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+    # ---- asyncio side ------------------------------------------------------------------------
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> PrefillResult:
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(loop, loop.create_future(), len(prompt_token_ids))
+        await self.thread.run(lambda: self._add(request_id, prompt_token_ids, sampling, waiting))
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            self.thread.call(lambda: self._abort(request_id))  # frees whatever the request holds
+            raise
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.thread.run(lambda: self._abort(request_id))
+
+    def on_release(self, transfer_id: str, outcome: TransferOutcome, stats: TransferStats) -> None:
+        """Sender callback (its own thread): the blocks of an offer can be freed."""
+        self.thread.call(lambda: self._release(transfer_id, outcome, stats))
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, waiting: _Waiting) -> None:
+        if len(self._waiting) >= self.max_num_waiting:
+            raise Overloaded(f"{len(self._waiting)} prompts queued (max_num_waiting={self.max_num_waiting})")
+        if request_id in self._leases:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        self.engine.add_prefill_request(request_id, prompt_token_ids, sampling)  # ValueError names the field
+        self._waiting[request_id] = waiting
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            waiting = self._waiting.pop(output.request_id, None)
+            if waiting is None:
+                continue
+            if output.finish_reason == "abort":
+                _resolve(waiting, error=Cancelled(f"request {output.request_id} was aborted"))
+                continue
+            try:
+                result = self._finish_prefill(output)
+            except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
+                self.engine.release_kv(output.request_id)
+                _resolve(waiting, error=exc)
+                continue
+            self._counters["served"] += 1
+            _resolve(waiting, result)
+
+    def _finish_prefill(self, output: RequestOutput) -> PrefillResult:
+        first_token_id = output.new_token_ids[0]
+        first_logprobs = output.new_logprobs[0] if output.new_logprobs else None
+        if output.finish_reason is not None:  # token #1 ended the request: nobody will pull
+            self.engine.release_kv(output.request_id)
+            return PrefillResult(first_token_id, first_logprobs, output.finish_reason, None)
+        transfer_id = new_transfer_id()
+        handle = self.sender.offer(transfer_id, output.kv_block_ids, output.num_prompt_tokens, self.lease_seconds)
+        self._leases[output.request_id] = transfer_id
+        self._lease_owners[transfer_id] = output.request_id
+        return PrefillResult(first_token_id, first_logprobs, None, handle)
+
+    def _abort(self, request_id: str) -> bool:
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None:
+            self.engine.abort_request(request_id)
+            _resolve(waiting, error=Cancelled(f"request {request_id} was aborted"))
+            return True
+        transfer_id = self._leases.get(request_id)
+        if transfer_id is not None:
+            self.sender.cancel(transfer_id)  # on_release(CANCELLED) frees the blocks
+            return True
+        return False
+
+    def _release(self, transfer_id: str, outcome: TransferOutcome, stats: TransferStats) -> None:
+        request_id = self._lease_owners.pop(transfer_id, None)
+        if request_id is None:
+            return
+        self._leases.pop(request_id, None)
+        self.engine.release_kv(request_id)
+        if outcome is TransferOutcome.DONE:
+            self._counters["transfers"] += 1
+            self._counters["bytes"] += stats.num_bytes
+        elif outcome in (TransferOutcome.EXPIRED, TransferOutcome.FAILED):
+            self._counters["failures"] += 1
+            logger.warning("KV of request %s released: %s", request_id, outcome.value)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """A step raised (a bug): fail every queued prompt rather than leave callers hanging."""
+        for request_id in list(self._waiting):
+            waiting = self._waiting.pop(request_id)
+            self.engine.abort_request(request_id)
+            _resolve(waiting, error=error)
+
+    def _refresh_stats(self) -> bool:
+        engine_stats = self.engine.stats()
+        self.stats = WorkerStatsData(
+            role="prefill",
+            is_ready=True,
+            num_running=engine_stats.num_running,
+            num_waiting=engine_stats.num_waiting,
+            num_free_blocks=engine_stats.num_free_blocks,
+            num_total_blocks=engine_stats.num_total_blocks,
+            kv_cache_usage=engine_stats.kv_cache_usage,
+            num_queued_prompt_tokens=sum(w.num_prompt_tokens for w in self._waiting.values()),
+            num_requests_served=self._counters["served"],
+            num_transfers=self._counters["transfers"],
+            num_transfer_bytes=self._counters["bytes"],
+            num_transfer_failures=self._counters["failures"],
+            num_held_leases=len(self._leases),
+            num_generated_tokens=engine_stats.generation_tokens_total,
+            layout=self.layout,
+            **self._facts,
+        )
+        return False
