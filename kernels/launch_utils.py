@@ -2,9 +2,9 @@
 
 On CUDA a kernel runs compiled. On CPU it can only run in the Triton interpreter, which is chosen
 by TRITON_INTERPRET=1. Triton reads that variable when `@triton.jit` decorates a function, so a
-module imported before the variable was set holds compiled-only kernels; `runnable_kernel` reads
-the variable at launch time instead and wraps such a kernel for the interpreter. Kernels therefore
-must not call other `@triton.jit` functions (the wrapper cannot reach them).
+module (or triton itself) imported before the variable was set holds compiled-only kernels;
+`runnable_kernel` reads the variable at launch time instead and runs such kernels interpreted, so
+the import order of a process (e.g. a pytest session) does not matter.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton.language as tl
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
-_interpreted: dict[Any, Any] = {}
+_interpreted: dict[int, tuple[Any, Any]] = {}  # id(jit function) -> (it, its interpreted twin)
 
 
 def is_interpreter_enabled() -> bool:
@@ -30,7 +30,7 @@ def is_interpreter_enabled() -> bool:
 
 
 def runnable_kernel(kernel: Any, device: torch.device) -> Any:
-    """Returns `kernel`, or its interpreted twin when the tensors live on the CPU."""
+    """Returns `kernel`, or a launcher running it in the interpreter when the tensors live on the CPU."""
     if device.type == "cuda":
         return kernel
     if not is_interpreter_enabled():
@@ -38,13 +38,42 @@ def runnable_kernel(kernel: Any, device: torch.device) -> Any:
             f"Triton kernels cannot run on {device.type} tensors unless TRITON_INTERPRET=1 is set "
             "(use the 'reference' attention backend on CPU)"
         )
+    return _InterpretedLauncher(_interpreted_twin(kernel))
+
+
+def _interpreted_twin(function: Any) -> Any:
     from triton.runtime.interpreter import InterpretedFunction
 
-    if isinstance(kernel, InterpretedFunction):
-        return kernel
-    if kernel not in _interpreted:
-        _interpreted[kernel] = InterpretedFunction(kernel.fn)
-    return _interpreted[kernel]
+    if isinstance(function, InterpretedFunction):
+        return function
+    # Keyed by id: hashing a JITFunction analyses its source, which fails while the interpreter
+    # has triton.language patched. Kernels are module-level objects, so ids are never reused.
+    key = id(function)
+    if key not in _interpreted:
+        _interpreted[key] = (function, InterpretedFunction(function.fn))
+    return _interpreted[key][1]
+
+
+class _InterpretedLauncher:
+    """`launcher[grid](*args)` like a kernel; calls to compiled-only `@triton.jit` functions made
+    while it runs (triton.language's own `tl.sum`, `tl.max`, ... when triton was imported without
+    TRITON_INTERPRET=1) are routed to their interpreted twins."""
+
+    def __init__(self, interpreted: Any) -> None:
+        self.interpreted = interpreted
+
+    def __getitem__(self, grid: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            from triton.runtime.jit import JITFunction
+
+            compiled_call = JITFunction.__call__
+            JITFunction.__call__ = lambda self, *a, **kw: _interpreted_twin(self)(*a, **kw)
+            try:
+                return self.interpreted[grid](*args, **kwargs)
+            finally:
+                JITFunction.__call__ = compiled_call
+
+        return launch
 
 
 def check_tensor(

@@ -1,0 +1,75 @@
+"""Builds paged-KV test cases the way the engine fills the pool, and compares against references.
+
+`build_paged_case` uses scattered block ids (block 0 is only ever table padding), random K/V, and
+NaN in every slot no sequence owns, so a kernel that reads outside a context (tail of its last
+block, padded table entries) produces NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import common.attention  # noqa: F401  (imports kernels.reference in an order free of import cycles)
+from common.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class PagedCase:
+    query: torch.Tensor  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, num_kv_heads, head_dim], unowned slots NaN
+    clean_kv_cache: torch.Tensor  # same values with finite unowned slots (the reference needs them)
+    metadata: AttentionMetadata
+    scale: float
+
+
+def build_paged_case(
+    query_lens: list[int],
+    context_lens: list[int],
+    *,
+    head_dim: int,
+    num_kv_heads: int,
+    group: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PagedCase:
+    generator = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-context_len // block_size) for context_len in context_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # a few spare blocks stay unowned
+    block_ids = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()  # never block 0
+    block_tables, cursor = [], 0
+    for count in blocks_per_seq:
+        block_tables.append(block_ids[cursor : cursor + count])
+        cursor += count
+    metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size)
+
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    clean = torch.randn(shape, generator=generator).to(dtype)
+    is_owned = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    for table, context_len in zip(block_tables, context_lens):
+        for position in range(context_len):
+            is_owned[table[position // block_size] * block_size + position % block_size] = True
+    poisoned = clean.clone()
+    poisoned.view(2, num_blocks * block_size, num_kv_heads, head_dim)[:, ~is_owned] = float("nan")
+    query = torch.randn(sum(query_lens), num_kv_heads * group, head_dim, generator=generator).to(dtype)
+    return PagedCase(query, poisoned, clean, metadata, head_dim**-0.5)
+
+
+def decode_context_lens(block_size: int) -> list[int]:
+    """Ragged: a 1-token context, contexts ending exactly on a block boundary, and odd ones."""
+    return [1, block_size, 2 * block_size + 3, 3 * block_size, block_size + 1]
+
+
+def assert_matches_reference(out: torch.Tensor, reference: torch.Tensor) -> None:
+    """fp32: tight elementwise; fp16/bf16 against an fp32 reference: relative error < 1e-2."""
+    assert out.shape == reference.shape
+    assert not torch.isnan(out).any(), "output has NaN (unwritten rows or reads outside a context)"
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
+        return
+    error = (out.float() - reference.float()).norm() / reference.float().norm()
+    assert error < 1e-2, f"relative error {error:.2e}"
+    torch.testing.assert_close(out.float(), reference.float(), atol=4e-2, rtol=4e-2)
+
