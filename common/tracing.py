@@ -17,7 +17,7 @@ Where context travels:
 - threads (the engine loop): pass `current_context()` with the command, use it as `parent=`.
 - UCX: `inject_context()` into the control message's trace-context map, `extract_context()` on
   the other side; `kv.send` then becomes a child of the decode worker's `kv.recv`.
-Health checks and reflection RPCs are never traced.
+Health checks, reflection and the workers' GetStats polling are never traced.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from opentelemetry.trace.status import Status, StatusCode
 ROLES = ("frontend", "prefill", "decode")
 SERVICE_NAME_PREFIX = "tandem-"
 ENV_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-# gRPC services whose calls make no spans (probes every few seconds would drown real traces).
+# gRPC calls that make no spans: probes and the frontend's load polling run every few seconds and
+# would drown the request traces.
 UNTRACED_GRPC_SERVICE_PREFIXES = ("grpc.health.v1", "grpc.reflection")
+UNTRACED_GRPC_METHODS = ("GetStats",)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -123,7 +125,9 @@ def _untraced(call_details: Any) -> bool:
     method = getattr(call_details, "method", "") or ""
     if isinstance(method, bytes):
         method = method.decode()
-    return method.lstrip("/").startswith(UNTRACED_GRPC_SERVICE_PREFIXES)
+    service_method = method.lstrip("/")
+    return (service_method.startswith(UNTRACED_GRPC_SERVICE_PREFIXES)
+            or service_method.rpartition("/")[2] in UNTRACED_GRPC_METHODS)
 
 
 def _traced_filter(call_details: Any) -> bool:

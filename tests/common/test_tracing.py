@@ -23,6 +23,7 @@ from common.tracing import Attr, SpanName
 MODEL = "tiny-model"
 PREFILL_METHOD = "/tandem.test.Worker/Prefill"
 DECODE_METHOD = "/tandem.test.Worker/Decode"
+STATS_METHOD = "/tandem.test.Worker/GetStats"
 NUM_DECODE_TOKENS = 3
 # frontend: root, tokenize, route, Prefill client, Decode client, detokenize
 # prefill:  Prefill server, prefill.queue, prefill.forward, kv.send
@@ -72,9 +73,13 @@ def _prefill_handlers(prefill: tracing.TracingHandle):
             await asyncio.sleep(0.002)
         return b"first-token"
 
-    return grpc.method_handlers_generic_handler(
-        "tandem.test.Worker", {"Prefill": grpc.unary_unary_rpc_method_handler(prefill_rpc)}
-    )
+    async def get_stats(request: bytes, context) -> bytes:
+        return b"num_waiting=0"
+
+    return grpc.method_handlers_generic_handler("tandem.test.Worker", {
+        "Prefill": grpc.unary_unary_rpc_method_handler(prefill_rpc),
+        "GetStats": grpc.unary_unary_rpc_method_handler(get_stats),
+    })
 
 
 def _decode_handlers(decode: tracing.TracingHandle, listener: FakeUcxListener):
@@ -140,6 +145,7 @@ async def _run_system(handles: dict[str, tracing.TracingHandle], request_ids: li
             for _ in range(num_health_checks):
                 reply = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                assert await to_prefill.unary_unary(STATS_METHOD)(b"", timeout=5) == b"num_waiting=0"
             frontend = handles["frontend"]
             return await asyncio.gather(*(_generate(frontend, to_prefill, to_decode, r) for r in request_ids))
     finally:
@@ -169,7 +175,8 @@ def test_two_concurrent_requests_make_two_separate_trees(collector):
         assert handle.force_flush()
     spans = collector.wait_for_spans(lambda s: len(s) >= 2 * NUM_SPANS_PER_REQUEST)
     assert len(spans) == 2 * NUM_SPANS_PER_REQUEST, sorted(s.name for s in spans)
-    assert not [s for s in spans if "grpc.health" in s.name], "health checks must not be traced"
+    untraced = [s.name for s in spans if "grpc.health" in s.name or "GetStats" in s.name]
+    assert not untraced, "health checks and stats polling must not be traced"
 
     traces = _by_trace(spans)
     assert len(traces) == 2
