@@ -71,6 +71,11 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def _float_field(reader, key: str, default: float) -> float:
+    """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest decimal instead."""
+    return float(str(np.float32(_field(reader, key, default))))
+
+
 def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float) -> dict:
     """llama.cpp stores Llama 3 RoPE scaling as per-frequency divisors; find the config that made them."""
     from common.model.config import RopeScaling
@@ -105,12 +110,12 @@ def hf_config_from_gguf(reader, storage_dtype: str) -> dict:
     if int(_field(reader, f"{arch}.rope.dimension_count", head_dim)) != head_dim:
         raise GGUFConversionError("partial rotary embeddings (rope.dimension_count < head_dim) are not supported")
     token_embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    rope_theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    rope_theta = _float_field(reader, f"{arch}.rope.freq_base", 10000.0)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     scaling_type = _field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling_type == "linear":
-        rope_parameters = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor")),
-                           "rope_theta": rope_theta}
+        factor = _float_field(reader, f"{arch}.rope.scaling.factor", 1.0)
+        rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": rope_theta}
     elif scaling_type not in ("none", None):
         raise GGUFConversionError(f"GGUF rope scaling {scaling_type!r} is not supported")
     if "rope_freqs.weight" in tensor_names:
@@ -128,7 +133,7 @@ def hf_config_from_gguf(reader, storage_dtype: str) -> dict:
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": _float_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),

@@ -174,7 +174,9 @@ class LlamaForCausalLM(nn.Module):
             target.copy_(tensor)
             loaded.add(hf_name)
         if unexpected:
-            raise WeightLoadError(f"checkpoint has {len(unexpected)} unexpected tensors: {sorted(unexpected)[:10]}")
+            raise WeightLoadError(
+                f"checkpoint has {len(unexpected)} unexpected tensors: {sorted(unexpected)[:10]}"
+            )
         missing = sorted(expected - loaded)
         if missing:
             raise WeightLoadError(f"checkpoint is missing {len(missing)} tensors: {missing[:10]}")

@@ -43,7 +43,9 @@ def safetensors_files(folder: str | Path) -> list[Path]:
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder} (pytorch .bin checkpoints are not supported)")
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {folder} (pytorch .bin checkpoints are not supported)"
+        )
     return files
 
 

@@ -53,7 +53,7 @@ def make_tiny_hf_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     head_dim: int = 32,
-    hidden_size: int = 128,
+    hidden_size: int | None = None,
     num_layers: int = 2,
     intermediate_size: int = 256,
     vocab_size: int | None = None,
@@ -70,7 +70,8 @@ def make_tiny_hf_model(
     """Writes a random transformers Llama/Qwen2/Mistral checkpoint and returns its folder.
 
     `with_tokenizer` copies the embedded SmolLM2 tokenizer (and sets the vocab to its 49152
-    tokens, bos 1, eos 2) so frontends and chat templates work end to end.
+    tokens, bos 1, eos 2) so frontends and chat templates work end to end. hidden_size defaults to
+    the smallest multiple of num_heads >= 128.
     `rope_parameters` e.g. {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0}.
     """
@@ -78,6 +79,8 @@ def make_tiny_hf_model(
 
     if vocab_size is None:
         vocab_size = 49152 if with_tokenizer else 512
+    if hidden_size is None:  # transformers requires hidden_size % num_heads == 0, even with head_dim
+        hidden_size = -(-128 // num_heads) * num_heads
     folder = Path(tmp_path) / (name or f"tiny-{architecture}-h{num_heads}-kv{num_kv_heads}-d{head_dim}-s{seed}")
     shape = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
