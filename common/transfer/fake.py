@@ -22,6 +22,7 @@ from common.transfer.base import (
     KVReceiver,
     KVSender,
     KVTransferError,
+    KVTransferTimeout,
     OnRelease,
     TransferOutcome,
     TransferStats,
@@ -117,6 +118,7 @@ class FakeKVReceiver(KVReceiver):
         if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
             raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
         self.layout = layout
+        self._timeout_seconds = timeout_seconds
         self._is_closed = False
 
     def begin(
@@ -144,6 +146,10 @@ class FakeKVReceiver(KVReceiver):
             seconds, ack = sender.serve(protocol.pull_from_message(message.pull_request), destination)
         except KVTransferError as error:
             ticket.set_failed(error)
+            return ticket
+        if seconds > self._timeout_seconds:  # as over UCX: a late transfer is given up, never used
+            ack(False)
+            ticket.set_failed(KVTransferTimeout(f"transfer {handle.transfer_id} took over {self._timeout_seconds}s"))
             return ticket
         ack(True)
         num_bytes = destination.numel() * destination.element_size()

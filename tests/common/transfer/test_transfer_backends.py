@@ -1,6 +1,7 @@
 """The behaviour every backend must share, run against the in-process fake and real UCX (loopback)."""
 
 import queue
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from common.transfer import (
     KVSizeMismatch,
     KVTransferError,
     KVTransferNotFound,
+    KVTransferTimeout,
     TransferOutcome,
     TransferState,
     create_receiver,
@@ -174,6 +176,23 @@ def test_failing_gather_fails_the_pull_and_the_offer(backend, releases):
     try:
         handle = sender.offer(new_transfer_id(), [1], 3, 10)
         with pytest.raises(KVTransferError, match="device lost"):
+            receiver.begin(handle, _destination(LAYOUT, 1)).wait(20)
+        assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.FAILED)
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_a_pull_slower_than_the_receiver_timeout_fails_on_both_sides(backend, pool, releases):
+    def slow_gather(block_ids):
+        time.sleep(1.0)
+        return pool.gather_blocks(block_ids)
+
+    sender = create_sender(backend, LAYOUT, slow_gather, lambda *args: releases.put(args), ack_timeout_seconds=5)
+    receiver = create_receiver(backend, LAYOUT, timeout_seconds=0.3)
+    try:
+        handle = sender.offer(new_transfer_id(), [1], 3, 10)
+        with pytest.raises(KVTransferTimeout):
             receiver.begin(handle, _destination(LAYOUT, 1)).wait(20)
         assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.FAILED)
     finally:
