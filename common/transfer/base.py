@@ -163,7 +163,8 @@ def new_transfer_id() -> str:
 
 
 def check_transfer_id(transfer_id: str) -> None:
-    if not (isinstance(transfer_id, str) and len(transfer_id) == 32 and all(c in "0123456789abcdef" for c in transfer_id)):
+    is_hex = isinstance(transfer_id, str) and all(c in "0123456789abcdef" for c in transfer_id)
+    if not (is_hex and len(transfer_id) == 32):
         raise ValueError(f"transfer_id: need 32 lowercase hex chars, got {transfer_id!r}")
 
 

@@ -51,14 +51,14 @@ class FakeKVSender(KVSender):
     ) -> None:
         self.layout = layout
         self._gather_blocks = gather_blocks
-        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
         with _registry_lock:
             while port == 0 or f"{host}:{port}" in _registry:
                 if port != 0:
-                    raise ValueError(f"port: {host}:{port} is already in use")
+                    raise KVTransferError(f"port: cannot listen on {port}: {host}:{port} is already in use")
                 port = next(_next_port)
             self._address = f"{host}:{port}"
             _registry[self._address] = self
+        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
 
     @property
     def address(self) -> str:

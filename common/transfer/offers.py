@@ -89,7 +89,8 @@ class OfferBook:
             )
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds: must be positive, got {lease_seconds}")
-        offer = Offer(transfer_id, list(block_ids), num_tokens, time.monotonic() + lease_seconds, dict(trace_context or {}))
+        deadline = time.monotonic() + lease_seconds
+        offer = Offer(transfer_id, list(block_ids), num_tokens, deadline, dict(trace_context or {}))
         with self._cond:
             if self._is_closed:
                 raise KVTransferError("sender is closed")

@@ -85,7 +85,12 @@ class UcxKVSender(KVSender):
         self._tasks: set[asyncio.Task] = set()  # connection handlers and pulls being served
         self._endpoints: set[Any] = set()
         self._is_closed = False
-        self._listener = self._runtime.run(self._listen(port), timeout=30)
+        try:
+            self._listener = self._runtime.run(self._listen(port), timeout=30)
+        except Exception as error:
+            self._gather_pool.shutdown()
+            self._book.close()
+            raise KVTransferError(f"port: cannot listen on {port}: {error!r}") from None
         self._address = f"{host}:{self._listener.port}"
 
     @property
@@ -194,7 +199,8 @@ class UcxKVSender(KVSender):
             loop = asyncio.get_running_loop()
             gathered = await loop.run_in_executor(self._gather_pool, self._gather, offer.block_ids)
         except Exception as error:
-            await self._respond(endpoint, pull.response_tag, protocol.response_error(KVTransferError(f"gather failed: {error}")))
+            refusal = protocol.response_error(KVTransferError(f"gather failed: {error}"))
+            await self._respond(endpoint, pull.response_tag, refusal)
             raise
         data = as_bytes(gathered)  # [num_bytes] uint8 view
         await self._respond(endpoint, pull.response_tag, protocol.response_ok(data.numel()))
@@ -326,7 +332,9 @@ class UcxKVReceiver(KVReceiver):
         if response.num_bytes != data.numel():
             await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, False)))
             self._drop(handle.address)  # the sender's bytes would otherwise wait unmatched
-            raise protocol.KVProtocolError(f"sender offers {response.num_bytes} bytes, destination holds {data.numel()}")
+            raise protocol.KVProtocolError(
+                f"sender offers {response.num_bytes} bytes, destination holds {data.numel()}"
+            )
         await endpoint.recv(ucx_buffer(data), tag=pull.data_tag)
         seconds = time.monotonic() - start
         await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, True)))

@@ -207,6 +207,13 @@ def test_close_cancels_pending_offers(backend, pool, releases):
     assert sorted(releases.get_nowait()[:2] for _ in ids) == sorted((i, TransferOutcome.CANCELLED) for i in ids)
 
 
+def test_a_port_in_use_is_refused(backend, sender, pool):
+    port = int(sender.address.rpartition(":")[2])
+    host = sender.address.rpartition(":")[0]
+    with pytest.raises(KVTransferError, match=f"port: cannot listen on {port}"):
+        create_sender(backend, LAYOUT, pool.gather_blocks, lambda *args: None, host=host, port=port)
+
+
 def test_pull_from_an_address_nobody_serves_fails_cleanly(backend, sender):
     receiver = create_receiver(backend, LAYOUT, timeout_seconds=20, connect_timeout_seconds=1)
     handle = sender.offer(new_transfer_id(), [1], 3, 10)

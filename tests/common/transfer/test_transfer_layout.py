@@ -34,7 +34,11 @@ def test_signature_round_trips_even_with_separators_in_the_model_name():
 
 @pytest.mark.parametrize(
     "signature",
-    ["", "model_name=m;dtype=float16", "model_name=m;dtype=float16;block_size=x;num_layers=1;num_kv_heads=1;head_dim=1"],
+    [
+        "",
+        "model_name=m;dtype=float16",
+        "model_name=m;dtype=float16;block_size=x;num_layers=1;num_kv_heads=1;head_dim=1",
+    ],
 )
 def test_malformed_signature_raises_value_error(signature):
     with pytest.raises(ValueError, match="layout signature|block_size"):
