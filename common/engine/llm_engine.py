@@ -35,6 +35,7 @@ class LLMEngine:
         self.config = config
         self.device = config.resolved_device()
         self.model_name = config.model or "embedded"
+        self.model_folder = None  # HF folder the weights (and tokenizer) came from; None for dummy/injected
         if model is None:
             model, model_config = self._load_model()
         elif model_config is None:
@@ -71,7 +72,7 @@ class LLMEngine:
         from common.model.weights import load_model
 
         resolved = resolve_model(self.config.model, self.config.load_format)
-        self.model_name = resolved.name
+        self.model_name, self.model_folder = resolved.name, resolved.folder
         backend = get_attention_backend(self.config.attention_backend, self.device)
         return load_model(resolved.folder, resolved.load_format, self.config.dtype, self.device, backend,
                           model_config=resolved.model_config, seed=self.config.seed)
