@@ -14,6 +14,10 @@ partitions of `partition_size` tokens; each (sequence, KV head, partition) progr
 normalised partial output and log2-sum-exp, and `_reduce_splits_kernel` merges them:
 
     out = sum_p 2^(lse_p - M) * out_p / sum_p 2^(lse_p - M),   M = max_p lse_p
+
+The split plan follows metadata.max_context_len (a host int). Under CUDA-graph capture, build the
+metadata with the largest context the graph will replay (or pass num_splits=1): partitions past
+the captured plan would never run. The single-pass kernel does not depend on max_context_len.
 """
 
 from __future__ import annotations
@@ -180,6 +184,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     return min(triton.cdiv(target_programs, num_programs), max_splits)
 
 
+def plan_partitions(max_context_len: int, num_splits: int, block_n: int = 64) -> tuple[int, int]:
+    """(partition_size, num_splits actually used): partitions are whole tiles of block_n tokens."""
+    partition_size = triton.cdiv(triton.cdiv(max_context_len, num_splits), block_n) * block_n
+    return partition_size, triton.cdiv(max_context_len, partition_size)
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
@@ -206,8 +216,7 @@ def paged_decode_attention(
         num_splits = choose_num_splits(
             num_seqs, num_kv_heads, metadata.max_context_len, num_multiprocessors(query.device)
         )
-    partition_size = triton.cdiv(triton.cdiv(metadata.max_context_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(metadata.max_context_len, partition_size)
+    partition_size, num_splits = plan_partitions(metadata.max_context_len, num_splits, block_n)
     is_split = num_splits > 1
     if is_split:
         partial_out, lse = _new_split_workspace(num_seqs, num_heads, num_splits, head_dim, query.device)

@@ -112,10 +112,12 @@ def _prefill_attention_kernel(
     tl.store(out_rows + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def default_block_sizes(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+def default_block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages): FlashAttention-2-like tiles for H100-class GPUs."""
     if device.type != "cuda":
         return 32, 32, 4, 1  # interpreter: fewer, larger tiles are faster
+    if dtype == torch.float32:
+        return 64, 32, 4, 2  # fp32 K/V tiles are twice the shared memory
     if head_dim <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3
@@ -132,7 +134,7 @@ def prefill_attention(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], query dtype
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole paged context."""
-    default_m, default_n, num_warps, num_stages = default_block_sizes(query.shape[-1], query.device)
+    default_m, default_n, num_warps, num_stages = default_block_sizes(query.shape[-1], query.dtype, query.device)
     block_m = default_m if block_m is None else block_m
     block_n = default_n if block_n is None else block_n
     check_attention_inputs(query, kv_cache, metadata, block_n)
