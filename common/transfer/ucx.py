@@ -81,7 +81,8 @@ class UcxKVSender(KVSender):
         self._runtime = UcxRuntime.get()
         # One thread gathers, so index_select copies never run on the UCX loop.
         self._gather_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kv-gather")
-        self._ack_waiters: dict[str, asyncio.Future] = {}  # loop thread only
+        # transfer_id -> (endpoint that pulled it, its ack); loop thread only
+        self._ack_waiters: dict[str, tuple[Any, asyncio.Future]] = {}
         self._tasks: set[asyncio.Task] = set()  # connection handlers and pulls being served
         self._endpoints: set[Any] = set()
         self._is_closed = False
@@ -159,8 +160,8 @@ class UcxKVSender(KVSender):
                 if kind == "pull_request":
                     self._track(self._serve(endpoint, message.pull_request))
                 elif kind == "ack":
-                    waiter = self._ack_waiters.get(message.ack.transfer_id)
-                    if waiter is not None and not waiter.done():
+                    puller, waiter = self._ack_waiters.get(message.ack.transfer_id, (None, None))
+                    if puller is endpoint and not waiter.done():  # only the puller may ack
                         waiter.set_result(message.ack.ok)
                 else:
                     raise protocol.KVProtocolError(f"unexpected {kind} on the control tag")
@@ -176,15 +177,13 @@ class UcxKVSender(KVSender):
             self._tasks.discard(asyncio.current_task())
 
     async def _serve(self, endpoint: Any, request: Any) -> None:
-        tag = request.request_tag
         try:
             pull = protocol.pull_from_message(request)
             offer = self._book.claim(pull.transfer_id, pull.layout, pull.expected_num_blocks, pull.expected_bytes)
         except KVTransferError as error:
-            if 0 < tag < protocol.MAX_REQUEST_TAG:
-                await self._respond(endpoint, tag, protocol.response_error(error))
+            await self._refuse(endpoint, request.request_tag, error)
             return
-        self._ack_waiters[pull.transfer_id] = asyncio.get_running_loop().create_future()
+        self._ack_waiters[pull.transfer_id] = (endpoint, asyncio.get_running_loop().create_future())
         try:
             await self._send_offer(endpoint, pull, offer)
         except Exception as error:
@@ -199,15 +198,14 @@ class UcxKVSender(KVSender):
             loop = asyncio.get_running_loop()
             gathered = await loop.run_in_executor(self._gather_pool, self._gather, offer.block_ids)
         except Exception as error:
-            refusal = protocol.response_error(KVTransferError(f"gather failed: {error}"))
-            await self._respond(endpoint, pull.response_tag, refusal)
+            await self._refuse(endpoint, pull.response_tag, KVTransferError(f"gather failed: {error}"))
             raise
         data = as_bytes(gathered)  # [num_bytes] uint8 view
         await self._respond(endpoint, pull.response_tag, protocol.response_ok(data.numel()))
         await endpoint.send(ucx_buffer(data), tag=pull.data_tag)
         seconds = time.monotonic() - start
         try:
-            is_ok = await asyncio.wait_for(self._ack_waiters[pull.transfer_id], self._ack_timeout_seconds)
+            is_ok = await asyncio.wait_for(self._ack_waiters[pull.transfer_id][1], self._ack_timeout_seconds)
         except asyncio.TimeoutError:
             return  # the OfferBook's own ack deadline releases it FAILED
         stats = TransferStats(
@@ -229,6 +227,15 @@ class UcxKVSender(KVSender):
 
     async def _respond(self, endpoint: Any, tag: int, message: Any) -> None:
         await endpoint.send(protocol.encode_frame(message), tag=tag)
+
+    async def _refuse(self, endpoint: Any, tag: int, error: KVTransferError) -> None:
+        """Best effort: a receiver that is gone (or sent no usable tag) cannot be told."""
+        if not 0 < tag < protocol.MAX_REQUEST_TAG:
+            return
+        try:
+            await self._respond(endpoint, tag, protocol.response_error(error))
+        except Exception as send_error:
+            logger.debug("could not refuse a pull: %r", send_error)
 
 
 class UcxKVReceiver(KVReceiver):
