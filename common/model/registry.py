@@ -164,7 +164,9 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ResolvedModel
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if model is None or model == "":
-        return _resolve_gguf(embedded_gguf_path(), load_format, name=EMBEDDED_MODEL_NAME)
+        # The user named no file, so any weight format is fine: the cached conversion is safetensors.
+        embedded_format = "auto" if load_format == "safetensors" else load_format
+        return _resolve_gguf(embedded_gguf_path(), embedded_format, name=EMBEDDED_MODEL_NAME)
     if model.startswith(DUMMY_PREFIX):
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"model {model!r} has dummy weights only; load_format {load_format!r} cannot apply")

@@ -120,3 +120,15 @@ def test_bad_load_arguments_are_reported(tmp_path):
                                    model_config=ModelConfig.llama_shape("tiny"))
         runner = PagedRunner(model, config.with_overrides(num_hidden_layers=1))
         runner.step(PROMPTS)
+
+
+def test_tiny_model_with_embedded_tokenizer_serves_chat_prompts(tmp_path):
+    from common.tokenizer import apply_chat_template, load_tokenizer
+
+    folder = make_tiny_hf_model(tmp_path, with_tokenizer=True, tie_word_embeddings=True)
+    tokenizer = load_tokenizer(folder)
+    model, config = load_model(folder, "auto", "float32", "cpu", BACKEND)
+    assert config.vocab_size == len(tokenizer) and config.eos_token_ids == (2,)
+    prompt = apply_chat_template(tokenizer, [{"role": "user", "content": "Hi"}])
+    logits = PagedRunner(model, config, num_blocks=16).step([prompt])[0]
+    assert logits.shape == (len(prompt), config.vocab_size) and torch.isfinite(logits).all()

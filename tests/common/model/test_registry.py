@@ -55,6 +55,8 @@ def test_embedded_model_is_reused_without_reconverting(smollm2_folder, monkeypat
     assert resolved.folder == smollm2_folder and resolved.name == EMBEDDED_MODEL_NAME
     assert resolved.load_format == "safetensors"
     assert (smollm2_folder / SOURCE_MARKER).stat().st_mtime_ns == marker_mtime
+    assert resolve_model(None, "safetensors") == resolved
+    assert resolve_model(None, "dummy").load_format == "dummy"
 
 
 def test_gguf_path_is_converted_once_into_the_cache(tiny_gguf, cache_dir, conversion_count):
