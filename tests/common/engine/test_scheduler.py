@@ -93,6 +93,19 @@ def test_preemption_frees_newest_and_recomputes_later():
     assert plan.is_prefill and plan.request_ids == ["b"] and plan.query_lens == [9]
 
 
+def test_handoff_joins_running_or_waits_when_full():
+    scheduler = make_scheduler(max_num_seqs=1)
+    first, second = make_seq("a", 5), make_seq("b", 5)
+    for seq in (first, second):
+        seq.block_table = scheduler.allocator.allocate(2)
+        seq.num_computed_tokens = 5
+        seq.append_token(5)
+        scheduler.add_prefilled(seq)
+    assert list(scheduler.running) == [first] and list(scheduler.waiting) == [second]
+    plan, _ = run_step(scheduler)
+    assert not plan.is_prefill and plan.request_ids == ["a"] and plan.query_lens == [1]
+
+
 def test_abort_frees_blocks_from_any_queue():
     scheduler = make_scheduler(num_blocks=8)
     a, b = make_seq("a", 5), make_seq("b", 5)
@@ -126,6 +139,15 @@ def test_random_histories_never_leak_or_share_blocks(seed, num_blocks, block_siz
             live.append(seq)
         elif action < 0.35 and live:
             scheduler.abort(live.pop(rng.randrange(len(live))))
+        elif action < 0.45 and step < 40:  # a KV hand-off: prompt KV arrives in reserved blocks
+            seq = make_seq(f"h{step}", rng.randint(1, max_model_len - 2), max_tokens=rng.randint(2, 10))
+            num_blocks = seq.num_blocks_needed(seq.num_tokens, block_size)
+            if scheduler.allocator.can_allocate(num_blocks):
+                seq.block_table = scheduler.allocator.allocate(num_blocks)
+                seq.num_computed_tokens = seq.num_tokens
+                seq.append_token(5)
+                scheduler.add_prefilled(seq)
+                live.append(seq)
         plan = scheduler.schedule()
         samples = [SampledToken(rng.choice([5, 6, EOS]), None) if s else None for s in plan.is_sampled]
         for seq in scheduler.postprocess(plan, samples):
@@ -135,7 +157,9 @@ def test_random_histories_never_leak_or_share_blocks(seed, num_blocks, block_siz
         assert scheduler.allocator.num_used_blocks == len(owned), "leaked blocks"
         for seq in scheduler.running:
             assert seq.num_computed_tokens == seq.num_tokens - 1
+        for seq in live:
             assert len(seq.block_table) * block_size >= seq.num_computed_tokens
+            assert seq.num_computed_tokens > 0 or not seq.block_table
     for _ in range(500):
         if not scheduler.has_work():
             break
