@@ -278,8 +278,17 @@ class TransferTicket:
         return await asyncio.to_thread(self.wait, timeout)
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" -> (host, port); raises ValueError naming the address field."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address: expected 'host:port', got {address!r}")
+    return host, int(port)
+
+
 def check_destination(layout: KVLayout, handle: KVHandle, destination: torch.Tensor) -> None:
     """The receiver writes raw bytes into `destination`, so its shape, dtype and layout must be exact."""
+    split_address(handle.address)
     expected = layout.transfer_shape(handle.num_blocks)
     if tuple(destination.shape) != expected:
         raise ValueError(f"destination: shape {tuple(destination.shape)} != expected {expected}")

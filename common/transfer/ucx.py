@@ -39,18 +39,12 @@ from common.transfer.base import (
     as_bytes,
     check_destination,
     check_gathered,
+    split_address,
 )
 from common.transfer.offers import Offer, OfferBook
 from common.transfer.ucx_runtime import UcxRuntime, endpoint_transport, ucx_buffer
 
 logger = logging.getLogger(__name__)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"address: expected 'host:port', got {address!r}")
-    return host, int(port)
 
 
 def _memory_type(tensor: torch.Tensor) -> str:
@@ -264,7 +258,6 @@ class UcxKVReceiver(KVReceiver):
         if self._is_closed:
             raise KVTransferError("receiver is closed")
         check_destination(self.layout, handle, destination)
-        split_address(handle.address)
         if destination.is_cuda:  # pending kernels on this memory must finish before UCX writes it
             torch.cuda.current_stream(destination.device).synchronize()
         ticket = TransferTicket(handle, destination)
@@ -290,34 +283,40 @@ class UcxKVReceiver(KVReceiver):
         self._runtime.run(self._drop_all(), timeout=30)
 
     async def _drop_all(self) -> None:
-        for address in list(self._endpoints):
-            self._drop(address)
+        for address, endpoint in list(self._endpoints.items()):
+            self._discard(address, [endpoint])
 
-    def _drop(self, address: str) -> None:
-        endpoint = self._endpoints.pop(address, None)
-        if endpoint is not None:
+    def _discard(self, address: str, used: list[Any]) -> None:
+        """Aborts the endpoint a failed pull used (cancelling its posted receives) and uncaches it."""
+        for endpoint in used:
+            if self._endpoints.get(address) is endpoint:
+                del self._endpoints[address]
             endpoint.abort()
 
     async def _pull(self, ticket: TransferTicket, trace_context: dict[str, str]) -> None:
         address = ticket.handle.address
+        used: list[Any] = []  # the endpoint this pull talks over, once connected
         try:
-            stats = await asyncio.wait_for(self._pull_steps(ticket, trace_context), self._timeout_seconds)
-            ticket.set_done(stats)
+            steps = self._pull_steps(ticket, trace_context, used)
+            ticket.set_done(await asyncio.wait_for(steps, self._timeout_seconds))
         except asyncio.TimeoutError:
-            self._drop(address)
+            self._discard(address, used)
             ticket.set_failed(KVTransferTimeout(f"transfer {ticket.transfer_id} took over {self._timeout_seconds}s"))
         except asyncio.CancelledError:
-            self._drop(address)
+            self._discard(address, used)
             ticket.set_failed(KVTransferError("receiver closed during the transfer"))
-        except KVTransferError as error:
+        except KVTransferError as error:  # refused by the sender: the endpoint is fine
             ticket.set_failed(error)
         except Exception as error:  # UCX errors: the endpoint is broken, reconnect next time
-            self._drop(address)
+            self._discard(address, used)
             ticket.set_failed(KVTransferError(f"UCX transfer from {address} failed: {error!r}"))
 
-    async def _pull_steps(self, ticket: TransferTicket, trace_context: dict[str, str]) -> TransferStats:
+    async def _pull_steps(
+        self, ticket: TransferTicket, trace_context: dict[str, str], used: list[Any]
+    ) -> TransferStats:
         handle, num_blocks = ticket.handle, ticket.handle.num_blocks
         endpoint = await self._endpoint(handle.address)
+        used.append(endpoint)
         pull = protocol.Pull(
             transfer_id=handle.transfer_id,
             request_tag=protocol.new_request_tag(),
@@ -338,7 +337,7 @@ class UcxKVReceiver(KVReceiver):
         data = as_bytes(ticket.destination)  # [num_bytes] uint8 view of the destination
         if response.num_bytes != data.numel():
             await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, False)))
-            self._drop(handle.address)  # the sender's bytes would otherwise wait unmatched
+            self._discard(handle.address, used)  # the sender's bytes would otherwise wait unmatched
             raise protocol.KVProtocolError(
                 f"sender offers {response.num_bytes} bytes, destination holds {data.numel()}"
             )

@@ -239,3 +239,11 @@ def test_bad_destination_raises_value_error_at_begin(sender, receiver, destinati
     with pytest.raises(ValueError, match=match):
         receiver.begin(handle, destination)
     assert sender.num_pending == 1
+
+
+@pytest.mark.parametrize("address", ["no-port", "host:0", "host:99999", ":80"])
+def test_malformed_address_raises_value_error_at_begin(sender, receiver, address):
+    handle = sender.offer(new_transfer_id(), [1], 3, 10)
+    malformed = type(handle)(handle.transfer_id, address, 3, 1, handle.layout_signature)
+    with pytest.raises(ValueError, match="address"):
+        receiver.begin(malformed, _destination(LAYOUT, 1))
