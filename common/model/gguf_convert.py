@@ -20,6 +20,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from common.model.config import RopeScaling
+from common.model.layers import rope_inverse_frequencies
+
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 SHARD_BYTES = 2 * 2**30
 LLAMA3_CANDIDATES = ((1.0, 4.0, 8192),)  # (low_freq_factor, high_freq_factor, original context)
@@ -78,9 +81,6 @@ def _float_field(reader, key: str, default: float) -> float:
 
 def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float) -> dict:
     """llama.cpp stores Llama 3 RoPE scaling as per-frequency divisors; find the config that made them."""
-    from common.model.config import RopeScaling
-    from common.model.layers import rope_inverse_frequencies
-
     base = rope_inverse_frequencies(head_dim, rope_theta, None)
     factor = float(factors.max())
     for low, high, original in LLAMA3_CANDIDATES:
