@@ -98,3 +98,31 @@ def _varlen_attention(query, kv_cache, metadata, scale):
         )
         out[start:end] = attended.transpose(0, 1).to(query.dtype)
     return out
+
+
+def rms_norm_reference(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [num_tokens, hidden]: added to x first when given
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm in float32, rounded to x's dtype before the weight (transformers' Llama numerics).
+
+    With `residual`, returns (norm(x + residual), x + residual), the sum rounded to x's dtype.
+    """
+    hidden = x if residual is None else x + residual
+    normed = hidden.float() * torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + eps)
+    out = (weight.to(x.dtype) * normed.to(x.dtype)).to(x.dtype)
+    return out if residual is None else (out, hidden)
+
+
+def rotary_reference(
+    x: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, rotary_dim // 2], x's dtype
+    sin: torch.Tensor,  # [num_tokens, rotary_dim // 2]
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Rotates the pairs (x[i], x[i + rotary_dim/2]) ("rotate_half" layout); dims past rotary_dim pass."""
+    rotary_dim = 2 * cos.shape[-1]
+    x1, x2 = x[..., : rotary_dim // 2], x[..., rotary_dim // 2 : rotary_dim]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dim:]), dim=-1)
