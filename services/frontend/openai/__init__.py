@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API of the frontend (FastAPI + uvicorn in the frontend's asyncio loop)."""

@@ -1,0 +1,80 @@
+"""Runs one `FrontendApp.generate` per choice, each as its own task, and merges their responses.
+
+    choice 0 ─ task ─ app.generate ─┐
+    choice 1 ─ task ─ app.generate ─┼─► queue ─► (index, GenerateResponse) in arrival order
+    ...                             ┘
+
+Each choice needs a task of its own: `app.generate` registers the task it runs in, and cancelling that
+task is what aborts the request on the workers. `close()` (also run when the consumer stops early, e.g.
+a client disconnect) cancels every choice still running; it never awaits, so it is safe inside a
+cancelled scope. The first error of any choice is raised to the consumer and stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from protos import generation_pb2
+from services.frontend.app import FrontendApp
+from services.frontend.openai.convert import ChoiceRequest
+
+
+def _no_deadline() -> None:
+    return None
+
+
+class ChoiceFailed(Exception):
+    """Choice `index` failed with `error` (the index tells which prompt a field error is about)."""
+
+    def __init__(self, index: int, error: BaseException):
+        super().__init__(f"choice {index}: {error}")
+        self.index = index
+        self.error = error
+
+
+class FanOut:
+    def __init__(self, app: FrontendApp, choices: list[ChoiceRequest]):
+        self._app = app
+        self._choices = choices
+        # (choice index, response | None when the choice ended, exception | None)
+        self._queue: asyncio.Queue[tuple[int, generation_pb2.GenerateResponse | None, BaseException | None]] = (
+            asyncio.Queue())
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(c.index, c.request)) for c in self._choices]
+
+    async def _run(self, index: int, request: generation_pb2.GenerateRequest) -> None:
+        try:
+            async for response in self._app.generate(request, _no_deadline):
+                self._queue.put_nowait((index, response, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which maps it to an HTTP error
+            self._queue.put_nowait((index, None, exc))
+        else:
+            self._queue.put_nowait((index, None, None))
+
+    async def responses(self) -> AsyncIterator[tuple[int, generation_pb2.GenerateResponse]]:
+        """Yields (choice index, response) until every choice ended; raises the first choice error."""
+        if not self._tasks:
+            self.start()
+        num_running = len(self._tasks)
+        try:
+            while num_running:
+                index, response, error = await self._queue.get()
+                if error is not None:
+                    raise ChoiceFailed(index, error)
+                if response is None:
+                    num_running -= 1
+                else:
+                    yield index, response
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancels every choice still running (each aborts its request on the workers)."""
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
