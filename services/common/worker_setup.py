@@ -62,8 +62,19 @@ async def load_engine(config):
     return await asyncio.to_thread(LLMEngine, config)
 
 
+def _quiet_ucx_progress() -> None:
+    """Completes ucxx requests through Python futures instead of polling them on the UCX event loop.
+
+    Without it, an idle worker with one open endpoint spins its UCX loop thread at ~50% of a core
+    (measured on CPU over tcp), which halves decode speed on small machines. Must be set before
+    ucxx is first imported; an explicit setting in the environment wins.
+    """
+    os.environ.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
+
+
 def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, host: str, port: int):
     if backend == "ucx":
+        _quiet_ucx_progress()
         from common.transfer.ucx import UcxKVSender
 
         return UcxKVSender(layout, gather_blocks, on_release, host=host, port=port)
@@ -76,6 +87,7 @@ def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, hos
 
 def create_receiver(backend: str, layout: KVLayout, timeout_seconds: float):
     if backend == "ucx":
+        _quiet_ucx_progress()
         from common.transfer.ucx import UcxKVReceiver
 
         return UcxKVReceiver(layout, timeout_seconds=timeout_seconds)

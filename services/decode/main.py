@@ -45,20 +45,23 @@ async def serve(args: argparse.Namespace, engine_config: EngineConfig, limits: D
         [SERVICE_NAME], args.host, args.port,
     )
     shutdown = asyncio.ensure_future(wait_for_shutdown())
-    engine = await load_engine(engine_config)
-
-    receiver = create_receiver(args.kv_transfer_backend, kv_layout(engine), args.kv_transfer_timeout_seconds)
-    worker = DecodeWorker(engine, receiver, limits)
-    worker.start()
-    servicer.worker = worker
-    await running.mark_serving()
-    write_ready_file(args.ready_file, port=running.port)
-    logger.info("decode worker serving %s on port %d", engine.model_name, running.port)
-    signal_name = await shutdown
-    logger.info("%s received, stopping", signal_name)
-    await running.stop()
-    worker.stop()
-    receiver.close()
+    worker = receiver = None
+    try:
+        engine = await load_engine(engine_config)
+        receiver = create_receiver(args.kv_transfer_backend, kv_layout(engine), args.kv_transfer_timeout_seconds)
+        worker = DecodeWorker(engine, receiver, limits)
+        worker.start()
+        servicer.worker = worker
+        await running.mark_serving()
+        write_ready_file(args.ready_file, port=running.port)
+        logger.info("decode worker serving %s on port %d", engine.model_name, running.port)
+        logger.info("%s received, stopping", await shutdown)
+    finally:
+        await running.stop()
+        if worker is not None:
+            worker.stop()
+        if receiver is not None:
+            receiver.close()
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from common.tokenizer import load_tokenizer
 from protos import generation_pb2_grpc
 from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
+from services.frontend.openai.server import start_http_server
 from services.frontend.servicer import GenerationServicer
 
 logger = logging.getLogger("tandem.frontend")
@@ -45,12 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default=_env("LOAD_FORMAT", "auto"))
     parser.add_argument("--max-num-requests", type=int, default=int(_env("MAX_NUM_REQUESTS", "1024")))
     parser.add_argument("--stats-refresh-seconds", type=float, default=float(_env("STATS_REFRESH_SECONDS", "0.5")))
-    parser.add_argument("--ready-file", default=None, help="write {port} as JSON here once serving")
+    parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000")),
+                        help="OpenAI-compatible HTTP API port (env TANDEM_HTTP_PORT; 0 = any free port, -1 = off)")
+    parser.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
+    parser.add_argument("--ready-file", default=None, help="write {port, http_port} as JSON here once serving")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
 
 
-async def serve(config: FrontendConfig, load_format: str, ready_file: str | None) -> None:
+async def serve(config: FrontendConfig, load_format: str, ready_file: str | None, http_port: int = -1) -> None:
     resolved = await asyncio.to_thread(resolve_model, config.model, load_format)
     tokenizer = await asyncio.to_thread(load_tokenizer, resolved.folder)
     app = FrontendApp(config, tokenizer, resolved.name)
@@ -58,19 +62,26 @@ async def serve(config: FrontendConfig, load_format: str, ready_file: str | None
         lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server),
         [SERVICE_NAME], config.host, config.port,
     )
-    await app.start()
-    shutdown = asyncio.ensure_future(wait_for_shutdown())
-    while not app.router.is_ready() and not shutdown.done():
-        await asyncio.sleep(0.1)
-    if not shutdown.done():
-        await running.mark_serving()
-        write_ready_file(ready_file, port=running.port)
-        logger.info("frontend serving %s on port %d", resolved.name, running.port)
-    signal_name = await shutdown
-    logger.info("%s received, stopping", signal_name)
-    await running.stop()
-    await app.close()
-
+    http = None
+    try:
+        if http_port >= 0:
+            http = await start_http_server(app, config.host, http_port)
+        await app.start()
+        shutdown = asyncio.ensure_future(wait_for_shutdown())
+        while not app.router.is_ready() and not shutdown.done():
+            await asyncio.sleep(0.1)
+        if not shutdown.done():
+            await running.mark_serving()
+            if http is not None:
+                http.mark_ready()
+            write_ready_file(ready_file, port=running.port, http_port=http.port if http is not None else None)
+            logger.info("frontend serving %s on port %d", resolved.name, running.port)
+        logger.info("%s received, stopping", await shutdown)
+    finally:
+        if http is not None:
+            await http.stop()
+        await running.stop()
+        await app.close()
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
@@ -85,5 +96,9 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"tandem frontend: {exc}")
         return 2
-    asyncio.run(serve(config, args.load_format, args.ready_file))
+    http_port = -1 if args.no_http else args.http_port
+    if not -1 <= http_port <= 65535:
+        print(f"tandem frontend: --http-port must be in [-1, 65535], got {http_port}")
+        return 2
+    asyncio.run(serve(config, args.load_format, args.ready_file, http_port))
     return 0

@@ -44,22 +44,26 @@ async def serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
         [SERVICE_NAME], args.host, args.port,
     )
     shutdown = asyncio.ensure_future(wait_for_shutdown())
-    engine = await load_engine(engine_config)
-    worker = PrefillWorker(engine, args.kv_lease_seconds, args.max_num_waiting)
-    sender = create_sender(args.kv_transfer_backend, worker.layout, engine.kv_pool.gather_blocks,
-                           worker.on_release, args.kv_host, args.kv_port)
-    worker.attach_sender(sender)
-    worker.start()
-    servicer.worker = worker
-    await running.mark_serving()
-    write_ready_file(args.ready_file, port=running.port, kv_address=sender.address)
-    logger.info("prefill worker serving %s on port %d, KV listener %s", engine.model_name, running.port, sender.address)
-    signal_name = await shutdown
-    logger.info("%s received, stopping", signal_name)
-    await running.stop()
-    worker.stop()
-    sender.close()
-
+    worker = sender = None
+    try:
+        engine = await load_engine(engine_config)
+        worker = PrefillWorker(engine, args.kv_lease_seconds, args.max_num_waiting)
+        sender = create_sender(args.kv_transfer_backend, worker.layout, engine.kv_pool.gather_blocks,
+                               worker.on_release, args.kv_host, args.kv_port)
+        worker.attach_sender(sender)
+        worker.start()
+        servicer.worker = worker
+        await running.mark_serving()
+        write_ready_file(args.ready_file, port=running.port, kv_address=sender.address)
+        logger.info("prefill worker serving %s on port %d, KV listener %s", engine.model_name, running.port,
+                    sender.address)
+        logger.info("%s received, stopping", await shutdown)
+    finally:
+        await running.stop()
+        if worker is not None:
+            worker.stop()
+        if sender is not None:
+            sender.close()
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
