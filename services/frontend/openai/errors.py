@@ -74,27 +74,28 @@ def from_exception(exc: BaseException, public_param: Callable[[str], str | None]
     return OpenAIError(status, message, error_type, code=code.name.lower())
 
 
-def _loc_to_param(loc: tuple) -> str:
+def _loc_to_param(loc: tuple) -> tuple[str, int]:
+    """pydantic's error location -> ("messages[0].content", depth), skipping union-member tags."""
     parts = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         elif str(item).isidentifier() and item not in _TYPE_NAMES:
             parts.append(f".{item}" if parts else item)
-    return "".join(parts)
+    return "".join(parts), len(parts)
 
 
 def from_validation_error(exc: pydantic.ValidationError) -> OpenAIError:
-    """The first problem pydantic found, with the parameter it is about."""
+    """The most specific problem pydantic found (the deepest location), naming its parameter."""
     errors = exc.errors(include_url=False)
-    first = errors[0]
+    located = [(*_loc_to_param(e["loc"]), e) for e in errors]
+    depth = max(d for _, d, _ in located)
+    param, _, first = next(item for item in located if item[1] == depth)
     if first["type"] == "extra_forbidden":
-        param = _loc_to_param(first["loc"])
         return bad_request(param, "unrecognized request argument (not supported by this server)")
     message = first["msg"].removeprefix("Value error, ")
-    if not first["loc"]:  # a model-level check: its message starts with "param: "
+    if not param:  # a model-level check: its message starts with "param: "
         param, _, problem = message.partition(": ")
         return bad_request(param, problem)
-    param = _loc_to_param(first["loc"])
-    problems = [e["msg"] for e in errors if _loc_to_param(e["loc"]) == param]
+    problems = [e["msg"] for p, _, e in located if p == param]
     return bad_request(param, " or ".join(dict.fromkeys(problems)))
