@@ -175,7 +175,11 @@ class LLMEngine:
             raise ValueError(f"{len(prompt_token_ids)} prompt tokens need {expected} blocks, got {len(block_ids)}")
         self._check_token_ids("first_token_id", [first_token_id])
         del self._reserved[request_id]
-        seq = self._new_sequence(request_id, prompt_token_ids, sampling_params)
+        try:
+            seq = self._new_sequence(request_id, prompt_token_ids, sampling_params)
+        except ValueError:
+            self._reserved[request_id] = list(block_ids)  # still reserved: the caller may abort it
+            raise
         seq.append_token(first_token_id)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = seq.num_prompt_tokens

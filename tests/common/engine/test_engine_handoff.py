@@ -71,7 +71,7 @@ def test_first_token_can_finish_the_request(make_engine):
 
 def test_reserve_kv_errors(make_engine):
     engine = make_engine(num_kv_blocks=64, max_model_len=128)
-    engine.reserve_kv("a", 100)  # 25 blocks of 4
+    block_ids = engine.reserve_kv("a", 100)  # 25 blocks of 4
     engine.reserve_kv("b", 127)  # 32 blocks: 7 left
     with pytest.raises(OutOfKVBlocks):
         engine.reserve_kv("c", 29)  # 8 blocks
@@ -81,6 +81,9 @@ def test_reserve_kv_errors(make_engine):
         engine.reserve_kv("d", 128)
     with pytest.raises(ValueError, match="reserve_kv"):
         engine.add_decode_request("a", [5] * 100, 7, SamplingParams(), [0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_decode_request("a", [5] * 99 + [9999], 7, SamplingParams(), block_ids)
+    assert engine.stats().num_free_blocks == 7  # the reservation survives a rejected request
     engine.abort_request("a")
     engine.abort_request("b")
     assert engine.stats().kv_cache_usage == 0
