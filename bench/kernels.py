@@ -143,7 +143,8 @@ def first_seqs(metadata, tables, num_seqs, block_size, device):
 
     starts = metadata.query_start_locs_cpu
     query_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
-    return AttentionMetadata.build(query_lens, metadata.context_lens_cpu[:num_seqs], tables[:num_seqs], block_size, device)
+    context_lens = metadata.context_lens_cpu[:num_seqs]
+    return AttentionMetadata.build(query_lens, context_lens, tables[:num_seqs], block_size, device)
 
 
 def bench_decode(args, timer, dtype, batch, context_len, copy_gbps) -> dict:

@@ -9,6 +9,7 @@ the import order of a process (e.g. a pytest session) does not matter.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterable
 
@@ -138,6 +139,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
 def num_multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; an H100-sized guess elsewhere (interpreter runs)."""
     if device.type == "cuda":

@@ -110,7 +110,8 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(value_cache_ptr.dtype.element_ty).to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        p = p.to(value_cache_ptr.dtype.element_ty).to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch_utils import FLOAT_DTYPES, check_out, check_tensor, runnable_kernel
+from kernels.launch_utils import FLOAT_DTYPES, check_tensor, runnable_kernel
 
 
 @triton.jit
@@ -66,8 +66,8 @@ def rms_norm(
         check_tensor("residual", residual, ndim=2, dtypes=(x.dtype,), device=x.device)
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    out = check_out(None, x)
-    residual_out = check_out(None, x) if residual is not None else out
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if residual is not None else out
     if num_tokens > 0:
         block = triton.next_power_of_2(hidden)
         kernel = runnable_kernel(_rms_norm_kernel, x.device)
