@@ -7,6 +7,7 @@ Handlers raise plain exceptions; `StatusInterceptor` turns them into statuses at
     full queues / no KV blocks (Overloaded)     -> RESOURCE_EXHAUSTED
     draining, no worker (Unavailable)           -> UNAVAILABLE
     KV layout mismatch                          -> FAILED_PRECONDITION (message names the field)
+    KV transfer lost (connection, timeout)      -> UNAVAILABLE / DEADLINE_EXCEEDED
     an error status from a downstream call      -> the same status and message
     anything else (a bug)                       -> INTERNAL, logged with the request id
 """
@@ -67,25 +68,26 @@ class HandoffFailed(ServiceError):
 
 
 def _typed_status_table() -> list[tuple[type[BaseException], grpc.StatusCode]]:
-    """Engine and transfer exceptions, imported here so handlers can let them propagate."""
-    table: list[tuple[type[BaseException], grpc.StatusCode]] = []
-    try:
-        from common.kv import OutOfKVBlocks
+    """Engine and transfer exceptions (imported late: the frontend never loads the engine)."""
+    from common.kv import OutOfKVBlocks
+    from common.transfer import (
+        KVInvalidPull,
+        KVLayoutMismatch,
+        KVSizeMismatch,
+        KVTransferError,
+        KVTransferNotFound,
+        KVTransferTimeout,
+    )
 
-        table.append((OutOfKVBlocks, grpc.StatusCode.RESOURCE_EXHAUSTED))
-    except ImportError:
-        pass
-    try:
-        from common.transfer import KVLayoutMismatch, KVTransferNotFound, KVTransferTimeout
-
-        table += [
-            (KVLayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-            (KVTransferNotFound, grpc.StatusCode.NOT_FOUND),
-            (KVTransferTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-        ]
-    except ImportError:
-        pass
-    return table
+    return [  # most specific first
+        (OutOfKVBlocks, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (KVLayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+        (KVSizeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+        (KVInvalidPull, grpc.StatusCode.INVALID_ARGUMENT),
+        (KVTransferNotFound, grpc.StatusCode.NOT_FOUND),
+        (KVTransferTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (KVTransferError, grpc.StatusCode.UNAVAILABLE),  # connection refused / lost: retryable
+    ]
 
 
 _TYPED_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] | None = None

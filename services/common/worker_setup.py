@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.transfer.base import KVLayout
+from common import transfer
+from common.transfer import KVLayout
 
-TRANSFER_BACKENDS = ("ucx", "fake")
+TRANSFER_BACKENDS = transfer.BACKENDS
 
 
 def kv_layout(engine) -> KVLayout:
@@ -73,26 +74,14 @@ def _quiet_ucx_progress() -> None:
 
 
 def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, host: str, port: int):
+    """The prefill worker's KV sender (common.transfer's factory, with quiet UCX progress)."""
     if backend == "ucx":
         _quiet_ucx_progress()
-        from common.transfer.ucx import UcxKVSender
-
-        return UcxKVSender(layout, gather_blocks, on_release, host=host, port=port)
-    if backend == "fake":
-        from common.transfer.fake import FakeKVSender
-
-        return FakeKVSender(layout, gather_blocks, on_release, port=port)
-    raise ValueError(f"kv_transfer_backend: must be one of {TRANSFER_BACKENDS}, got {backend!r}")
+    return transfer.create_sender(backend, layout, gather_blocks, on_release, host=host, port=port)
 
 
 def create_receiver(backend: str, layout: KVLayout, timeout_seconds: float):
+    """The decode worker's KV receiver (common.transfer's factory, with quiet UCX progress)."""
     if backend == "ucx":
         _quiet_ucx_progress()
-        from common.transfer.ucx import UcxKVReceiver
-
-        return UcxKVReceiver(layout, timeout_seconds=timeout_seconds)
-    if backend == "fake":
-        from common.transfer.fake import FakeKVReceiver
-
-        return FakeKVReceiver(layout, timeout_seconds=timeout_seconds)
-    raise ValueError(f"kv_transfer_backend: must be one of {TRANSFER_BACKENDS}, got {backend!r}")
+    return transfer.create_receiver(backend, layout, timeout_seconds=timeout_seconds)

@@ -1,0 +1,124 @@
+"""A whole Tandem system in one process for service tests: real gRPC servers on free ports, real
+engines on a tiny random Llama (with SmolLM2's tokenizer), the in-process `fake` KV transfer.
+
+    system = InProcessSystem(folder, model, model_config, decode_overrides={"num_kv_blocks": 8})
+    system.start()            # prefill + decode workers, then the frontend, on a background event loop
+    stub = GenerationStub(grpc.insecure_channel(system.frontend_address))
+    system.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+
+from common.engine.config import EngineConfig
+from common.engine.llm_engine import LLMEngine
+from common.tokenizer import load_tokenizer
+from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.server import start_server
+from services.common.worker_setup import create_receiver, create_sender, kv_layout
+from services.decode.servicer import DecodeServicer
+from services.decode.worker import DecodeLimits, DecodeWorker
+from services.frontend.app import FrontendApp, FrontendConfig
+from services.frontend.servicer import GenerationServicer
+from services.prefill.servicer import PrefillServicer
+from services.prefill.worker import PrefillWorker
+
+ENGINE_SETTINGS = dict(device="cpu", num_kv_blocks=64, max_model_len=128, block_size=4, max_num_seqs=16,
+                       max_num_batched_tokens=128, attention_backend="reference")
+
+
+class InProcessSystem:
+    def __init__(self, folder, model, model_config, prefill_overrides=None, decode_overrides=None,
+                 lease_seconds: float = 30.0, decode_limits: DecodeLimits | None = None):
+        self._folder = folder
+        self._model, self._model_config = model, model_config
+        self._prefill_overrides = prefill_overrides or {}
+        self._decode_overrides = decode_overrides or {}
+        self._lease_seconds = lease_seconds
+        self._decode_limits = decode_limits or DecodeLimits()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-services", daemon=True)
+        self._cleanups = []
+        self.prefill_address = self.decode_address = self.frontend_address = ""
+
+    def _engine(self, overrides: dict) -> LLMEngine:
+        config = EngineConfig(model=str(self._folder), **{**ENGINE_SETTINGS, **overrides})
+        return LLMEngine(config, model=self._model, model_config=self._model_config)
+
+    def start(self) -> "InProcessSystem":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
+        return self
+
+    async def _start(self) -> None:
+        prefill = PrefillWorker(self._engine(self._prefill_overrides), self._lease_seconds)
+        sender = create_sender("fake", prefill.layout, prefill.engine.kv_pool.gather_blocks, prefill.on_release,
+                               "fake", 0)
+        prefill.attach_sender(sender)
+        decode_engine = self._engine(self._decode_overrides)
+        receiver = create_receiver("fake", kv_layout(decode_engine), 10.0)
+        decode = DecodeWorker(decode_engine, receiver, self._decode_limits)
+        self.prefill_worker, self.decode_worker, self.sender = prefill, decode, sender
+        prefill_servicer, decode_servicer = PrefillServicer(), DecodeServicer()
+        prefill_server = await start_server(
+            lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill_servicer, s),
+            ["tandem.worker.v1.PrefillWorker"], "127.0.0.1", 0)
+        decode_server = await start_server(
+            lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(decode_servicer, s),
+            ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
+        for worker, servicer, server in ((prefill, prefill_servicer, prefill_server),
+                                         (decode, decode_servicer, decode_server)):
+            worker.start()
+            servicer.worker = worker
+            await server.mark_serving()
+            self._cleanups.append((server, worker))
+        self.prefill_address = f"127.0.0.1:{prefill_server.port}"
+        self.decode_address = f"127.0.0.1:{decode_server.port}"
+        config = FrontendConfig([self.prefill_address], [self.decode_address], stats_refresh_seconds=0.1)
+        self.app = FrontendApp(config, load_tokenizer(self._folder), "tiny")
+        frontend_server = await start_server(
+            lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.app), s),
+            ["tandem.v1.Generation"], "127.0.0.1", 0)
+        await self.app.start()
+        while not self.app.router.is_ready():
+            await asyncio.sleep(0.05)
+        await frontend_server.mark_serving()
+        self._frontend_server = frontend_server
+        self.frontend_address = f"127.0.0.1:{frontend_server.port}"
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self._frontend_server.stop(0)
+            await self.app.close()
+            for server, worker in self._cleanups:
+                await server.stop(0)
+                worker.stop()
+            self.sender.close()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    # ---- helpers for tests -------------------------------------------------------------------
+
+    def worker_stats(self) -> tuple[worker_pb2.WorkerStats, worker_pb2.WorkerStats]:
+        with grpc.insecure_channel(self.prefill_address) as p, grpc.insecure_channel(self.decode_address) as d:
+            request = worker_pb2.GetStatsRequest()
+            return (worker_pb2_grpc.PrefillWorkerStub(p).GetStats(request),
+                    worker_pb2_grpc.DecodeWorkerStub(d).GetStats(request))
+
+    def wait_until_idle(self, timeout_seconds: float = 10.0) -> tuple[worker_pb2.WorkerStats, worker_pb2.WorkerStats]:
+        """Polls both workers until every KV block is free and nothing runs or waits; returns the stats."""
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            prefill, decode = self.worker_stats()
+            is_idle = all(s.num_free_blocks == s.num_total_blocks and s.num_running == 0 and s.num_waiting == 0
+                          for s in (prefill, decode)) and prefill.num_held_leases == 0
+            if is_idle or time.monotonic() > deadline:
+                return prefill, decode
+            time.sleep(0.05)
