@@ -11,10 +11,13 @@ Query head h reads KV head h // (num_heads // num_kv_heads) (grouped-query atten
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from common.attention.metadata import AttentionMetadata
+if TYPE_CHECKING:  # a runtime import would be circular: common.attention imports this module
+    from common.attention.metadata import AttentionMetadata
 
 
 def write_kv_cache_reference(
@@ -46,7 +49,7 @@ def gather_context_kv(
 def paged_attention_reference(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
-    metadata: AttentionMetadata,
+    metadata: "AttentionMetadata",
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole paged context."""
