@@ -21,12 +21,14 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from protos import generation_pb2
+from services.frontend.app import FrontendApp
 from services.frontend.openai.convert import ChoiceRequest, public_param
 from services.frontend.openai.errors import OpenAIError, from_exception
 from services.frontend.openai.fanout import ChoiceFailed, FanOut
 from services.frontend.openai.metrics import ChoiceClock, HttpMetrics
 from services.frontend.openai.protocol import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai.responses import FINISH_REASONS, ResponseBuilder
+from services.frontend.validation import parse_generate_request
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ def _sse(payload: dict) -> str:
 
 
 class GenerationCall:
-    def __init__(self, body: CompletionRequest | ChatCompletionRequest, choices: list[ChoiceRequest],
-                 builder: ResponseBuilder, fanout: FanOut, metrics: HttpMetrics):
+    def __init__(self, frontend: FrontendApp, body: CompletionRequest | ChatCompletionRequest,
+                 choices: list[ChoiceRequest], builder: ResponseBuilder, fanout: FanOut, metrics: HttpMetrics):
+        self.frontend = frontend
         self.body = body
         self.choices = choices
         self.builder = builder
@@ -117,6 +120,8 @@ class GenerationCall:
         """Waits for the first response, so errors before any output answer with an HTTP status."""
         self.metrics.request_started()
         try:
+            if self.body.continuous_usage:
+                self.builder.continuous_prompt_tokens = await self._count_prompt_tokens()
             index, response = await until_disconnected(request, anext(self._responses))
         except ClientDisconnected:
             self._end("abort")
@@ -125,6 +130,23 @@ class GenerationCall:
             self._end("error")
             raise self.error_for(exc) from exc
         return self._stream(self._feed(index, response))
+
+    async def _count_prompt_tokens(self) -> dict[int, int]:
+        """Prompt tokens of each prompt, counted as `FrontendApp.generate` counts them (its own tokenize).
+
+        Only vLLM's continuous_usage_stats needs them before the first token: the Final carries them too.
+        """
+        vocab_size = self.frontend.router.model_limits().vocab_size
+        counts: dict[int, int] = {}
+        for choice in self.choices:
+            if choice.prompt_index in counts:
+                continue
+            try:
+                parsed = parse_generate_request(choice.request, vocab_size)
+                counts[choice.prompt_index] = len(await asyncio.to_thread(self.frontend.tokenize, parsed))
+            except Exception as exc:  # noqa: BLE001 - reported like the choice's own failure
+                raise ChoiceFailed(choice.index, exc) from exc
+        return counts
 
     async def _stream(self, first_chunks: list[dict]) -> AsyncIterator[str]:
         reason = "abort"

@@ -23,6 +23,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None  # a last chunk with empty `choices` carries the usage
+    continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, every chunk carries usage so far
 
 
 class _GenerationParams(_Strict):
@@ -61,6 +62,10 @@ class _GenerationParams(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_GenerationParams):

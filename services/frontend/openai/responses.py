@@ -56,6 +56,9 @@ class ResponseBuilder:
         self._choices = [_Choice(prompt_index) for prompt_index in prompt_indices]
         self._is_logprobs = is_logprobs
         self._include_usage = include_usage  # stream: every chunk has "usage": null, then a usage chunk
+        # vLLM's continuous_usage_stats: prompt tokens by prompt index; every chunk then carries its
+        # choice's usage so far instead of null
+        self.continuous_prompt_tokens: dict[int, int] | None = None
 
     # ---- logprobs -------------------------------------------------------------------------------
     def _chat_logprob(self, logprobs: generation_pb2.TokenLogprobs) -> dict:
@@ -80,11 +83,16 @@ class ResponseBuilder:
         return out
 
     # ---- streaming ------------------------------------------------------------------------------
-    def _chunk(self, choices: list[dict]) -> dict:
+    def _chunk(self, choices: list[dict], index: int | None = None) -> dict:
         body = {"id": self.response_id, "object": "chat.completion.chunk" if self.is_chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices}
         if self._include_usage:
             body["usage"] = None
+            if self.continuous_prompt_tokens is not None and index is not None:
+                choice = self._choices[index]
+                num_prompt_tokens = self.continuous_prompt_tokens[choice.prompt_index]
+                body["usage"] = {"prompt_tokens": num_prompt_tokens, "completion_tokens": choice.num_completion_tokens,
+                                 "total_tokens": num_prompt_tokens + choice.num_completion_tokens}
         return body
 
     def on_chunk(self, index: int, chunk: generation_pb2.TokenChunk) -> list[dict]:
@@ -95,18 +103,20 @@ class ResponseBuilder:
             if not choice.is_started:
                 choice.is_started = True
                 out.append(self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]))
+                                         "logprobs": None, "finish_reason": None}], index))
+            choice.num_completion_tokens += len(chunk.token_ids)  # running count; the Final's is authoritative
             entries = [self._chat_logprob(lp) for lp in chunk.logprobs] if self._is_logprobs else []
             choice.chat_logprobs.extend(entries)
             if chunk.text or entries:
                 out.append(self._chunk([{"index": index, "delta": {"content": chunk.text},
                                          "logprobs": {"content": entries} if self._is_logprobs else None,
-                                         "finish_reason": None}]))
+                                         "finish_reason": None}], index))
             return out
+        choice.num_completion_tokens += len(chunk.token_ids)
         logprobs = self._completion_logprobs(choice, chunk) if self._is_logprobs else None
         if chunk.text or (logprobs and logprobs["tokens"]):
             out.append(self._chunk([{"index": index, "text": chunk.text, "logprobs": logprobs,
-                                     "finish_reason": None}]))
+                                     "finish_reason": None}], index))
         return out
 
     def on_final(self, index: int, final: generation_pb2.Final) -> list[dict]:
@@ -118,7 +128,7 @@ class ResponseBuilder:
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
         else:
             last = {"index": index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason}
-        return [self._chunk([last])]
+        return [self._chunk([last], index)]
 
     def usage(self) -> dict:
         prompt_tokens = {c.prompt_index: c.num_prompt_tokens for c in self._choices}

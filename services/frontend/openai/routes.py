@@ -96,7 +96,7 @@ class OpenAIRoutes:
         builder = ResponseBuilder(is_chat, response_id, self.frontend.model_name, int(time.time()),
                                   self.token_texts, [c.prompt_index for c in choices], is_logprobs,
                                   include_usage=body.include_usage)
-        return GenerationCall(body, choices, builder, FanOut(self.frontend, choices), self.metrics)
+        return GenerationCall(self.frontend, body, choices, builder, FanOut(self.frontend, choices), self.metrics)
 
     async def _generate(self, request: Request, is_chat: bool) -> Response:
         try:
