@@ -59,7 +59,6 @@ class Relay:
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Yields token #1 (from Prefill), the decoded tokens, then one FinishEvent."""
         prefill = self._router.pick_prefill()
-        decode = self._router.pick_decode()
         sampling_pb = sampling_to_pb(sampling)
         touched: list[WorkerHandle] = []  # workers that may hold state for this request
         decode_call = None
@@ -82,6 +81,7 @@ class Relay:
                 is_finished = True
                 yield _finish_event(response.finish_reason, [response.first_token_id])
                 return
+            decode = self._router.pick_decode()  # picked now: its load is known best after the prefill
             touched.append(decode)
             with self._router.track(decode):
                 decode_call = decode.stub.Decode(

@@ -56,7 +56,8 @@ class Router:
         self.decode_workers = [self._connect(a, "decode") for a in decode_addresses]
         self._refresh_seconds = refresh_seconds
         self._refresh_task: asyncio.Task | None = None
-        self._tie_breaker = itertools.count()  # rotates among equally loaded workers
+        # rotate among equally loaded workers, one counter per kind so picks of one kind never skew the other
+        self._tie_breakers = {"prefill": itertools.count(), "decode": itertools.count()}
 
     @staticmethod
     def _connect(address: str, role: str) -> WorkerHandle:
@@ -116,7 +117,7 @@ class Router:
             raise Unavailable(f"no {kind} worker is ready ({', '.join(w.address for w in workers)})")
         best = min(score(w) for w in healthy)
         tied = [w for w in healthy if score(w) == best]
-        return tied[next(self._tie_breaker) % len(tied)]
+        return tied[next(self._tie_breakers[workers[0].role]) % len(tied)]
 
     def pick_prefill(self) -> WorkerHandle:
         return self._pick(self.prefill_workers, WorkerHandle.prefill_score)

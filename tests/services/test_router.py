@@ -10,6 +10,7 @@ from services.frontend.router import Router
 
 
 def _router(num_prefill=2, num_decode=2) -> Router:
+    asyncio.set_event_loop(asyncio.new_event_loop())  # grpc.aio channels need a current loop
     router = Router([f"127.0.0.1:{1000 + i}" for i in range(num_prefill)],
                     [f"127.0.0.1:{2000 + i}" for i in range(num_decode)])
     for worker in router.workers:
@@ -63,3 +64,12 @@ def test_unreachable_worker_is_marked_unhealthy_by_refresh():
         return is_ready
 
     assert asyncio.run(run()) is False
+
+
+def test_interleaved_picks_of_both_kinds_still_spread_each_kind():
+    router = _router()
+    decode_picks = []
+    for _ in range(4):
+        router.pick_prefill()
+        decode_picks.append(router.pick_decode().address)
+    assert len(set(decode_picks)) == 2
