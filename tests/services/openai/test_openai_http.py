@@ -95,6 +95,13 @@ def test_include_usage_sends_a_last_usage_chunk(client, model):
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].usage.completion_tokens == 3
     assert chunks[-2].choices[0].finish_reason == "length"
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far
+    chunks = list(client.completions.create(
+        model=model, prompt="The capital of France is", temperature=0, max_tokens=3, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    final_usage = chunks[-1].usage
+    assert [c.usage.completion_tokens for c in chunks] == [1, 2, 3, 3, 3]
+    assert {c.usage.prompt_tokens for c in chunks} == {final_usage.prompt_tokens}
 
 
 def test_n_choices_with_seed_are_reproducible(client, model):
