@@ -44,25 +44,30 @@ def choice_seed(seed: int, choice: int) -> int:
     return (seed + choice - _INT64_MIN) % _INT64_RANGE + _INT64_MIN
 
 
-def _sampling(params: _GenerationParams, max_tokens: int | None, num_logprobs: int | None) -> generation_pb2.SamplingParams:
+def _set(sampling: generation_pb2.SamplingParams, field: str, value, param: str) -> None:
+    try:
+        if isinstance(value, list):
+            getattr(sampling, field).extend(value)
+        else:
+            setattr(sampling, field, value)
+    except (ValueError, TypeError) as exc:  # e.g. an int too large for the proto's int32
+        raise bad_request(param, f"{value!r} is out of range ({exc})") from exc
+
+
+def _sampling(params: _GenerationParams, max_tokens: int | None, num_logprobs: int | None,
+              max_tokens_param: str = "max_tokens", logprobs_param: str = "logprobs") -> generation_pb2.SamplingParams:
     sampling = generation_pb2.SamplingParams()
     for name in _SAMPLING_FIELDS:
-        value = getattr(params, name)
-        if value is not None:
-            try:
-                setattr(sampling, name, value)
-            except (ValueError, TypeError) as exc:  # e.g. an int too large for int32
-                raise bad_request(name, f"{value!r} does not fit ({exc})") from exc
+        if getattr(params, name) is not None:
+            _set(sampling, name, getattr(params, name), name)
     if max_tokens is not None:
-        if not -(2**31) <= max_tokens < 2**31:
-            raise bad_request("max_tokens", f"{max_tokens} is out of range")
-        sampling.max_tokens = max_tokens
+        _set(sampling, "max_tokens", max_tokens, max_tokens_param)
     if num_logprobs is not None:
-        sampling.logprobs = num_logprobs
+        _set(sampling, "logprobs", num_logprobs, logprobs_param)
     if params.stop is not None:
         sampling.stop.extend([params.stop] if isinstance(params.stop, str) else params.stop)
     if params.stop_token_ids:
-        sampling.stop_token_ids.extend(params.stop_token_ids)
+        _set(sampling, "stop_token_ids", params.stop_token_ids, "stop_token_ids")
     return sampling
 
 
@@ -110,7 +115,8 @@ def chat_requests(body: ChatCompletionRequest, request_id: str) -> list[ChoiceRe
     prompt = generation_pb2.GenerateRequest(chat=generation_pb2.ChatMessages(messages=messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _fan_out(body, [prompt], _sampling(body, max_tokens, num_logprobs), request_id)
+    sampling = _sampling(body, max_tokens, num_logprobs, body.max_tokens_param, "top_logprobs")
+    return _fan_out(body, [prompt], sampling, request_id)
 
 
 _PROMPT_FIELD = re.compile(r"^(text|token_ids(\.ids)?)(?P<index>\[\d+\])?$")

@@ -4,7 +4,7 @@ Exceptions are mapped through the same table the gRPC servers use (`services.com
 then gRPC status -> HTTP status:
 
     INVALID_ARGUMENT -> 400    NOT_FOUND -> 404    RESOURCE_EXHAUSTED -> 429
-    UNAVAILABLE -> 503         DEADLINE_EXCEEDED -> 504    anything else -> 500
+    UNAVAILABLE -> 503         DEADLINE_EXCEEDED -> 504    CANCELLED (Abort) and anything else -> 500
 
 A frontend `InvalidRequest` names a GenerateRequest field (`sampling.temperature`, `chat.messages[1].role`);
 `public_param` turns that into the OpenAI parameter the client sent (`temperature`, `messages[1].role`).
@@ -29,6 +29,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    grpc.StatusCode.CANCELLED: (500, "cancelled_error"),  # stopped by the gRPC Abort RPC
 }
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member tags in `loc`
 
@@ -69,7 +70,7 @@ def from_exception(exc: BaseException, public_param: Callable[[str], str | None]
         return bad_request(public_param(exc.field), problem)
     code, message = status_for(exc)
     status, error_type = _HTTP_STATUS.get(code, (500, "internal_error"))
-    if status == 500:
+    if code not in _HTTP_STATUS:
         logger.error("OpenAI API request failed (%s)", code.name, exc_info=exc)
     return OpenAIError(status, message, error_type, code=code.name.lower())
 

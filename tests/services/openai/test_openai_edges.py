@@ -14,7 +14,7 @@ from protos import generation_pb2
 from services.common.errors import InvalidRequest, Overloaded, Unavailable
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.openai.convert import chat_requests, choice_seed, completion_requests, public_param
-from services.frontend.openai.errors import from_exception, from_validation_error
+from services.frontend.openai.errors import OpenAIError, from_exception, from_validation_error
 from services.frontend.openai.protocol import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai.server import start_http_server
 
@@ -140,3 +140,12 @@ def test_not_ready_frontend_answers_503_in_openai_error_bodies(tokenizer):
     assert all(set(body["error"]) == {"message", "type", "param", "code"} for _, body in (health, models, chat))
     assert other_model[0] == 404 and other_model[1]["error"]["param"] == "model"
     assert missing[0] == 404 and "error" in missing[1]
+
+
+def test_values_beyond_the_proto_range_are_rejected_by_name():
+    with pytest.raises(OpenAIError) as raised:
+        chat_requests(_chat(max_completion_tokens=2**40), "id")
+    assert raised.value.status == 400 and raised.value.param == "max_completion_tokens"
+    with pytest.raises(OpenAIError) as raised:
+        completion_requests(CompletionRequest.model_validate({"prompt": [2**40]}), "id")
+    assert raised.value.status == 400 and raised.value.param == "prompt"
