@@ -104,9 +104,10 @@ class DecodeWorker:
 
     async def decode(self, job: DecodeJob):
         """Yields TokenBatch* then one DecodeFinal; raises the request's error."""
-        await self.thread.run(lambda: self._enqueue(job))
+        enqueued = self.thread.call(lambda: self._enqueue(job))
         is_finished = False
         try:
+            await asyncio.wrap_future(enqueued)
             while not is_finished:
                 item = await job.sink.get()
                 if isinstance(item, BaseException):
@@ -115,8 +116,8 @@ class DecodeWorker:
                 is_finished = isinstance(item, DecodeFinal)
                 yield item
         finally:
-            if not is_finished:
-                self.thread.call(lambda: self._abort(job.request_id))
+            if not is_finished:  # cancelled or closed early: free this job (runs after the enqueue)
+                self.thread.call(lambda: self._abort_job(job))
 
     async def abort(self, request_id: str) -> bool:
         return await self.thread.run(lambda: self._abort(request_id))
@@ -235,6 +236,12 @@ class DecodeWorker:
             self.engine.abort_request(request_id)  # its "abort" output ends the stream
             return True
         return False
+
+    def _abort_job(self, job: DecodeJob) -> None:
+        """Aborts this job wherever it is, never another job that reused its id."""
+        registered = self._receiving.get(job.request_id) or self._running.get(job.request_id)
+        if registered is job or any(waiting is job for waiting in self._admitting):
+            self._abort(job.request_id)
 
     def _fail_running(self, error: BaseException) -> None:
         """A step raised (a bug): end every running stream with the error and free its blocks."""

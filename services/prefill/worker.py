@@ -42,6 +42,7 @@ class _Waiting:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future  # resolved with a PrefillResult (or an exception) from the engine thread
     num_prompt_tokens: int
+    transfer_id: str | None = None  # set once the KV is offered
 
 
 def _resolve(waiting: _Waiting, result=None, error: BaseException | None = None) -> None:
@@ -91,11 +92,12 @@ class PrefillWorker:
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> PrefillResult:
         loop = asyncio.get_running_loop()
         waiting = _Waiting(loop, loop.create_future(), len(prompt_token_ids))
-        await self.thread.run(lambda: self._add(request_id, prompt_token_ids, sampling, waiting))
+        added = self.thread.call(lambda: self._add(request_id, prompt_token_ids, sampling, waiting))
         try:
+            await asyncio.wrap_future(added)
             return await waiting.future
-        except asyncio.CancelledError:
-            self.thread.call(lambda: self._abort(request_id))  # frees whatever the request holds
+        except asyncio.CancelledError:  # the caller went away: free whatever this call holds (runs after the add)
+            self.thread.call(lambda: self._abort_own(request_id, waiting))
             raise
 
     async def abort(self, request_id: str) -> bool:
@@ -124,7 +126,7 @@ class PrefillWorker:
                 _resolve(waiting, error=Cancelled(f"request {output.request_id} was aborted"))
                 continue
             try:
-                result = self._finish_prefill(output)
+                result = self._finish_prefill(output, waiting)
             except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
                 self.engine.release_kv(output.request_id)
                 _resolve(waiting, error=exc)
@@ -132,7 +134,7 @@ class PrefillWorker:
             self._counters["served"] += 1
             _resolve(waiting, result)
 
-    def _finish_prefill(self, output: RequestOutput) -> PrefillResult:
+    def _finish_prefill(self, output: RequestOutput, waiting: _Waiting) -> PrefillResult:
         first_token_id = output.new_token_ids[0]
         first_logprobs = output.new_logprobs[0] if output.new_logprobs else None
         if output.finish_reason is not None:  # token #1 ended the request: nobody will pull
@@ -142,6 +144,7 @@ class PrefillWorker:
         handle = self.sender.offer(transfer_id, output.kv_block_ids, output.num_prompt_tokens, self.lease_seconds)
         self._leases[output.request_id] = transfer_id
         self._lease_owners[transfer_id] = output.request_id
+        waiting.transfer_id = transfer_id
         return PrefillResult(first_token_id, first_logprobs, None, handle)
 
     def _abort(self, request_id: str) -> bool:
@@ -155,6 +158,13 @@ class PrefillWorker:
             self.sender.cancel(transfer_id)  # on_release(CANCELLED) frees the blocks
             return True
         return False
+
+    def _abort_own(self, request_id: str, waiting: _Waiting) -> None:
+        """Aborts what one Prefill call holds, never another call that reused the id."""
+        if self._waiting.get(request_id) is waiting or (
+            waiting.transfer_id is not None and waiting.transfer_id in self._lease_owners
+        ):
+            self._abort(request_id)
 
     def _release(self, transfer_id: str, outcome: TransferOutcome, stats: TransferStats) -> None:
         request_id = self._lease_owners.pop(transfer_id, None)

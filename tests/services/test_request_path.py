@@ -204,3 +204,42 @@ def test_a_handle_never_pulled_is_freed_when_the_lease_expires(make_system):
     prefill_stats, _ = system.wait_until_idle(5)
     assert prefill_stats.num_free_blocks == prefill_stats.num_total_blocks
     assert prefill_stats.num_transfer_failures == 1 and prefill_stats.num_transfers == 0
+
+
+def test_hand_offs_wait_for_free_decode_blocks_and_all_finish(make_system, tiny_folder, tiny_model):
+    system = make_system(decode_overrides={"num_kv_blocks": 32})  # room for ~2 of these requests at once
+    prompts = [list(range(100 + 7 * i, 160 + 7 * i)) for i in range(4)]  # 60 tokens = 15 blocks each
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = _single_engine_tokens(tiny_folder, tiny_model, prompts, params)
+    results = [None] * len(prompts)
+    with grpc.insecure_channel(system.frontend_address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+
+        def run(index):
+            results[index] = _generate(stub, g.GenerateRequest(
+                token_ids=g.TokenIds(ids=prompts[index]),
+                sampling=g.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)))[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert results == expected
+    _assert_idle(system)
+
+
+def test_no_free_decode_blocks_for_too_long_is_resource_exhausted(make_system):
+    from services.decode.worker import DecodeLimits
+
+    system = make_system(decode_overrides={"num_kv_blocks": 32}, decode_limits=DecodeLimits(admission_timeout_seconds=0.5))
+    engine = system.decode_worker.engine
+    system.decode_worker.thread.call(lambda: engine.reserve_kv("hog", 120)).result(5)  # 30 of 32 blocks
+    with grpc.insecure_channel(system.frontend_address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            _generate(stub, g.GenerateRequest(token_ids=g.TokenIds(ids=list(range(200, 240))),
+                                              sampling=g.SamplingParams(max_tokens=5, ignore_eos=True)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV blocks" in info.value.details()
+    system.decode_worker.thread.call(lambda: engine.abort_request("hog")).result(5)
+    _assert_idle(system)
