@@ -192,4 +192,6 @@ def main(argv: list[str]) -> int:
         print(f"tandem serve: {exc}", file=sys.stderr)
         return 1
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
         launcher.stop_all()

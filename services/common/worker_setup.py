@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from common import transfer
 from common.transfer import KVLayout
+
+logger = logging.getLogger(__name__)
 
 TRANSFER_BACKENDS = transfer.BACKENDS
 
@@ -73,8 +76,14 @@ def _quiet_ucx_progress() -> None:
     os.environ.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
 
 
+def _warn_if_fake(backend: str) -> None:
+    if backend == "fake":
+        logger.warning("KV transfer backend 'fake' only reaches workers in this same process (tests)")
+
+
 def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, host: str, port: int):
     """The prefill worker's KV sender (common.transfer's factory, with quiet UCX progress)."""
+    _warn_if_fake(backend)
     if backend == "ucx":
         _quiet_ucx_progress()
     return transfer.create_sender(backend, layout, gather_blocks, on_release, host=host, port=port)
@@ -82,6 +91,7 @@ def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, hos
 
 def create_receiver(backend: str, layout: KVLayout, timeout_seconds: float):
     """The decode worker's KV receiver (common.transfer's factory, with quiet UCX progress)."""
+    _warn_if_fake(backend)
     if backend == "ucx":
         _quiet_ucx_progress()
     return transfer.create_receiver(backend, layout, timeout_seconds=timeout_seconds)
