@@ -174,7 +174,8 @@ def main(argv: list[str]) -> int:
         stop_requested.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, request_stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored from a parent shell
+        signal.signal(sig, request_stop)
     try:
         frontend = _start_system(launcher, args, engine_argv)
         print(f"Tandem is serving on {frontend.address} (tandem.v1.Generation; Ctrl-C stops it)")
