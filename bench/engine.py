@@ -113,8 +113,8 @@ def cpu_benchmark(args) -> tuple[dict, list[str]]:
               "tandem": tandem}
     lines = [f"{'system':<34}{'output tok/s':>14}{'seconds':>10}",
              f"{'tandem (continuous batching)':<34}{tandem['output_tokens_per_s']:>14.1f}{tandem['seconds']:>10.1f}"]
-    if not args.skip_transformers:
-        folder = resolve_model(args.model, "auto").folder
+    folder = resolve_model(args.model, "auto").folder  # None for dummy weights: nothing to compare with
+    if folder is not None and not args.skip_transformers:
         hf = run_transformers(folder, prompts, args.output_len)
         result["transformers"] = hf
         result["speedup"] = tandem["output_tokens_per_s"] / hf["output_tokens_per_s"]
