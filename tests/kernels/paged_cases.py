@@ -2,7 +2,9 @@
 
 `build_paged_case` uses scattered block ids (block 0 is only ever table padding), random K/V, and
 NaN in every slot no sequence owns, so a kernel that reads outside a context (tail of its last
-block, padded table entries) produces NaN.
+block, padded table entries) produces NaN. Inputs are drawn on the CPU and moved to the case's
+device, so a CUDA case holds exactly the values of its CPU sibling; the reference always runs in
+float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -13,15 +15,22 @@ import torch
 
 import common.attention  # noqa: F401  (imports kernels.reference in an order free of import cycles)
 from common.attention.metadata import AttentionMetadata
+from kernels.reference import paged_attention_reference
 
 
 @dataclass
 class PagedCase:
-    query: torch.Tensor  # [num_tokens, num_heads, head_dim]
+    query: torch.Tensor  # [num_tokens, num_heads, head_dim] on the case's device
     kv_cache: torch.Tensor  # [2, num_blocks, block_size, num_kv_heads, head_dim], unowned slots NaN
-    clean_kv_cache: torch.Tensor  # same values with finite unowned slots (the reference needs them)
-    metadata: AttentionMetadata
+    clean_kv_cache: torch.Tensor  # CPU: same values with finite unowned slots (the reference needs them)
+    metadata: AttentionMetadata  # on the case's device
     scale: float
+    cpu_metadata: AttentionMetadata  # the same step on the CPU, for the reference
+
+    def reference(self) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] float32, CPU
+        """The float32 PyTorch reference on the CPU, from the (possibly rounded) inputs."""
+        query = self.query.detach().float().cpu()
+        return paged_attention_reference(query, self.clean_kv_cache.float(), self.cpu_metadata, self.scale)
 
 
 def build_paged_case(
@@ -34,6 +43,7 @@ def build_paged_case(
     block_size: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> PagedCase:
     generator = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-context_len // block_size) for context_len in context_lens]
@@ -43,18 +53,19 @@ def build_paged_case(
     for count in blocks_per_seq:
         block_tables.append(block_ids[cursor : cursor + count])
         cursor += count
-    metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size)
+    metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size, device=device)
+    cpu_metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size)
 
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
     clean = torch.randn(shape, generator=generator).to(dtype)
     is_owned = torch.zeros(num_blocks * block_size, dtype=torch.bool)
     for table, context_len in zip(block_tables, context_lens):
-        for position in range(context_len):
-            is_owned[table[position // block_size] * block_size + position % block_size] = True
+        positions = torch.arange(context_len)
+        is_owned[torch.tensor(table)[positions // block_size] * block_size + positions % block_size] = True
     poisoned = clean.clone()
     poisoned.view(2, num_blocks * block_size, num_kv_heads, head_dim)[:, ~is_owned] = float("nan")
     query = torch.randn(sum(query_lens), num_kv_heads * group, head_dim, generator=generator).to(dtype)
-    return PagedCase(query, poisoned, clean, metadata, head_dim**-0.5)
+    return PagedCase(query.to(device), poisoned.to(device), clean, metadata, head_dim**-0.5, cpu_metadata)
 
 
 def decode_context_lens(block_size: int) -> list[int]:
@@ -64,6 +75,7 @@ def decode_context_lens(block_size: int) -> list[int]:
 
 def assert_matches_reference(out: torch.Tensor, reference: torch.Tensor) -> None:
     """fp32: tight elementwise; fp16/bf16 against an fp32 reference: relative error < 1e-2."""
+    out, reference = out.cpu(), reference.cpu()
     assert out.shape == reference.shape
     assert not torch.isnan(out).any(), "output has NaN (unwritten rows or reads outside a context)"
     if out.dtype == torch.float32:

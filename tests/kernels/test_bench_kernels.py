@@ -1,4 +1,5 @@
-"""bench/kernels.py runs end to end on CPU (interpreter, tiny sizes) and reports checked results."""
+"""bench/kernels.py runs end to end (tiny sizes: CPU through the interpreter, CUDA compiled) and
+reports checked results."""
 
 import json
 import os
@@ -6,13 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.helpers.devices import DEVICES
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_kernels_cpu_run_writes_checked_results(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_kernels_run_writes_checked_results(tmp_path, device):
     output = tmp_path / "bench.json"
     command = [
-        sys.executable, str(REPO / "bench" / "kernels.py"), "--device", "cpu", "--batches", "1,3",
+        sys.executable, str(REPO / "bench" / "kernels.py"), "--device", device, "--batches", "1,3",
         "--contexts", "100", "--prompt-len", "20", "--repeats", "1", "--copy-mib", "1", "--output", str(output),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself

@@ -1,4 +1,8 @@
-"""Paged decode attention (single-pass and split-KV) vs the PyTorch reference on poisoned pools."""
+"""Paged decode attention (single-pass and split-KV) vs the PyTorch reference on poisoned pools.
+
+CPU cases run the interpreter in float32; CUDA cases run the compiled kernels in float32 and
+bfloat16 over the same cases, plus larger batches that would be too slow to interpret.
+"""
 
 import pytest
 import torch
@@ -6,7 +10,9 @@ import torch
 from paged_cases import assert_matches_reference, build_paged_case, decode_context_lens
 from kernels import paged_decode_attention as decode_module
 from kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
-from kernels.reference import paged_attention_reference
+from tests.helpers.devices import DEVICES, device_dtypes
+
+FP32_ON_CPU_FP32_BF16_ON_CUDA = device_dtypes([torch.float32], [torch.float32, torch.bfloat16])
 
 
 @pytest.fixture
@@ -27,18 +33,19 @@ def _run_decode(case, **kwargs):
     out = torch.full_like(case.query, float("nan"))
     result = paged_decode_attention(case.query, case.kv_cache, case.metadata, case.scale, out=out, **kwargs)
     assert result is out
-    reference = paged_attention_reference(case.query.float(), case.clean_kv_cache.float(), case.metadata, case.scale)
-    assert_matches_reference(out, reference.to(out.dtype) if out.dtype == torch.float32 else reference)
+    assert_matches_reference(out, case.reference())
 
 
+@pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("is_split", [False, True])
-def test_decode_matches_reference(head_dim, group, block_size, is_split, split_workspaces):
+def test_decode_matches_reference(head_dim, group, block_size, is_split, device, dtype, split_workspaces):
     context_lens = decode_context_lens(block_size)
     case = build_paged_case(
-        [1] * len(context_lens), context_lens, head_dim=head_dim, num_kv_heads=2, group=group, block_size=block_size
+        [1] * len(context_lens), context_lens, head_dim=head_dim, num_kv_heads=2, group=group,
+        block_size=block_size, dtype=dtype, device=device,
     )
     # Tiles narrower than a KV block (32) or spanning two of them (16): both gather paths.
     block_n = 16 if is_split or block_size == 32 else 32
@@ -46,29 +53,62 @@ def test_decode_matches_reference(head_dim, group, block_size, is_split, split_w
     assert split_workspaces == ([3] if is_split else [])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("is_split", [False, True])
-def test_decode_half_precision(dtype, is_split, split_workspaces):
+def test_decode_half_precision(dtype, is_split, device, split_workspaces):
     context_lens = [37, 1, 64]
     case = build_paged_case(
-        [1] * 3, context_lens, head_dim=128, num_kv_heads=2, group=4, block_size=16, dtype=dtype, seed=3
+        [1] * 3, context_lens, head_dim=128, num_kv_heads=2, group=4, block_size=16, dtype=dtype, seed=3,
+        device=device,
     )
     _run_decode(case, num_splits=4 if is_split else 1, block_n=16)
     assert split_workspaces == ([4] if is_split else [])
 
 
-def test_decode_head_dim_not_a_power_of_two(split_workspaces):
-    case = build_paged_case([1] * 3, [5, 16, 40], head_dim=80, num_kv_heads=2, group=3, block_size=16, seed=4)
+@pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)
+def test_decode_head_dim_not_a_power_of_two(device, dtype, split_workspaces):
+    case = build_paged_case(
+        [1] * 3, [5, 16, 40], head_dim=80, num_kv_heads=2, group=3, block_size=16, dtype=dtype, seed=4, device=device
+    )
     _run_decode(case, num_splits=1, block_n=16)
     _run_decode(case, num_splits=2, block_n=16)
 
 
-def test_decode_default_path_and_strided_query(split_workspaces):
-    case = build_paged_case([1] * 4, [3, 16, 17, 50], head_dim=64, num_kv_heads=2, group=4, block_size=16, seed=5)
-    fused = torch.randn(4, 8 + 2 * 2, 64)  # query as a view of a fused QKV projection
+@pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)
+def test_decode_default_path_and_strided_query(device, dtype, split_workspaces):
+    case = build_paged_case(
+        [1] * 4, [3, 16, 17, 50], head_dim=64, num_kv_heads=2, group=4, block_size=16, dtype=dtype, seed=5,
+        device=device,
+    )
+    fused = torch.randn(4, 8 + 2 * 2, 64).to(device=device, dtype=dtype)  # query as a view of a fused QKV projection
     fused[:, :8] = case.query
     case.query = fused[:, :8]
     _run_decode(case)
+
+
+def large_decode_context_lens(block_size: int, num_seqs: int, seed: int) -> list[int]:
+    """Block-boundary lengths (1, one block, long contexts ending on and just past a block) plus
+    random ones up to 3000 tokens."""
+    boundary = [1, block_size, block_size + 1, 64 * block_size, 64 * block_size + 1, 2000]
+    generator = torch.Generator().manual_seed(seed)
+    return boundary + torch.randint(1, 3000, (num_seqs - len(boundary),), generator=generator).tolist()
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes([], [torch.float32, torch.bfloat16]))
+@pytest.mark.parametrize("head_dim, num_kv_heads, group", [(128, 2, 4), (64, 1, 8), (128, 4, 1)])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_decode_large_ragged_batch(head_dim, num_kv_heads, group, block_size, num_splits, device, dtype):
+    """CUDA only (the interpreter is too slow for it; test_decode_matches_reference is its CPU
+    sibling): long ragged contexts with the split heuristic (None, using the device's SM count),
+    single-pass and a forced split."""
+    context_lens = large_decode_context_lens(block_size, num_seqs=24, seed=head_dim + group + block_size)
+    case = build_paged_case(
+        [1] * len(context_lens), context_lens, head_dim=head_dim, num_kv_heads=num_kv_heads, group=group,
+        block_size=block_size, dtype=dtype, seed=6, device=device,
+    )
+    _run_decode(case, num_splits=num_splits)
 
 
 def test_choose_num_splits_only_splits_underfilled_grids():

@@ -1,4 +1,5 @@
-"""Triton rotary embedding vs the reference and the model's apply_rotary."""
+"""Triton rotary embedding vs the reference and the model's apply_rotary, on the CPU (interpreter)
+and on CUDA (compiled kernel, reference computed on CUDA too)."""
 
 import pytest
 import torch
@@ -6,21 +7,23 @@ import torch
 import common.attention  # noqa: F401  (kernels.reference cannot be the first import of the package)
 from kernels.reference import rotary_reference
 from kernels.rope import apply_rotary
+from tests.helpers.devices import DEVICES
 
 
-def _angles(num_tokens, half, dtype, seed=0):
+def _angles(num_tokens, half, dtype, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, 4096, (num_tokens,), generator=generator)
     inv_freq = 1.0 / (10000 ** (torch.arange(half).float() / half))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_heads, head_dim, rotary_dim", [(3, 64, 64), (8, 128, 128), (2, 80, 32)])
-def test_rotary_matches_reference(dtype, num_heads, head_dim, rotary_dim):
-    cos, sin = _angles(7, rotary_dim // 2, dtype)
-    x = torch.randn(7, num_heads, head_dim).to(dtype)
+def test_rotary_matches_reference(dtype, num_heads, head_dim, rotary_dim, device):
+    cos, sin = _angles(7, rotary_dim // 2, dtype, device=device)
+    x = torch.randn(7, num_heads, head_dim).to(device=device, dtype=dtype)
     out = apply_rotary(x, cos, sin)
     expected = rotary_reference(x, cos, sin)
     assert out.dtype == dtype and out.shape == x.shape
@@ -29,18 +32,23 @@ def test_rotary_matches_reference(dtype, num_heads, head_dim, rotary_dim):
 
 def assert_close_in_dtype(out, expected):
     """Exact in fp32/fp16. The interpreter truncates fp32 -> bf16 (GPUs round to nearest even), so
-    bf16 products may differ by an ulp, which x1 * cos - x2 * sin can turn into an absolute 2^-5."""
+    bf16 products may differ by an ulp, which x1 * cos - x2 * sin can turn into an absolute 2^-5.
+    Compiled for CUDA, fp32 x1 * cos - x2 * sin may become one fused multiply-add (no rounding of
+    x2 * sin): at most half an ulp of a product (|x|, |cos| < 5) apart."""
     if out.dtype == torch.bfloat16:
         torch.testing.assert_close(out.float(), expected.float(), atol=2**-5, rtol=2**-6)
+    elif out.dtype == torch.float32 and out.is_cuda:
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     else:
         assert torch.equal(out, expected)
 
 
-def test_rotary_matches_the_model_on_a_fused_qkv_view():
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_matches_the_model_on_a_fused_qkv_view(device):
     from common.model.layers import apply_rotary as model_apply_rotary
 
-    cos, sin = _angles(5, 32, torch.bfloat16, seed=2)
-    qkv = torch.randn(5, 4 + 2 * 2, 64).to(torch.bfloat16)  # [T, H + 2 Hkv, D]
+    cos, sin = _angles(5, 32, torch.bfloat16, seed=2, device=device)
+    qkv = torch.randn(5, 4 + 2 * 2, 64).to(device=device, dtype=torch.bfloat16)  # [T, H + 2 Hkv, D]
     key = qkv[:, 4:6]
     assert_close_in_dtype(apply_rotary(key, cos, sin), model_apply_rotary(key, cos, sin))
 

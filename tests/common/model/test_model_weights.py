@@ -1,5 +1,6 @@
 """Weight loading: sharded safetensors, clear errors for missing/unexpected/mis-shaped tensors,
-deterministic dummy weights, dtype resolution."""
+deterministic dummy weights, dtype resolution. Loading onto a device and dummy weights drawn there
+are checked on the CPU and on CUDA (with the 'auto' attention backend: Triton there)."""
 
 import json
 
@@ -12,6 +13,7 @@ from common.model.config import ModelConfig
 from common.model.llama import WeightLoadError
 from common.model.weights import iterate_hf_weights, load_model, resolve_dtype
 from tests.common.model.paged_runner import PagedRunner
+from tests.helpers.devices import DEVICES
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 CPU = torch.device("cpu")
@@ -19,15 +21,22 @@ BACKEND = get_attention_backend("reference", CPU)
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300]]
 
 
-def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+def auto_backend(device: str):
+    return get_attention_backend("auto", torch.device(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sharded_checkpoint_loads_like_single_file(tmp_path, device):
     single = make_tiny_hf_model(tmp_path, name="single")
     sharded = make_tiny_hf_model(tmp_path, name="sharded", max_shard_size="100KB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    single_model, config = load_model(single, "auto", "float32", "cpu", BACKEND)
-    sharded_model, _ = load_model(sharded, "safetensors", "float32", "cpu", BACKEND)
+    single_model, config = load_model(single, "auto", "float32", device, auto_backend(device))
+    sharded_model, _ = load_model(sharded, "safetensors", "float32", device, auto_backend(device))
+    expected = load_file(single / "model.safetensors")
+    assert torch.equal(single_model.model.norm.weight.cpu(), expected["model.norm.weight"])
     for (name, a), (_, b) in zip(single_model.named_parameters(), sharded_model.named_parameters()):
-        assert torch.equal(a, b), name
+        assert a.device.type == device and torch.equal(a, b), name
     assert len(dict(iterate_hf_weights(sharded))) == len(load_file(single / "model.safetensors"))
 
 
@@ -74,11 +83,13 @@ def test_tied_checkpoint_ignores_saved_lm_head(tmp_path):
     assert model.compute_logits(torch.ones(1, 128)).abs().max() > 0
 
 
-def test_dummy_weights_are_deterministic_and_seeded():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dummy_weights_are_deterministic_and_seeded(device):
     config = ModelConfig.llama_shape("tiny")
-    first, _ = load_model(None, "dummy", "float32", "cpu", BACKEND, model_config=config, seed=3)
-    again, _ = load_model(None, "dummy", "float32", "cpu", BACKEND, model_config=config, seed=3)
-    other, _ = load_model(None, "dummy", "float32", "cpu", BACKEND, model_config=config, seed=4)
+    backend = auto_backend(device)
+    first, _ = load_model(None, "dummy", "float32", device, backend, model_config=config, seed=3)
+    again, _ = load_model(None, "dummy", "float32", device, backend, model_config=config, seed=3)
+    other, _ = load_model(None, "dummy", "float32", device, backend, model_config=config, seed=4)
     logits = PagedRunner(first, config).step(PROMPTS)
     assert all(torch.equal(a, b) for a, b in zip(logits, PagedRunner(again, config).step(PROMPTS)))
     assert not torch.equal(logits[0], PagedRunner(other, config).step(PROMPTS)[0])
@@ -88,9 +99,10 @@ def test_dummy_weights_are_deterministic_and_seeded():
     assert 0.015 < weight.std().item() < 0.025
 
 
-def test_dummy_weights_follow_a_config_folder_in_half_precision(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dummy_weights_follow_a_config_folder_in_half_precision(tmp_path, device):
     folder = make_tiny_hf_model(tmp_path, architecture="qwen2", num_heads=4, num_kv_heads=1, head_dim=64)
-    model, config = load_model(folder, "dummy", "float16", "cpu", BACKEND)
+    model, config = load_model(folder, "dummy", "float16", device, auto_backend(device))
     assert config.architecture == "qwen2" and model.model.layers[0].self_attn.qkv_proj.bias is not None
     assert next(model.parameters()).dtype == torch.float16
     logits = PagedRunner(model, config).step(PROMPTS)
