@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,6 +46,7 @@ class EngineThread:
         self._is_stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.num_steps = 0
+        self.step_started_ns = self.step_ended_ns = 0  # time.time_ns() around the latest step (for spans)
 
     def start(self) -> None:
         self._thread.start()
@@ -98,6 +100,7 @@ class EngineThread:
         self._fail_queued_commands()
 
     def _step(self) -> None:
+        self.step_started_ns = time.time_ns()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - a bug in a step must not kill the worker silently
@@ -107,6 +110,7 @@ class EngineThread:
             self._on_step_error(exc)
             return
         self.num_steps += 1
+        self.step_ended_ns = time.time_ns()
         if outputs:
             self._on_outputs(outputs)
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -51,9 +51,13 @@ async def start_server(
     service_names: list[str],
     host: str,
     port: int,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    """Starts a grpc.aio server with Tandem's servicers, health (NOT_SERVING) and reflection."""
-    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=_CHANNEL_OPTIONS)
+    """Starts a grpc.aio server with Tandem's servicers, health (NOT_SERVING) and reflection.
+
+    `interceptors` (tracing) run outside the status mapping, so their spans see the final status.
+    """
+    server = grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=_CHANNEL_OPTIONS)
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -89,9 +93,9 @@ def write_ready_file(path: str | None, **fields) -> None:
     os.replace(tmp_path, path)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """An insecure client channel with Tandem's message size limits."""
-    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+def channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
+    """An insecure client channel with Tandem's message size limits (and tracing interceptors)."""
+    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=list(interceptors) or None)
 
 
 def configure_logging(level: str = "INFO") -> None:

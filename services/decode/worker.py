@@ -19,16 +19,21 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from opentelemetry import trace
 
 from common.engine.outputs import RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
+from common import tracing
 from common.kv import OutOfKVBlocks
+from common.tracing import Attr, SpanName
 from common.transfer.base import KVHandle, KVLayoutMismatch, KVReceiver, TransferState, TransferStats, TransferTicket
 from services.common.engine_thread import AsyncSink, EngineThread
 from services.common.errors import Cancelled, Overloaded
+from services.common.observability import Observability, kv_transfer_attributes
 from services.common.worker_messages import WorkerStatsData
 from services.common.worker_setup import kv_layout, model_facts
 
@@ -58,6 +63,7 @@ class DecodeJob:
     handle: KVHandle
     sink: AsyncSink  # TokenBatch* then DecodeFinal, or an exception
     enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at_ns: int = field(default_factory=time.time_ns)  # wall clock, for the decode.queue span
     block_ids: list[int] | None = None  # reserved blocks, once admitted
     ticket: TransferTicket | None = None
     buffer: torch.Tensor | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in
@@ -65,6 +71,9 @@ class DecodeJob:
     num_generated_tokens: int = 1
     last_token_id: int | None = None
     is_aborted: bool = False
+    trace_parent: Any = None  # the Decode RPC's trace context, parent of this request's spans
+    kv_recv_span: Any = None  # open while the KV is being pulled
+    generate_span: Any = None  # open while the request decodes
 
 
 @dataclass
@@ -80,11 +89,12 @@ class DecodeLimits:
 
 
 class DecodeWorker:
-    def __init__(self, engine, receiver: KVReceiver, limits: DecodeLimits):
+    def __init__(self, engine, receiver: KVReceiver, limits: DecodeLimits, observability: Observability | None = None):
         self.engine = engine
         self.receiver = receiver
         self.limits = limits
         self.layout = kv_layout(engine)
+        self.obs = observability or Observability.disabled("decode", engine.model_name)
         self.thread = EngineThread(engine, self._on_outputs, poll=self._poll, on_step_error=self._fail_running,
                                    name="decode-engine")
         self._admitting: collections.deque[DecodeJob] = collections.deque()
@@ -104,6 +114,7 @@ class DecodeWorker:
 
     async def decode(self, job: DecodeJob):
         """Yields TokenBatch* then one DecodeFinal; raises the request's error."""
+        job.trace_parent = tracing.current_context()
         enqueued = self.thread.call(lambda: self._enqueue(job))
         is_finished = False
         try:
@@ -167,15 +178,21 @@ class DecodeWorker:
                 job.sink.put(exc)
                 continue
             self._admitting.popleft()
+            self.obs.tracing.record_span(SpanName.DECODE_QUEUE, int(job.enqueued_at_ns), time.time_ns(),
+                                         job.trace_parent, {Attr.REQUEST_ID: job.request_id})
             self._begin_pull(job)
 
     def _begin_pull(self, job: DecodeJob) -> None:
         job.buffer = torch.empty(self.layout.transfer_shape(job.handle.num_blocks), dtype=self.layout.torch_dtype,
                                  device=self.engine.kv_pool.device)
+        job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent,
+                                                        {Attr.REQUEST_ID: job.request_id})
+        trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
         try:
-            job.ticket = self.receiver.begin(job.handle, job.buffer)
+            job.ticket = self.receiver.begin(job.handle, job.buffer, trace_context)
         except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
             self.engine.abort_request(job.request_id)
+            _end_span(job.kv_recv_span, exc)
             job.sink.put(exc)
             return
         self._receiving[job.request_id] = job
@@ -188,13 +205,21 @@ class DecodeWorker:
             buffer, job.buffer = job.buffer, None
             if job.is_aborted or job.ticket.error is not None:
                 self.engine.abort_request(request_id)  # frees the reserved blocks
+                _end_span(job.kv_recv_span, job.ticket.error or "aborted")
                 if job.ticket.error is not None:
                     self._counters["failures"] += 1
+                    self.obs.metrics.kv_transfer_failed()
                     job.sink.put(job.ticket.error)
                 continue
-            job.transfer = job.ticket.stats
+            job.transfer = stats = job.ticket.stats
             self._counters["transfers"] += 1
-            self._counters["bytes"] += job.transfer.num_bytes
+            self._counters["bytes"] += stats.num_bytes
+            self.obs.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds)
+            job.kv_recv_span.set_attributes(
+                kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds))
+            _end_span(job.kv_recv_span)
+            job.generate_span = self.obs.start_detached_span(SpanName.DECODE_GENERATE, job.trace_parent,
+                                                             {Attr.REQUEST_ID: request_id})
             self.engine.kv_pool.scatter_blocks(job.block_ids, buffer)
             self.engine.add_decode_request(
                 request_id, job.prompt_token_ids, job.first_token_id, job.sampling, job.block_ids
@@ -208,12 +233,16 @@ class DecodeWorker:
             if job is None:
                 continue
             if output.new_token_ids:
+                self.obs.metrics.add_tokens(num_generation_tokens=len(output.new_token_ids))
                 job.num_generated_tokens += len(output.new_token_ids)
                 job.last_token_id = output.new_token_ids[-1]
                 job.sink.put(TokenBatch(list(output.new_token_ids), output.new_logprobs))
             if not output.finished:
                 continue
             del self._running[output.request_id]
+            job.generate_span.set_attribute(Attr.OUTPUT_TOKENS, job.num_generated_tokens)
+            job.generate_span.set_attribute(Attr.FINISH_REASONS, [output.finish_reason])
+            _end_span(job.generate_span, "aborted" if output.finish_reason == "abort" else None)
             if output.finish_reason == "abort":
                 job.sink.put(Cancelled(f"request {output.request_id} was aborted"))
                 continue
@@ -247,16 +276,21 @@ class DecodeWorker:
         """A step raised (a bug): end every running stream with the error and free its blocks."""
         for request_id, job in list(self._running.items()):
             del self._running[request_id]
+            _end_span(job.generate_span, error)
             self.engine.abort_request(request_id)
             job.sink.put(error)
 
     def _refresh_stats(self) -> None:
         engine_stats = self.engine.stats()
+        num_waiting = engine_stats.num_waiting + len(self._admitting) + len(self._receiving)
+        self.obs.metrics.set_queue_sizes(engine_stats.num_running, num_waiting)
+        self.obs.metrics.set_kv_usage(engine_stats.num_total_blocks - engine_stats.num_free_blocks,
+                                      engine_stats.num_total_blocks)
         self.stats = WorkerStatsData(
             role="decode",
             is_ready=True,
             num_running=engine_stats.num_running,
-            num_waiting=engine_stats.num_waiting + len(self._admitting) + len(self._receiving),
+            num_waiting=num_waiting,
             num_free_blocks=engine_stats.num_free_blocks,
             num_total_blocks=engine_stats.num_total_blocks,
             kv_cache_usage=engine_stats.kv_cache_usage,
@@ -268,3 +302,11 @@ class DecodeWorker:
             layout=self.layout,
             **self._facts,
         )
+
+
+def _end_span(span, error: BaseException | str | None = None) -> None:
+    if span is None:
+        return
+    if error is not None:
+        tracing.set_error(span, error)
+    span.end()

@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from common import tracing
 from common.tokenizer import TokenizerError, apply_chat_template, encode_prompt
+from common.tracing import Attr, SpanName
 from protos import generation_pb2
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
-from services.frontend.convert import Chunk, chunk_to_pb, finish_to_pb
+from services.common.observability import Observability
+from services.frontend.convert import FINISH_REASON_NAMES, Chunk, chunk_to_pb, finish_to_pb
 from services.frontend.relay import Relay
 from services.frontend.router import Router
 from services.frontend.text_stream import TextStream, to_client_stream
@@ -60,14 +64,29 @@ class _ActiveRequest:
         self.is_aborted = False
 
 
+class _RequestRecord:
+    """What one Generate call reports to metrics and its root span."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.last_token: float | None = None
+        self.is_accepted = False  # passed validation; only accepted requests count as finished
+        self.finish_reason = "error"  # stop | length | abort | error
+        self.num_prompt_tokens = self.num_completion_tokens = 0
+
+
 class FrontendApp:
-    def __init__(self, config: FrontendConfig, tokenizer, model_name: str):
+    def __init__(self, config: FrontendConfig, tokenizer, model_name: str, observability: Observability | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds)
+        self.obs = observability or Observability.disabled("frontend", model_name)
+        self.metrics = self.obs.metrics  # the OpenAI HTTP layer serves this registry and records nothing more
+        self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
+                             self.obs.tracing.client_interceptors())
         self.relay = Relay(self.router)
         self._active: dict[str, _ActiveRequest] = {}
+        self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
     async def start(self) -> None:
         self.router.start()
@@ -91,7 +110,51 @@ class FrontendApp:
         return encode_prompt(self.tokenizer, prompt.text)
 
     async def generate(
-        self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None]
+        self,
+        request_pb: generation_pb2.GenerateRequest,
+        time_remaining: Callable[[], float | None],
+        metadata=None,
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """Streams one completion; `metadata` (gRPC invocation metadata) may carry a caller's traceparent."""
+        record = _RequestRecord()
+        with self.obs.tracing.start_request_span(self.model_name, metadata) as root:
+            self._num_open += 1
+            self.metrics.set_queue_sizes(self._num_open, 0)
+            try:
+                responses = self._generate(request_pb, time_remaining, record)
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        self._observe(record, response, root)
+                        yield response
+            except (asyncio.CancelledError, Cancelled):
+                record.finish_reason = "abort"
+                raise
+            finally:
+                self._num_open -= 1
+                self.metrics.set_queue_sizes(self._num_open, 0)
+                if record.is_accepted:
+                    self.metrics.observe_request_finished(record.finish_reason, time.monotonic() - record.start)
+                    tracing.set_usage(root, record.num_prompt_tokens, record.num_completion_tokens,
+                                      [record.finish_reason])
+
+    def _observe(self, record: _RequestRecord, response: generation_pb2.GenerateResponse, root) -> None:
+        if response.HasField("final"):
+            record.finish_reason = FINISH_REASON_NAMES[response.final.finish_reason]
+            record.num_completion_tokens = response.final.usage.completion_tokens
+            return
+        if not response.chunk.token_ids:
+            return
+        now = time.monotonic()
+        if record.last_token is None:
+            self.metrics.observe_time_to_first_token(now - record.start)
+            root.set_attribute(Attr.TIME_TO_FIRST_TOKEN, now - record.start)
+        else:
+            self.metrics.observe_inter_token_latency((now - record.last_token) / len(response.chunk.token_ids))
+        record.last_token = now
+
+    async def _generate(
+        self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None],
+        record: _RequestRecord,
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         limits = self.router.model_limits()  # Unavailable until workers answered
         request = parse_generate_request(request_pb, limits.vocab_size)
@@ -99,8 +162,10 @@ class FrontendApp:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         if len(self._active) >= self.config.max_num_requests:
             raise Overloaded(f"{len(self._active)} requests open (max_num_requests={self.config.max_num_requests})")
-        prompt_token_ids = await asyncio.to_thread(self.tokenize, request)
+        with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
+            prompt_token_ids = await asyncio.to_thread(self.tokenize, request)
         fit_to_context(request, len(prompt_token_ids), limits.max_model_len)
+        record.is_accepted, record.num_prompt_tokens = True, len(prompt_token_ids)
         active = _ActiveRequest(asyncio.current_task())
         self._active[request.request_id] = active
         text_stream = TextStream(self.tokenizer, prompt_token_ids, request.sampling, request.stop)

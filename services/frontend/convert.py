@@ -11,6 +11,7 @@ FINISH_REASON_TO_PB = {
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
 }
+FINISH_REASON_NAMES = {value: key for key, value in FINISH_REASON_TO_PB.items()}
 
 
 @dataclass

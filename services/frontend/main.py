@@ -16,6 +16,8 @@ import os
 from common.model.registry import resolve_model
 from common.tokenizer import load_tokenizer
 from protos import generation_pb2_grpc
+from common import tracing
+from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.openai.server import start_http_server
@@ -49,15 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000")),
                         help="OpenAI-compatible HTTP API port (env TANDEM_HTTP_PORT; 0 = any free port, -1 = off)")
     parser.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
+    add_observability_args(parser)
     parser.add_argument("--ready-file", default=None, help="write {port, http_port} as JSON here once serving")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
 
 
-async def serve(config: FrontendConfig, load_format: str, ready_file: str | None, http_port: int = -1) -> None:
-    resolved = await asyncio.to_thread(resolve_model, config.model, load_format)
+async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int = -1) -> None:
+    resolved = await asyncio.to_thread(resolve_model, config.model, args.load_format)
     tokenizer = await asyncio.to_thread(load_tokenizer, resolved.folder)
-    app = FrontendApp(config, tokenizer, resolved.name)
+    tracing_handle = tracing.init_tracing("frontend", args.otlp_traces_endpoint)
+    obs = Observability.start(tracing_handle, "frontend", resolved.name, args.metrics_port)
+    app = FrontendApp(config, tokenizer, resolved.name, obs)
     running = await start_server(
         lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server),
         [SERVICE_NAME], config.host, config.port,
@@ -74,7 +79,8 @@ async def serve(config: FrontendConfig, load_format: str, ready_file: str | None
             await running.mark_serving()
             if http is not None:
                 http.mark_ready()
-            write_ready_file(ready_file, port=running.port, http_port=http.port if http is not None else None)
+            write_ready_file(args.ready_file, port=running.port, http_port=http.port if http is not None else None,
+                             metrics_port=obs.metrics_server.port if obs.metrics_server else None)
             logger.info("frontend serving %s on port %d", resolved.name, running.port)
         logger.info("%s received, stopping", await shutdown)
     finally:
@@ -82,6 +88,8 @@ async def serve(config: FrontendConfig, load_format: str, ready_file: str | None
             await http.stop()
         await running.stop()
         await app.close()
+        obs.close()
+
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
@@ -100,5 +108,5 @@ def main(argv: list[str]) -> int:
     if not -1 <= http_port <= 65535:
         print(f"tandem frontend: --http-port must be in [-1, 65535], got {http_port}")
         return 2
-    asyncio.run(serve(config, args.load_format, args.ready_file, http_port))
+    asyncio.run(serve(config, args, http_port))
     return 0

@@ -119,6 +119,8 @@ class Relay:
                 else:
                     final = message.final
                     stop_id = final.matched_stop_token_id if final.HasField("matched_stop_token_id") else None
+                    async for _ in call:  # the status follows at once; reading it ends the call (and its span)
+                        pass
                     yield _finish_event(final.finish_reason, last_token_ids, stop_id)
                     return
         except grpc.aio.AioRpcError as exc:

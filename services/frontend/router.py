@@ -49,9 +49,12 @@ class WorkerHandle:
 
 
 class Router:
-    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], refresh_seconds: float = 0.5):
+    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], refresh_seconds: float = 0.5,
+                 interceptors: list | None = None):
+        """`interceptors`: client interceptors (tracing) for every worker channel."""
         if not prefill_addresses or not decode_addresses:
             raise ValueError("at least one prefill and one decode address are required")
+        self._interceptors = list(interceptors or [])
         self.prefill_workers = [self._connect(a, "prefill") for a in prefill_addresses]
         self.decode_workers = [self._connect(a, "decode") for a in decode_addresses]
         self._refresh_seconds = refresh_seconds
@@ -59,9 +62,8 @@ class Router:
         # rotate among equally loaded workers, one counter per kind so picks of one kind never skew the other
         self._tie_breakers = {"prefill": itertools.count(), "decode": itertools.count()}
 
-    @staticmethod
-    def _connect(address: str, role: str) -> WorkerHandle:
-        ch = channel(address)
+    def _connect(self, address: str, role: str) -> WorkerHandle:
+        ch = channel(address, self._interceptors)
         stub_type = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         return WorkerHandle(address, role, stub_type(ch), ch)
 

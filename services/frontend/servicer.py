@@ -13,7 +13,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._app = app
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        async for response in self._app.generate(request, context.time_remaining):
+        async for response in self._app.generate(request, context.time_remaining, context.invocation_metadata()):
             yield response
 
     async def Abort(self, request: generation_pb2.AbortRequest, context: grpc.aio.ServicerContext):

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from common.engine.outputs import RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
+from common import tracing
+from common.tracing import Attr, SpanName
 from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
 from services.common.engine_thread import EngineThread
 from services.common.errors import Cancelled, Overloaded
+from services.common.observability import Observability, kv_transfer_attributes
 from services.common.worker_messages import WorkerStatsData
 from services.common.worker_setup import kv_layout, model_facts
 
@@ -42,6 +47,8 @@ class _Waiting:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future  # resolved with a PrefillResult (or an exception) from the engine thread
     num_prompt_tokens: int
+    trace_parent: Any = None  # the Prefill RPC's trace context, parent of this request's engine spans
+    enqueued_ns: int = field(default_factory=time.time_ns)
     transfer_id: str | None = None  # set once the KV is offered
 
 
@@ -61,7 +68,8 @@ def _resolve(waiting: _Waiting, result=None, error: BaseException | None = None)
 
 
 class PrefillWorker:
-    def __init__(self, engine, lease_seconds: float, max_num_waiting: int = 1024):
+    def __init__(self, engine, lease_seconds: float, max_num_waiting: int = 1024,
+                 observability: Observability | None = None):
         if lease_seconds <= 0:
             raise ValueError(f"kv_lease_seconds: must be > 0, got {lease_seconds}")
         self.engine = engine
@@ -77,6 +85,8 @@ class PrefillWorker:
         self.stats = WorkerStatsData(role="prefill", is_ready=False)
         self._facts = model_facts(engine)
         self.layout = kv_layout(engine)
+        self.obs = observability or Observability.disabled("prefill", engine.model_name)
+        self._trace_parents: dict[str, Any] = {}  # transfer id -> trace context of its Prefill RPC
 
     def attach_sender(self, sender: KVSender) -> None:
         self.sender = sender
@@ -91,7 +101,7 @@ class PrefillWorker:
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> PrefillResult:
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(loop, loop.create_future(), len(prompt_token_ids))
+        waiting = _Waiting(loop, loop.create_future(), len(prompt_token_ids), tracing.current_context())
         added = self.thread.call(lambda: self._add(request_id, prompt_token_ids, sampling, waiting))
         try:
             await asyncio.wrap_future(added)
@@ -125,6 +135,7 @@ class PrefillWorker:
             if output.finish_reason == "abort":
                 _resolve(waiting, error=Cancelled(f"request {output.request_id} was aborted"))
                 continue
+            self._record_engine_spans(output, waiting)
             try:
                 result = self._finish_prefill(output, waiting)
             except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
@@ -145,6 +156,7 @@ class PrefillWorker:
         self._leases[output.request_id] = transfer_id
         self._lease_owners[transfer_id] = output.request_id
         waiting.transfer_id = transfer_id
+        self._trace_parents[transfer_id] = waiting.trace_parent
         return PrefillResult(first_token_id, first_logprobs, None, handle)
 
     def _abort(self, request_id: str) -> bool:
@@ -172,12 +184,35 @@ class PrefillWorker:
             return
         self._leases.pop(request_id, None)
         self.engine.release_kv(request_id)
+        trace_parent = self._trace_parents.pop(transfer_id, None)
         if outcome is TransferOutcome.DONE:
             self._counters["transfers"] += 1
             self._counters["bytes"] += stats.num_bytes
+            self.obs.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds)
+            self._record_kv_send(stats, trace_parent)
         elif outcome in (TransferOutcome.EXPIRED, TransferOutcome.FAILED):
             self._counters["failures"] += 1
+            self.obs.metrics.kv_transfer_failed()
             logger.warning("KV of request %s released: %s", request_id, outcome.value)
+
+    def _record_engine_spans(self, output: RequestOutput, waiting: _Waiting) -> None:
+        """prefill.queue (enqueued -> its batch started) and prefill.forward (that batch), after the fact."""
+        step_started_ns, step_ended_ns = self.thread.step_started_ns, self.thread.step_ended_ns
+        attributes = {Attr.REQUEST_ID: output.request_id, Attr.INPUT_TOKENS: output.num_prompt_tokens}
+        self.obs.tracing.record_span(SpanName.PREFILL_QUEUE, min(waiting.enqueued_ns, step_started_ns),
+                                     step_started_ns, waiting.trace_parent, attributes)
+        self.obs.tracing.record_span(SpanName.PREFILL_FORWARD, step_started_ns, step_ended_ns,
+                                     waiting.trace_parent, attributes)
+        self.obs.metrics.add_tokens(num_prompt_tokens=output.num_prompt_tokens)
+
+    def _record_kv_send(self, stats: TransferStats, trace_parent) -> None:
+        """kv.send: a child of the decode side's kv.recv when the pull carried its context."""
+        parent = tracing.extract_context(stats.peer_trace_context) if stats.peer_trace_context else trace_parent
+        end_ns = time.time_ns()
+        self.obs.tracing.record_span(
+            SpanName.KV_SEND, end_ns - int(stats.seconds * 1e9), end_ns, parent,
+            kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds),
+        )
 
     def _fail_all(self, error: BaseException) -> None:
         """A step raised (a bug): fail every queued prompt rather than leave callers hanging."""
@@ -188,6 +223,9 @@ class PrefillWorker:
 
     def _refresh_stats(self) -> bool:
         engine_stats = self.engine.stats()
+        self.obs.metrics.set_queue_sizes(engine_stats.num_running, engine_stats.num_waiting)
+        self.obs.metrics.set_kv_usage(engine_stats.num_total_blocks - engine_stats.num_free_blocks,
+                                      engine_stats.num_total_blocks)
         self.stats = WorkerStatsData(
             role="prefill",
             is_ready=True,

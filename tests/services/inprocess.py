@@ -15,10 +15,12 @@ import time
 
 import grpc
 
+from common import tracing
 from common.engine.config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.tokenizer import load_tokenizer
 from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.observability import Observability
 from services.common.server import start_server
 from services.common.worker_setup import create_receiver, create_sender, kv_layout
 from services.decode.servicer import DecodeServicer
@@ -34,13 +36,16 @@ ENGINE_SETTINGS = dict(device="cpu", num_kv_blocks=64, max_model_len=128, block_
 
 class InProcessSystem:
     def __init__(self, folder, model, model_config, prefill_overrides=None, decode_overrides=None,
-                 lease_seconds: float = 30.0, decode_limits: DecodeLimits | None = None):
+                 lease_seconds: float = 30.0, decode_limits: DecodeLimits | None = None,
+                 otlp_endpoint: str | None = None):
+        """`otlp_endpoint`: export every service's spans there (tracing is off without it)."""
         self._folder = folder
         self._model, self._model_config = model, model_config
         self._prefill_overrides = prefill_overrides or {}
         self._decode_overrides = decode_overrides or {}
         self._lease_seconds = lease_seconds
         self._decode_limits = decode_limits or DecodeLimits()
+        self._otlp_endpoint = otlp_endpoint or ""  # "" forces tracing off whatever the environment says
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-services", daemon=True)
         self._cleanups = []
@@ -55,22 +60,29 @@ class InProcessSystem:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
         return self
 
+    def _observability(self, role: str) -> Observability:
+        return Observability.start(tracing.init_tracing(role, self._otlp_endpoint), role, "tiny")
+
     async def _start(self) -> None:
-        prefill = PrefillWorker(self._engine(self._prefill_overrides), self._lease_seconds)
+        self.observability = {role: self._observability(role) for role in ("frontend", "prefill", "decode")}
+        prefill = PrefillWorker(self._engine(self._prefill_overrides), self._lease_seconds,
+                                observability=self.observability["prefill"])
         sender = create_sender("fake", prefill.layout, prefill.engine.kv_pool.gather_blocks, prefill.on_release,
                                "fake", 0)
         prefill.attach_sender(sender)
         decode_engine = self._engine(self._decode_overrides)
         receiver = create_receiver("fake", kv_layout(decode_engine), 10.0)
-        decode = DecodeWorker(decode_engine, receiver, self._decode_limits)
+        decode = DecodeWorker(decode_engine, receiver, self._decode_limits, self.observability["decode"])
         self.prefill_worker, self.decode_worker, self.sender = prefill, decode, sender
         prefill_servicer, decode_servicer = PrefillServicer(), DecodeServicer()
         prefill_server = await start_server(
             lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(prefill_servicer, s),
-            ["tandem.worker.v1.PrefillWorker"], "127.0.0.1", 0)
+            ["tandem.worker.v1.PrefillWorker"], "127.0.0.1", 0,
+            self.observability["prefill"].tracing.server_interceptors())
         decode_server = await start_server(
             lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(decode_servicer, s),
-            ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
+            ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0,
+            self.observability["decode"].tracing.server_interceptors())
         for worker, servicer, server in ((prefill, prefill_servicer, prefill_server),
                                          (decode, decode_servicer, decode_server)):
             worker.start()
@@ -80,7 +92,7 @@ class InProcessSystem:
         self.prefill_address = f"127.0.0.1:{prefill_server.port}"
         self.decode_address = f"127.0.0.1:{decode_server.port}"
         config = FrontendConfig([self.prefill_address], [self.decode_address], stats_refresh_seconds=0.1)
-        self.app = FrontendApp(config, load_tokenizer(self._folder), "tiny")
+        self.app = FrontendApp(config, load_tokenizer(self._folder), "tiny", self.observability["frontend"])
         frontend_server = await start_server(
             lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.app), s),
             ["tandem.v1.Generation"], "127.0.0.1", 0)
@@ -92,6 +104,10 @@ class InProcessSystem:
         self.frontend_address = f"127.0.0.1:{frontend_server.port}"
 
     def stop(self) -> None:
+        """Stops every server and worker (idempotent)."""
+        if not self._thread.is_alive():
+            return
+
         async def shutdown() -> None:
             await self._frontend_server.stop(0)
             await self.app.close()
@@ -99,6 +115,8 @@ class InProcessSystem:
                 await server.stop(0)
                 worker.stop()
             self.sender.close()
+            for observability in self.observability.values():
+                observability.close()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
