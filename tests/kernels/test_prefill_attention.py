@@ -85,9 +85,9 @@ def long_chunked_prompts(block_size: int) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("device, dtype", device_dtypes([], [torch.float32, torch.bfloat16]))
-@pytest.mark.parametrize("head_dim, group", [(64, 1), (128, 4), (128, 8)])
+@pytest.mark.parametrize("head_dim, group", [(64, 1), (128, 4)])
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("tiles", [None, (16, 32), (64, 16)])
+@pytest.mark.parametrize("tiles", [None, (64, 16)])
 def test_prefill_long_ragged_prompts(head_dim, group, block_size, tiles, device, dtype):
     """CUDA only (the interpreter is too slow for it; test_prefill_matches_reference is its CPU
     sibling): many query tiles per sequence and long prior contexts, default and explicit tiles."""
