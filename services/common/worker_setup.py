@@ -66,32 +66,18 @@ async def load_engine(config):
     return await asyncio.to_thread(LLMEngine, config)
 
 
-def _quiet_ucx_progress() -> None:
-    """Completes ucxx requests through Python futures instead of polling them on the UCX event loop.
-
-    Without it, an idle worker with one open endpoint spins its UCX loop thread at ~50% of a core
-    (measured on CPU over tcp), which halves decode speed on small machines. Must be set before
-    ucxx is first imported; an explicit setting in the environment wins.
-    """
-    os.environ.setdefault("UCXPY_ENABLE_PYTHON_FUTURE", "1")
-
-
 def _warn_if_fake(backend: str) -> None:
     if backend == "fake":
         logger.warning("KV transfer backend 'fake' only reaches workers in this same process (tests)")
 
 
 def create_sender(backend: str, layout: KVLayout, gather_blocks, on_release, host: str, port: int):
-    """The prefill worker's KV sender (common.transfer's factory, with quiet UCX progress)."""
+    """The prefill worker's KV sender (common.transfer's factory)."""
     _warn_if_fake(backend)
-    if backend == "ucx":
-        _quiet_ucx_progress()
     return transfer.create_sender(backend, layout, gather_blocks, on_release, host=host, port=port)
 
 
 def create_receiver(backend: str, layout: KVLayout, timeout_seconds: float):
-    """The decode worker's KV receiver (common.transfer's factory, with quiet UCX progress)."""
+    """The decode worker's KV receiver (common.transfer's factory)."""
     _warn_if_fake(backend)
-    if backend == "ucx":
-        _quiet_ucx_progress()
     return transfer.create_receiver(backend, layout, timeout_seconds=timeout_seconds)
