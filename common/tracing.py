@@ -69,6 +69,10 @@ class Attr:
     FINISH_REASONS = "gen_ai.response.finish_reasons"
     TIME_TO_FIRST_TOKEN = "gen_ai.latency.time_to_first_token"  # seconds
     REQUEST_ID = "tandem.request_id"
+    ROUTE_ROLE = "tandem.route.role"  # which kind of worker a `route` span picked: prefill | decode
+    ROUTE_ADDRESS = "tandem.route.address"  # host:port of the worker it picked
+    # seconds spent turning tokens into text; the `detokenize` span itself spans first -> last token
+    DETOKENIZE_BUSY_SECONDS = "tandem.detokenize.busy_seconds"
     KV_BYTES = "kv.bytes"
     KV_BLOCKS = "kv.blocks"
     KV_TRANSPORT = "kv.transport"  # e.g. "ucx", "fake"

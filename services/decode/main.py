@@ -59,7 +59,8 @@ async def serve(args: argparse.Namespace, engine_config: EngineConfig, limits: D
         servicer.worker = worker
         await running.mark_serving()
         write_ready_file(args.ready_file, port=running.port,
-                         metrics_port=obs.metrics_server.port if obs.metrics_server else None)
+                         metrics_port=obs.metrics_server.port if obs.metrics_server else None,
+                         otlp_traces_endpoint=tracing_handle.endpoint)
         logger.info("decode worker serving %s on port %d", engine.model_name, running.port)
         logger.info("%s received, stopping", await shutdown)
     finally:

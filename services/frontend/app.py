@@ -3,6 +3,9 @@
     GenerateRequest ─► validate (INVALID_ARGUMENT names the field) ─► chat template + tokenize
       ─► fit to max_model_len ─► Relay (prefill -> decode) ─► TextStream ─► GenerateResponse*
 
+Spans (children of the root `generate {model}`): tokenize, route (x2, in the relay), the worker RPCs,
+and one detokenize span recorded when the stream ends.
+
 Active requests are kept by id so `Abort(request_id)` can cancel them; the cancelled stream ends with
 CANCELLED and the relay frees the request on every worker.
 """
@@ -73,6 +76,7 @@ class _RequestRecord:
         self.is_accepted = False  # passed validation; only accepted requests count as finished
         self.finish_reason = "error"  # stop | length | abort | error
         self.num_prompt_tokens = self.num_completion_tokens = 0
+        self.request_id: str | None = None  # once validated
 
 
 class FrontendApp:
@@ -84,7 +88,7 @@ class FrontendApp:
         self.metrics = self.obs.metrics  # the OpenAI HTTP layer serves this registry and records nothing more
         self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
                              self.obs.tracing.client_interceptors())
-        self.relay = Relay(self.router)
+        self.relay = Relay(self.router, self.obs.tracing)
         self._active: dict[str, _ActiveRequest] = {}
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
@@ -132,6 +136,8 @@ class FrontendApp:
             finally:
                 self._num_open -= 1
                 self.metrics.set_queue_sizes(self._num_open, 0)
+                if record.request_id is not None:
+                    root.set_attribute(Attr.REQUEST_ID, record.request_id)
                 if record.is_accepted:
                     self.metrics.observe_request_finished(record.finish_reason, time.monotonic() - record.start)
                     tracing.set_usage(root, record.num_prompt_tokens, record.num_completion_tokens,
@@ -158,6 +164,7 @@ class FrontendApp:
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         limits = self.router.model_limits()  # Unavailable until workers answered
         request = parse_generate_request(request_pb, limits.vocab_size)
+        record.request_id = request.request_id
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         if len(self._active) >= self.config.max_num_requests:
@@ -183,6 +190,17 @@ class FrontendApp:
             raise
         finally:
             self._active.pop(request.request_id, None)
+            self._record_detokenize(request.request_id, text_stream)
+
+    def _record_detokenize(self, request_id: str, text_stream: TextStream) -> None:
+        """One `detokenize` span per request: first to last detokenization, busy time as an attribute."""
+        if text_stream.detokenize_started_ns is None:
+            return  # nothing came back to detokenize
+        self.obs.tracing.record_span(
+            SpanName.DETOKENIZE, text_stream.detokenize_started_ns, text_stream.detokenize_ended_ns,
+            attributes={Attr.REQUEST_ID: request_id, Attr.OUTPUT_TOKENS: text_stream.num_completion_tokens,
+                        Attr.DETOKENIZE_BUSY_SECONDS: text_stream.detokenize_busy_ns / 1e9},
+        )
 
     def abort(self, request_id: str) -> bool:
         """Cancels a running Generate; its stream ends with CANCELLED. False when not running."""

@@ -80,7 +80,8 @@ async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int
             if http is not None:
                 http.mark_ready()
             write_ready_file(args.ready_file, port=running.port, http_port=http.port if http is not None else None,
-                             metrics_port=obs.metrics_server.port if obs.metrics_server else None)
+                             metrics_port=obs.metrics_server.port if obs.metrics_server else None,
+                             otlp_traces_endpoint=tracing_handle.endpoint)
             logger.info("frontend serving %s on port %d", resolved.name, running.port)
         logger.info("%s received, stopping", await shutdown)
     finally:

@@ -3,6 +3,8 @@
     pick workers -> Prefill (unary) -> TokenEvent(token #1)  [sent before any KV moves]
                  -> Decode (stream)  -> TokenEvent(...)* -> FinishEvent
 
+Each pick is a `route` span (which worker, of which kind), a sibling of the RPC span that follows it.
+
 Whatever ends the stream early (a stop string, client cancel, deadline, Abort, an error) closes the
 generator; its `finally` cancels the Decode call and sends Abort to both workers, so every block on
 every worker is freed. The aborts run as background tasks: they must not be cancelled with the request.
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from common import tracing
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
+from common.tracing import Attr, SpanName
 from protos import worker_pb2
 from services.common.errors import ServiceError
 from services.common.worker_messages import FINISH_REASON_FROM_PB, logprobs_from_pb, sampling_to_pb
@@ -46,8 +50,9 @@ class WorkerStreamError(ServiceError):
 
 
 class Relay:
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, tracing_handle: tracing.TracingHandle | None = None):
         self._router = router
+        self._tracing = tracing_handle or tracing.init_tracing("frontend", "")
         self._background: set[asyncio.Task] = set()  # abort calls in flight (kept referenced)
 
     async def run(
@@ -58,7 +63,7 @@ class Relay:
         time_remaining: Callable[[], float | None],
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Yields token #1 (from Prefill), the decoded tokens, then one FinishEvent."""
-        prefill = self._router.pick_prefill()
+        prefill = self._route(request_id, "prefill", self._router.pick_prefill)
         sampling_pb = sampling_to_pb(sampling)
         touched: list[WorkerHandle] = []  # workers that may hold state for this request
         decode_call = None
@@ -81,7 +86,8 @@ class Relay:
                 is_finished = True
                 yield _finish_event(response.finish_reason, [response.first_token_id])
                 return
-            decode = self._router.pick_decode()  # picked now: its load is known best after the prefill
+            # picked now: its load is known best after the prefill
+            decode = self._route(request_id, "decode", self._router.pick_decode)
             touched.append(decode)
             with self._router.track(decode):
                 decode_call = decode.stub.Decode(
@@ -106,6 +112,14 @@ class Relay:
                     decode_call.cancel()
                 for worker in touched:
                     self._abort_in_background(worker, request_id)
+
+    def _route(self, request_id: str, role: str, pick: Callable[[], WorkerHandle]) -> WorkerHandle:
+        """One worker pick as a `route` span (ERROR when no worker of that kind is ready)."""
+        with self._tracing.start_span(SpanName.ROUTE, attributes={Attr.REQUEST_ID: request_id,
+                                                                  Attr.ROUTE_ROLE: role}) as span:
+            worker = pick()
+            span.set_attribute(Attr.ROUTE_ADDRESS, worker.address)
+            return worker
 
     async def _relay_decode(self, worker: WorkerHandle, call) -> AsyncIterator[TokenEvent | FinishEvent]:
         last_token_ids: list[int] = []

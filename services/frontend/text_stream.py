@@ -6,11 +6,16 @@
 A stop string ends the request on the token that completes it; that token is counted in usage and
 returned in token_ids, the matched text is not returned. Stop strings count only once `min_tokens`
 tokens exist (as in vLLM).
+
+The stream keeps when detokenization first and last ran and how long it took in all, so the frontend
+records ONE `detokenize` span per request (never a span per token).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
 
 from common.engine.sampling_params import SamplingParams
 from services.frontend.convert import Chunk, Finish
@@ -32,6 +37,20 @@ class TextStream:
         self._min_tokens = sampling.min_tokens
         self._num_prompt_tokens = len(prompt_token_ids)
         self.num_completion_tokens = 0
+        self.detokenize_started_ns: int | None = None  # wall clock of the first on_tokens/on_finish
+        self.detokenize_ended_ns: int | None = None  # ... and of the end of the last one
+        self.detokenize_busy_ns = 0  # time spent inside them
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        started_ns = time.time_ns()
+        if self.detokenize_started_ns is None:
+            self.detokenize_started_ns = started_ns
+        try:
+            yield
+        finally:
+            self.detokenize_ended_ns = time.time_ns()
+            self.detokenize_busy_ns += self.detokenize_ended_ns - started_ns
 
     def _text_for(self, token_id: int) -> str:
         text = self._detokenizer.add_tokens([token_id])
@@ -41,6 +60,15 @@ class TextStream:
 
     def on_tokens(self, event: TokenEvent) -> tuple[Chunk, Finish | None]:
         """The chunk for these tokens, and a Finish when a stop string completed among them."""
+        with self._timed():
+            return self._on_tokens(event)
+
+    def on_finish(self, event: FinishEvent) -> tuple[Chunk | None, Finish]:
+        """Flushes held text; the held text itself may still complete a stop string."""
+        with self._timed():
+            return self._on_finish(event)
+
+    def _on_tokens(self, event: TokenEvent) -> tuple[Chunk, Finish | None]:
         token_ids: list[int] = []
         pieces: list[str] = []
         for token_id in event.token_ids:
@@ -55,8 +83,7 @@ class TextStream:
             return chunk, None
         return chunk, self._finish("stop", matched_stop=self._matcher.matched)
 
-    def on_finish(self, event: FinishEvent) -> tuple[Chunk | None, Finish]:
-        """Flushes held text; the held text itself may still complete a stop string."""
+    def _on_finish(self, event: FinishEvent) -> tuple[Chunk | None, Finish]:
         tail = self._detokenizer.flush()
         if self.num_completion_tokens >= self._min_tokens:
             text = self._matcher.feed(tail)

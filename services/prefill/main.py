@@ -60,7 +60,8 @@ async def serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
         servicer.worker = worker
         await running.mark_serving()
         write_ready_file(args.ready_file, port=running.port, kv_address=sender.address,
-                         metrics_port=obs.metrics_server.port if obs.metrics_server else None)
+                         metrics_port=obs.metrics_server.port if obs.metrics_server else None,
+                         otlp_traces_endpoint=tracing_handle.endpoint)
         logger.info("prefill worker serving %s on port %d, KV listener %s", engine.model_name, running.port,
                     sender.address)
         logger.info("%s received, stopping", await shutdown)
