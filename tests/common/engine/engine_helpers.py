@@ -20,7 +20,7 @@ def run_to_completion(engine, max_steps=10_000):
 def hf_greedy(hf_model, prompt_token_ids, max_new_tokens):
     """transformers' greedy continuation of one prompt: (token ids, per-step logits [n, V])."""
     out = hf_model.generate(
-        torch.tensor([prompt_token_ids]), max_new_tokens=max_new_tokens,
+        torch.tensor([prompt_token_ids], device=hf_model.device), max_new_tokens=max_new_tokens,
         do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
     )
-    return out.sequences[0, len(prompt_token_ids):].tolist(), torch.cat(out.logits).float()
+    return out.sequences[0, len(prompt_token_ids):].tolist(), torch.cat(out.logits).float().cpu()

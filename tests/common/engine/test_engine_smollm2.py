@@ -8,6 +8,7 @@ from common.engine.llm_engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from common.tokenizer import apply_chat_template, load_tokenizer
 from tests.common.engine.engine_helpers import hf_greedy, run_to_completion
+from tests.helpers.devices import DEVICES, exact_float32_matmuls
 from tests.helpers.tiny_models import embedded_model_folder
 
 QUESTIONS = [
@@ -25,18 +26,27 @@ NEAR_TIE = 1e-4
 
 
 @pytest.mark.slow
-def test_batched_greedy_matches_transformers_one_at_a_time():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_greedy_matches_transformers_one_at_a_time(device):
+    """float32 on both sides (TF32 off on CUDA, where our attention runs the Triton kernels)."""
+    with exact_float32_matmuls():
+        _check_batched_greedy_matches_transformers(device)
+
+
+def _check_batched_greedy_matches_transformers(device: str) -> None:
     import transformers
 
     folder = embedded_model_folder()
     tokenizer = load_tokenizer(folder)
     prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
-    engine = LLMEngine(EngineConfig(device="cpu", max_model_len=512, kv_cache_memory_bytes=64 * 2**20))
+    engine = LLMEngine(EngineConfig(device=device, dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 * 2**20))
     for i, prompt in enumerate(prompts):
         engine.add_request(f"q{i}", prompt, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
     tokens, _ = run_to_completion(engine)
 
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).to(device).eval()
     num_exact = 0
     for i, prompt in enumerate(prompts):
         expected, logits = hf_greedy(hf_model, prompt, NUM_TOKENS)
