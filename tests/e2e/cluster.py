@@ -61,12 +61,13 @@ class Processes:
     log_dir: Path
     started: list[Process] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str]) -> Process:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        """`env`: the process's whole environment (default `service_env()`)."""
         log_path = self.log_dir / f"{name}.log"
         ready_file = self.log_dir / f"{name}.ready.json"
         with open(log_path, "w") as log:
             popen = subprocess.Popen([*TANDEM, *argv, "--ready-file", str(ready_file)], stdout=log,
-                                     stderr=subprocess.STDOUT, env=service_env(), cwd=REPO_ROOT,
+                                     stderr=subprocess.STDOUT, env=env or service_env(), cwd=REPO_ROOT,
                                      start_new_session=True)
         process = Process(name, popen, log_path, ready_file)
         self.started.append(process)
