@@ -41,6 +41,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size in blocks")
     group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend)
     group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
+    group.add_argument("--cuda-graph-max-batch-size", "--max-cudagraph-capture-size",
+                       dest="cuda_graph_max_batch_size", type=int, default=defaults.cuda_graph_max_batch_size,
+                       help="largest decode batch captured in a CUDA graph; larger batches run eagerly")
     return parser
 
 
@@ -60,4 +65,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_kv_blocks=args.num_kv_blocks,
         attention_backend=args.attention_backend,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
     )

@@ -31,6 +31,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit pool size in blocks; overrides both budgets above
     attention_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | reference | triton
     seed: int = 0  # seeds the generator shared by requests without a seed of their own
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
+    cuda_graph_max_batch_size: int = 256  # largest decode batch captured in a CUDA graph (bigger: eager)
 
     def __post_init__(self) -> None:
         self._check_choice("load_format", LOAD_FORMATS)
@@ -54,6 +56,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        self._check_positive("cuda_graph_max_batch_size")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

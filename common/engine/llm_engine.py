@@ -50,13 +50,21 @@ class LLMEngine:
             dtype=next(model.parameters()).dtype,
         )
         num_blocks = determine_num_kv_blocks(config, model, layout, self.device, self.max_model_len)
-        self.kv_pool = KVPool(layout, num_blocks, self.device)
+        # One extra block past the allocator's: the scratch block padded decode rows write to.
+        self.kv_pool = KVPool(layout, num_blocks + 1, self.device)
         self.allocator = BlockAllocator(num_blocks)
         scheduler_config = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.block_size, self.max_model_len
         )
         self.scheduler = Scheduler(scheduler_config, self.allocator, frozenset(model_config.eos_token_ids))
-        self.model_runner = ModelRunner(model, self.kv_pool, self.device, config.seed)
+        self.model_runner = ModelRunner(
+            model, self.kv_pool, self.device, config.seed,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            scratch_block_id=num_blocks,
+            use_cuda_graphs=_can_use_cuda_graphs(config, model, self.device),
+            cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
+        )
         self._requests: dict[str, Sequence] = {}  # waiting or running
         self._held: dict[str, Sequence] = {}  # prefill-only, finished, blocks held until release_kv
         self._reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for a KV hand-off
@@ -245,6 +253,20 @@ class LLMEngine:
 
     def _count_finish(self, reason: str) -> None:
         self._finished_reasons[reason] = self._finished_reasons.get(reason, 0) + 1
+
+
+def _can_use_cuda_graphs(config: EngineConfig, model: torch.nn.Module, device: torch.device) -> bool:
+    """Decode steps replay CUDA graphs on CUDA with the Triton backend, unless enforce_eager.
+
+    The reference backend gathers every context padded to the graph's plan length, which at
+    max_model_len would not fit in memory: it stays eager.
+    """
+    if device.type != "cuda" or config.enforce_eager:
+        return False
+    if model.attention_backend.name != "triton":
+        logger.info("decode runs eagerly: CUDA graphs need the Triton attention backend")
+        return False
+    return True
 
 
 def _max_model_len(config: EngineConfig, model_config) -> int:

@@ -1,12 +1,18 @@
 """The only engine code that touches tensors and devices: plan in, sampled tokens out.
 
-For a plan it packs every sequence's new tokens into one flat batch, builds AttentionMetadata, runs
-the model (which writes K/V into the pool), computes logits only at the last new token of each
-sequence that samples, and hands those rows to the sampler.
+Prefill steps (eager) pack every sequence's new tokens into one flat batch, build AttentionMetadata,
+run the model (which writes K/V into the pool), compute logits only at the last new token of each
+sequence that samples, and hand those rows to the sampler:
 
     plan.seqs:       [ seq0 (query_len 5) | seq1 (query_len 1) | seq2 (query_len 3) ]
     input_ids:       [ t t t t t          | t                  | t t t              ]   [T]
     logits rows:                 ^ 4                ^ 5                    ^ 8          [N, V]
+
+Decode steps (one token per sequence) take the fast path: inputs staged by `DecodeInputBuffers`
+(one host buffer, one copy, block tables kept on the device), then a CUDA graph replay padded to a
+captured batch size (`cuda_graphs`), or the same forward run eagerly (CPU, enforce_eager, batches
+larger than any graph). When every row is greedy without logprobs or penalties, sampling is one
+argmax on the device and one `.tolist()`, the step's only synchronisation.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 
 from common.attention import AttentionMetadata
 from common.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from common.engine.cuda_graphs import CUDAGraphRunner, DecodeForward, capture_batch_sizes, decode_split_plan
+from common.engine.decode_inputs import DecodeInputBuffers
 from common.engine.sampler import Sampler, SamplingRow
 from common.engine.scheduler import SampledToken, SchedulerPlan
 from common.engine.sequence import Sequence
@@ -22,16 +30,55 @@ from common.kv.kv_pool import KVLayout, KVPool, num_blocks_for_budget
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, device: torch.device, seed: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_pool: KVPool,
+        device: torch.device,
+        seed: int,
+        *,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,  # default: the model's max_position_embeddings
+        scratch_block_id: int | None = None,  # default: the pool's last block (the engine never allocates it)
+        use_cuda_graphs: bool = False,
+        cuda_graph_max_batch_size: int = 256,
+        capture_graphs: bool = True,  # False: graph decisions without capture (CPU tests of the same path)
+    ):
         self.model = model
         self.kv_pool = kv_pool
         self.device = device
         self.block_size = kv_pool.layout.block_size
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        scratch_block_id = kv_pool.num_blocks - 1 if scratch_block_id is None else scratch_block_id
+        self.decode_buffers = DecodeInputBuffers(
+            max_num_seqs, -(-max_model_len // self.block_size), self.block_size, scratch_block_id, device
+        )
+        self.decode_forward = DecodeForward(model, kv_pool.kv, self.decode_buffers, model.config.vocab_size)
+        self.graph_runner: CUDAGraphRunner | None = None
+        if use_cuda_graphs:
+            if capture_graphs and device.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device, the model runs on {device}")
+            self.graph_runner = self._build_graph_runner(max_num_seqs, max_model_len, cuda_graph_max_batch_size,
+                                                         capture_graphs)
+
+    def _build_graph_runner(self, max_num_seqs, max_model_len, max_capture_size, capture) -> CUDAGraphRunner:
+        from kernels.launch_utils import num_multiprocessors
+
+        num_sms = num_multiprocessors(self.device)
+        num_kv_heads = self.kv_pool.layout.num_kv_heads
+
+        def plan_of(num_rows: int, plan_context_len: int):
+            return decode_split_plan(num_rows, num_kv_heads, plan_context_len, num_sms)
+
+        sizes = capture_batch_sizes(max_num_seqs, max_capture_size)
+        return CUDAGraphRunner(self.decode_forward, sizes, max_model_len, plan_of, capture=capture)
 
     @torch.inference_mode()
     def run(self, plan: SchedulerPlan) -> list[SampledToken | None]:
         """One forward pass for the plan; one entry per `plan.seqs`, None where nothing is sampled."""
+        if not plan.is_prefill:
+            return self._run_decode(plan.seqs)
         input_ids, positions, metadata = self._prepare_inputs(plan)
         hidden = self.model(input_ids, positions, self.kv_pool.kv, metadata)  # [T, hidden]
         sampled_index = [i for i, is_sampled in enumerate(plan.is_sampled) if is_sampled]
@@ -41,12 +88,29 @@ class ModelRunner:
         if len(last_token_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(last_token_rows, device=self.device)]  # [N, hidden]
         logits = self.model.compute_logits(hidden)  # [N, V] float32
-        rows = [_sampling_row(plan.seqs[i]) for i in sampled_index]
-        token_ids, logprobs = self.sampler(logits, rows)
+        samples = self._sample(logits, [plan.seqs[i] for i in sampled_index])
         results: list[SampledToken | None] = [None] * len(plan.seqs)
-        for i, token_id, token_logprobs in zip(sampled_index, token_ids, logprobs):
-            results[i] = SampledToken(token_id, token_logprobs)
+        for i, sample in zip(sampled_index, samples):
+            results[i] = sample
         return results
+
+    def _run_decode(self, seqs: list[Sequence]) -> list[SampledToken]:
+        """One token per sequence: a graph replay at the padded batch size, else the same forward eagerly."""
+        num_seqs = len(seqs)
+        num_rows = self.graph_runner.padded_size(num_seqs) if self.graph_runner is not None else None
+        batch = self.decode_buffers.prepare(seqs, num_rows or num_seqs)
+        if num_rows is not None:
+            logits = self.graph_runner.replay(batch)[:num_seqs]  # [N, V] fp32
+        else:
+            logits = self.decode_forward(num_seqs, batch.max_context_len)
+        return self._sample(logits, seqs)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        """logits [N, V] fp32, one row per sequence."""
+        if all(seq.sampling_params.is_plain_greedy for seq in seqs):
+            return [SampledToken(token_id, None) for token_id in logits.argmax(dim=-1).tolist()]
+        token_ids, logprobs = self.sampler(logits, [_sampling_row(seq) for seq in seqs])
+        return [SampledToken(token_id, lp) for token_id, lp in zip(token_ids, logprobs)]
 
     def _prepare_inputs(self, plan: SchedulerPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids: list[int] = []
@@ -70,6 +134,7 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.int64, device=self.device),
             metadata,
         )
+
 
 @torch.inference_mode()
 def profile_peak_memory(

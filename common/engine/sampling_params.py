@@ -60,6 +60,11 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing else to compute: the token is the argmax of the raw logits."""
+        return self.temperature == 0 and self.logprobs is None and not self.has_penalties
+
+    @property
     def has_penalties(self) -> bool:
         return (
             self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0

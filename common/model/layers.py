@@ -1,7 +1,8 @@
 """Building blocks of the Llama family: RMSNorm, rotary embeddings, the SwiGLU MLP.
 
 Numerics follow transformers' Llama code (norm in float32, RoPE angles in float32 then cast to the
-activation dtype) so logits match it to float32 rounding. Nothing here is device specific.
+activation dtype) so logits match it to float32 rounding. Nothing here is device specific, except
+`fused_rms_norm`, which runs the same RMSNorm as a Triton kernel (used with the Triton backend).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ class RMSNorm(nn.Module):
         x_float = x.float()
         x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x_float.to(x.dtype)
+
+
+def fused_rms_norm(
+    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`norm` by the Triton kernel; with `residual`, (norm(x + residual), x + residual) in one pass."""
+    from kernels.rmsnorm import rms_norm  # imported lazily: Triton is only needed on this path
+
+    return rms_norm(x, norm.weight, norm.eps, residual)
 
 
 def rope_inverse_frequencies(
