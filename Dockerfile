@@ -38,7 +38,7 @@ dst = pathlib.Path('/opt/tandem/models'); dst.mkdir(parents=True, exist_ok=True)
 (dst / 'SmolLM2-135M-Instruct.gguf').symlink_to(next(src.glob('*.gguf')))"
 
 VOLUME ["/cache"]
-# frontend gRPC, prefill gRPC + UCX listener, decode gRPC, Prometheus /metrics
-EXPOSE 50051 50061 50062 50071 9100 9101 9102
+# frontend gRPC + OpenAI HTTP, prefill gRPC + UCX listener, decode gRPC, Prometheus /metrics
+EXPOSE 50051 8000 50061 50062 50071 9100 9101 9102
 ENTRYPOINT ["tandem"]
 CMD ["--help"]

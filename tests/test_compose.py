@@ -94,6 +94,13 @@ def test_healthchecks_probe_each_grpc_port(compose):
         assert _duration_seconds(service["healthcheck"]["start_period"]) >= min_start
 
 
+def test_frontend_publishes_grpc_and_the_openai_http_api(compose):
+    frontend = compose["services"]["frontend"]
+    command = frontend["command"]
+    assert command[command.index("--http-port") + 1] == "8000"
+    assert {"50051:50051", "8000:8000"} <= set(frontend["ports"])
+
+
 def test_frontend_waits_for_healthy_workers(compose):
     depends_on = compose["services"]["frontend"]["depends_on"]
     for name in WORKERS:
@@ -150,7 +157,8 @@ def test_local_services_rewrite_hosts_and_ports():
     assert flag(decode, "--model") == "dummy:tiny"
     assert flag(decode, "--otlp-traces-endpoint") == "http://127.0.0.1:4999"
     all_ports = [p for s in services for p in s.ports.values()]
-    assert len(all_ports) == len(set(all_ports)) == 7  # gRPC x3, metrics x3, the prefill KV listener
+    assert flag(frontend, "--http-port") == str(frontend.ports[8000])
+    assert len(all_ports) == len(set(all_ports)) == 8  # gRPC x3, metrics x3, the prefill KV listener, HTTP
     assert prefill.healthcheck_argv[-1] == f"127.0.0.1:{prefill.ports[50061]}"
     assert prefill.env["TANDEM_CACHE_DIR"] == "/tmp/tandem-cache"
     assert prefill.env["UCX_TLS"] == "cuda_ipc,cuda_copy,tcp"
