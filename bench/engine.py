@@ -2,7 +2,8 @@
 
     # CPU (default): the embedded SmolLM2, 16 requests of ~128 prompt + 128 output tokens
     .venv/bin/python bench/engine.py --output bench-engine-cpu.json
-    # GPU: decode tokens/s at batch 1 and 64 on random Llama-3-8B weights (no transformers run)
+    # GPU: decode tokens/s at batch 1 and 64 on random Llama-3-8B weights (no transformers run),
+    # through CUDA graphs (add --enforce-eager for eager decode steps)
     .venv/bin/python bench/engine.py --device cuda --model dummy:llama-3-8b --output bench-engine-gpu.json
 
 Every request ignores EOS, so both sides generate exactly the same number of tokens. The table is
@@ -19,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a script: put the repository root first, so bench/kernels.py cannot shadow `kernels`.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,64", help="GPU mode: decode batch sizes to measure")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU mode: decode without CUDA graphs")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -127,13 +128,16 @@ def cpu_benchmark(args) -> tuple[dict, list[str]]:
 def gpu_benchmark(args) -> tuple[dict, list[str]]:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    max_num_seqs=max(batch_sizes),
+                                    max_num_seqs=max(batch_sizes), enforce_eager=args.enforce_eager,
                                     max_model_len=args.prompt_len + args.output_len + 16))
     measure_decode(engine, 2, 16, 4)  # warm-up (kernel compilation)
     runs = [measure_decode(engine, b, args.prompt_len, args.output_len) for b in batch_sizes]
+    graphs = engine.model_runner.graph_runner
     result = {"device": torch.cuda.get_device_name(engine.device), "model": engine.model_name,
-              "prompt_len": args.prompt_len, "output_len": args.output_len, "decode": runs}
-    lines = [f"{'batch':>6}{'decode tok/s':>14}{'ms/step':>10}"]
+              "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "cuda_graphs": graphs.num_graphs if graphs is not None else 0, "decode": runs}
+    lines = [f"decode with {'CUDA graphs' if graphs is not None else 'eager steps'}",
+             f"{'batch':>6}{'decode tok/s':>14}{'ms/step':>10}"]
     lines += [f"{r['batch_size']:>6}{r['decode_tokens_per_s']:>14.1f}{r['ms_per_step']:>10.2f}" for r in runs]
     return result, lines
 

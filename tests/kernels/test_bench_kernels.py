@@ -1,5 +1,5 @@
-"""bench/kernels.py runs end to end (tiny sizes: CPU through the interpreter, CUDA compiled) and
-reports checked results."""
+"""bench/attention_kernels.py runs end to end (tiny sizes: CPU through the interpreter, CUDA
+compiled) and reports checked results."""
 
 import json
 import os
@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bench_kernels_run_writes_checked_results(tmp_path, device):
     output = tmp_path / "bench.json"
     command = [
-        sys.executable, str(REPO / "bench" / "kernels.py"), "--device", device, "--batches", "1,3",
-        "--contexts", "100", "--prompt-len", "20", "--repeats", "1", "--copy-mib", "1", "--output", str(output),
+        sys.executable, str(REPO / "bench" / "attention_kernels.py"), "--device", device,
+        "--batches", "1,3", "--contexts", "100", "--prompt-len", "20", "--repeats", "1", "--copy-mib", "1", "--output", str(output),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -1,9 +1,9 @@
 """Attention kernel throughput: paged decode bandwidth against copy bandwidth, prefill TFLOP/s.
 
     # GPU: Llama-3-8B attention shapes (32 query heads, 8 KV heads, head_dim 128, block 16), bf16
-    .venv/bin/python bench/kernels.py --device cuda --output bench-kernels-gpu.json
+    .venv/bin/python bench/attention_kernels.py --device cuda --output bench-kernels-gpu.json
     # CPU: tiny sizes through the Triton interpreter (checks the script and the kernels, not speed)
-    .venv/bin/python bench/kernels.py --device cpu --output bench-kernels-cpu.json
+    .venv/bin/python bench/attention_kernels.py --device cpu --output bench-kernels-cpu.json
 
 1. Copy bandwidth: one device-to-device copy, (read + write bytes) / time: the practical ceiling.
 2. Paged decode attention, batch x context: K/V bytes read / time, and its fraction of (1). The
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-if __package__ in (None, ""):  # run as a file: `kernels` must be the repo's package, not this file
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
