@@ -75,6 +75,8 @@ def _label(span: CollectedSpan) -> str:
         text += f"  {span.attributes['kv.bytes'] / 1e6:.2f} MB"
     if "kv.gbps" in span.attributes:
         text += f" @ {span.attributes['kv.gbps']:.1f} Gb/s"
+    if "tandem.detokenize.busy_seconds" in span.attributes:  # the span covers first -> last token
+        text += f"  busy {span.attributes['tandem.detokenize.busy_seconds'] * 1e3:.2f} ms"
     return text
 
 
