@@ -97,7 +97,8 @@ def kv_bytes(num_prompt_tokens: int, layout: worker_pb2.KVLayout) -> int:
 # ---- traces -------------------------------------------------------------------------------------
 
 def _root_trace_ids(spans: list[CollectedSpan], request_id: str) -> set[str]:
-    return {s.trace_id for s in spans if s.name.startswith("generate ") and s.attributes.get(Attr.REQUEST_ID) == request_id}
+    return {s.trace_id for s in spans
+            if s.name.startswith("generate ") and s.attributes.get(Attr.REQUEST_ID) == request_id}
 
 
 def request_trace(collector: OtlpCollector, request_id: str, timeout: float = 30.0) -> list[CollectedSpan]:
