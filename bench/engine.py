@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 import torch  # noqa: E402
 
+from bench._common import device_name  # noqa: E402
 from common.engine.config import EngineConfig  # noqa: E402
 from common.engine.llm_engine import LLMEngine  # noqa: E402
 from common.engine.sampling_params import SamplingParams  # noqa: E402
@@ -125,7 +126,7 @@ def cpu_benchmark(args) -> tuple[dict, list[str]]:
     return result, lines
 
 
-def gpu_benchmark(args) -> tuple[dict, list[str]]:
+def decode_benchmark(args) -> tuple[dict, list[str]]:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                     max_num_seqs=max(batch_sizes), enforce_eager=args.enforce_eager,
@@ -133,7 +134,7 @@ def gpu_benchmark(args) -> tuple[dict, list[str]]:
     measure_decode(engine, 2, 16, 4)  # warm-up (kernel compilation)
     runs = [measure_decode(engine, b, args.prompt_len, args.output_len) for b in batch_sizes]
     graphs = engine.model_runner.graph_runner
-    result = {"device": torch.cuda.get_device_name(engine.device), "model": engine.model_name,
+    result = {"device": device_name(engine.device), "model": engine.model_name,
               "prompt_len": args.prompt_len, "output_len": args.output_len,
               "cuda_graphs": graphs.num_graphs if graphs is not None else 0, "decode": runs}
     lines = [f"decode with {'CUDA graphs' if graphs is not None else 'eager steps'}",
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result, lines = cpu_benchmark(args) if args.device == "cpu" else gpu_benchmark(args)
+    result, lines = cpu_benchmark(args) if args.device == "cpu" else decode_benchmark(args)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=2)
