@@ -350,6 +350,21 @@ class KVSender(abc.ABC):
 class KVReceiver(abc.ABC):
     """Decode side: pulls offered KV into caller-owned tensors. Methods are thread-safe and non-blocking."""
 
+    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
+        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
+            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
+        self.layout = layout
+        self._timeout_seconds = timeout_seconds
+        self._connect_timeout_seconds = connect_timeout_seconds
+        self._is_closed = False
+
+    def _new_ticket(self, handle: KVHandle, destination: torch.Tensor) -> TransferTicket:
+        """What every `begin` does first: refuse when closed, check the destination, open a ticket."""
+        if self._is_closed:
+            raise KVTransferError("receiver is closed")
+        check_destination(self.layout, handle, destination)
+        return TransferTicket(handle, destination)
+
     @abc.abstractmethod
     def begin(
         self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None

@@ -20,24 +20,21 @@ from common.transfer.base import (
     KVHandle,
     KVLayout,
     KVReceiver,
-    KVSender,
     KVTransferError,
     KVTransferTimeout,
     OnRelease,
-    TransferOutcome,
     TransferStats,
     TransferTicket,
-    check_destination,
     check_gathered,
 )
-from common.transfer.offers import OfferBook
+from common.transfer.offers import BookedSender
 
 _registry: dict[str, "FakeKVSender"] = {}
 _registry_lock = threading.Lock()
 _next_port = itertools.count(1)
 
 
-class FakeKVSender(KVSender):
+class FakeKVSender(BookedSender):
     """Prefill side, in process; port 0 picks an unused fake port."""
 
     def __init__(
@@ -49,38 +46,15 @@ class FakeKVSender(KVSender):
         port: int = 0,
         ack_timeout_seconds: float = 30.0,
     ) -> None:
-        self.layout = layout
-        self._gather_blocks = gather_blocks
+        super().__init__(layout, gather_blocks, on_release, ack_timeout_seconds)
         with _registry_lock:
             while port == 0 or f"{host}:{port}" in _registry:
                 if port != 0:
+                    self._book.close()
                     raise KVTransferError(f"port: cannot listen on {port}: {host}:{port} is already in use")
                 port = next(_next_port)
             self._address = f"{host}:{port}"
             _registry[self._address] = self
-        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
-
-    @property
-    def address(self) -> str:
-        return self._address
-
-    @property
-    def num_pending(self) -> int:
-        return self._book.num_pending
-
-    def offer(
-        self,
-        transfer_id: str,
-        block_ids: list[int],
-        num_tokens: int,
-        lease_seconds: float,
-        trace_context: dict[str, str] | None = None,
-    ) -> KVHandle:
-        offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
-        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature())
-
-    def cancel(self, transfer_id: str) -> bool:
-        return self._book.release(transfer_id, TransferOutcome.CANCELLED)
 
     def close(self) -> None:
         with _registry_lock:
@@ -114,28 +88,11 @@ class FakeKVSender(KVSender):
 class FakeKVReceiver(KVReceiver):
     """Decode side, in process: `begin` completes the pull before returning."""
 
-    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
-        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
-            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
-        self.layout = layout
-        self._timeout_seconds = timeout_seconds
-        self._is_closed = False
-
     def begin(
         self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
     ) -> TransferTicket:
-        if self._is_closed:
-            raise KVTransferError("receiver is closed")
-        check_destination(self.layout, handle, destination)
-        ticket = TransferTicket(handle, destination)
-        pull = protocol.Pull(
-            transfer_id=handle.transfer_id,
-            request_tag=protocol.new_request_tag(),
-            layout=self.layout,
-            expected_num_blocks=handle.num_blocks,
-            expected_bytes=self.layout.bytes_per_block * handle.num_blocks,
-            trace_context=dict(trace_context or {}),
-        )
+        ticket = self._new_ticket(handle, destination)
+        pull = protocol.new_pull(handle, self.layout, dict(trace_context or {}))
         # Round-trip through the wire format so the fake validates exactly what UCX would.
         message = protocol.decode_frame(protocol.encode_frame(protocol.pull_to_message(pull)))
         with _registry_lock:

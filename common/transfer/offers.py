@@ -1,6 +1,7 @@
 """The sender's ledger of offered KV: leases, pull validation, and exactly-once release.
 
-Both backends keep their offers here, so leases, layout checks and acks behave identically.
+Both backends keep their offers here (through `BookedSender`), so leases, layout checks and acks
+behave identically.
 
     offered ──claim (valid pull)──► pulling ──finish(ok)────────► released DONE
        │  └─claim (bad layout/size)────────────────────────────► released FAILED
@@ -23,11 +24,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 
 from common.transfer.base import (
+    KVHandle,
     KVInvalidPull,
     KVLayout,
     KVLayoutMismatch,
+    KVSender,
     KVSizeMismatch,
     KVTransferError,
     KVTransferNotFound,
@@ -201,3 +207,45 @@ class OfferBook:
                 self._on_release(transfer_id, outcome, stats)
             except Exception:  # a faulty callback must not stop other releases
                 logger.exception("on_release(%s, %s) raised", transfer_id, outcome.name)
+
+
+class BookedSender(KVSender):
+    """The KVSender methods both backends share: offers live in an OfferBook; subclasses serve pulls.
+
+    A subclass sets `_address` once it can be reached and releases everything with `_book.close()`.
+    """
+
+    _address: str  # "host:port" that receivers dial
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        gather_blocks: Callable[[list[int]], torch.Tensor],
+        on_release: OnRelease,
+        ack_timeout_seconds: float,
+    ) -> None:
+        self.layout = layout
+        self._gather_blocks = gather_blocks
+        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def num_pending(self) -> int:
+        return self._book.num_pending
+
+    def offer(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        lease_seconds: float,
+        trace_context: dict[str, str] | None = None,
+    ) -> KVHandle:
+        offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
+        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature())
+
+    def cancel(self, transfer_id: str) -> bool:
+        return self._book.release(transfer_id, TransferOutcome.CANCELLED)

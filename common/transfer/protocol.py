@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from common.transfer.base import (
+    KVHandle,
     KVInvalidPull,
     KVLayout,
     KVLayoutMismatch,
@@ -70,6 +71,18 @@ class Pull:
 
 def new_request_tag() -> int:
     return secrets.randbelow(MAX_REQUEST_TAG - 2) + 1
+
+
+def new_pull(handle: KVHandle, layout: KVLayout, trace_context: dict[str, str]) -> Pull:
+    """The pull a receiver with `layout` sends for `handle`, on a fresh request tag."""
+    return Pull(
+        transfer_id=handle.transfer_id,
+        request_tag=new_request_tag(),
+        layout=layout,
+        expected_num_blocks=handle.num_blocks,
+        expected_bytes=layout.bytes_per_block * handle.num_blocks,
+        trace_context=trace_context,
+    )
 
 
 def new_frame_buffer() -> bytearray:

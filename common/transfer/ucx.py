@@ -29,19 +29,16 @@ from common.transfer.base import (
     KVHandle,
     KVLayout,
     KVReceiver,
-    KVSender,
     KVTransferError,
     KVTransferTimeout,
     OnRelease,
-    TransferOutcome,
     TransferStats,
     TransferTicket,
     as_bytes,
-    check_destination,
     check_gathered,
     split_address,
 )
-from common.transfer.offers import Offer, OfferBook
+from common.transfer.offers import BookedSender, Offer
 from common.transfer.ucx_runtime import UcxRuntime, endpoint_transport, ucx_buffer
 
 logger = logging.getLogger(__name__)
@@ -51,7 +48,7 @@ def _memory_type(tensor: torch.Tensor) -> str:
     return "cuda" if tensor.is_cuda else "host"
 
 
-class UcxKVSender(KVSender):
+class UcxKVSender(BookedSender):
     """Prefill side: a UCX listener serving pulls of offered blocks.
 
     UCX listens on all interfaces; `host` is what goes into `address` for receivers to dial.
@@ -68,9 +65,7 @@ class UcxKVSender(KVSender):
     ) -> None:
         if not 0 <= port < 65536:
             raise ValueError(f"port: must be in [0, 65535], got {port}")
-        self.layout = layout
-        self._gather_blocks = gather_blocks
-        self._book = OfferBook(layout, on_release, ack_timeout_seconds)
+        super().__init__(layout, gather_blocks, on_release, ack_timeout_seconds)
         self._ack_timeout_seconds = ack_timeout_seconds
         self._runtime = UcxRuntime.get()
         # One thread gathers, so index_select copies never run on the UCX loop.
@@ -87,28 +82,6 @@ class UcxKVSender(KVSender):
             self._book.close()
             raise KVTransferError(f"port: cannot listen on {port}: {error!r}") from None
         self._address = f"{host}:{self._listener.port}"
-
-    @property
-    def address(self) -> str:
-        return self._address
-
-    @property
-    def num_pending(self) -> int:
-        return self._book.num_pending
-
-    def offer(
-        self,
-        transfer_id: str,
-        block_ids: list[int],
-        num_tokens: int,
-        lease_seconds: float,
-        trace_context: dict[str, str] | None = None,
-    ) -> KVHandle:
-        offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
-        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature())
-
-    def cancel(self, transfer_id: str) -> bool:
-        return self._book.release(transfer_id, TransferOutcome.CANCELLED)
 
     def close(self) -> None:
         if self._is_closed:
@@ -240,27 +213,19 @@ class UcxKVReceiver(KVReceiver):
     """
 
     def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
-        if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
-            raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
-        self.layout = layout
-        self._timeout_seconds = timeout_seconds
-        self._connect_timeout_seconds = connect_timeout_seconds
+        super().__init__(layout, timeout_seconds, connect_timeout_seconds)
         self._runtime = UcxRuntime.get()
         self._endpoints: dict[str, Any] = {}  # loop thread only
         self._connect_locks: dict[str, asyncio.Lock] = {}
         self._pulls: dict[concurrent.futures.Future, TransferTicket] = {}
         self._pulls_lock = threading.Lock()
-        self._is_closed = False
 
     def begin(
         self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
     ) -> TransferTicket:
-        if self._is_closed:
-            raise KVTransferError("receiver is closed")
-        check_destination(self.layout, handle, destination)
+        ticket = self._new_ticket(handle, destination)
         if destination.is_cuda:  # pending kernels on this memory must finish before UCX writes it
             torch.cuda.current_stream(destination.device).synchronize()
-        ticket = TransferTicket(handle, destination)
         future = self._runtime.submit(self._pull(ticket, dict(trace_context or {})))
         with self._pulls_lock:
             self._pulls[future] = ticket
@@ -314,17 +279,10 @@ class UcxKVReceiver(KVReceiver):
     async def _pull_steps(
         self, ticket: TransferTicket, trace_context: dict[str, str], used: list[Any]
     ) -> TransferStats:
-        handle, num_blocks = ticket.handle, ticket.handle.num_blocks
+        handle = ticket.handle
         endpoint = await self._endpoint(handle.address)
         used.append(endpoint)
-        pull = protocol.Pull(
-            transfer_id=handle.transfer_id,
-            request_tag=protocol.new_request_tag(),
-            layout=self.layout,
-            expected_num_blocks=num_blocks,
-            expected_bytes=self.layout.bytes_per_block * num_blocks,
-            trace_context=trace_context,
-        )
+        pull = protocol.new_pull(handle, self.layout, trace_context)
         start = time.monotonic()
         await endpoint.send(protocol.encode_frame(protocol.pull_to_message(pull)))
         frame = protocol.new_frame_buffer()
@@ -346,7 +304,7 @@ class UcxKVReceiver(KVReceiver):
         await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, True)))
         return TransferStats(
             num_bytes=data.numel(),
-            num_blocks=num_blocks,
+            num_blocks=handle.num_blocks,
             seconds=seconds,
             transport=endpoint_transport(endpoint, _memory_type(ticket.destination)),
             trace_context=trace_context,
