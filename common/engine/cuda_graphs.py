@@ -175,6 +175,8 @@ class CUDAGraphRunner:
         self.forward(num_rows, bucket)  # warm-up: compiles the kernels this shape and plan need
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: CUDA calls of other threads (a service's transfer or RPC threads) do not
+        # invalidate this capture; the engine itself is single-threaded.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self.forward(num_rows, bucket)
         return graph
