@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from common.transfer.base import (
     KVHandle,
@@ -119,26 +119,14 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> pb.ControlMessage:
     return message
 
 
-def layout_to_pb(layout: KVLayout) -> pb.KVLayout:
-    return pb.KVLayout(
-        model_name=layout.model_name,
-        dtype=layout.dtype,
-        block_size=layout.block_size,
-        num_layers=layout.num_layers,
-        num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim,
-    )
+def layout_to_pb(layout: KVLayout, message_type: type = pb.KVLayout):
+    """`message_type`: tandem.kv.v1.KVLayout or tandem.worker.v1.KVLayout (their fields are KVLayout's)."""
+    return message_type(**{f.name: getattr(layout, f.name) for f in fields(KVLayout)})
 
 
-def layout_from_pb(message: pb.KVLayout) -> KVLayout:
-    return KVLayout(
-        model_name=message.model_name,
-        dtype=message.dtype,
-        block_size=message.block_size,
-        num_layers=message.num_layers,
-        num_kv_heads=message.num_kv_heads,
-        head_dim=message.head_dim,
-    )
+def layout_from_pb(message) -> KVLayout:
+    """From either KVLayout message; raises ValueError naming the field on an empty or malformed layout."""
+    return KVLayout(**{f.name: getattr(message, f.name) for f in fields(KVLayout)})
 
 
 def pull_to_message(pull: Pull) -> pb.ControlMessage:

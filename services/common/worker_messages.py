@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common.transfer.base import KVHandle, KVLayout, TransferStats
+from common.transfer.protocol import layout_from_pb, layout_to_pb
 from protos import worker_pb2
 
 FINISH_REASON_TO_PB = {
@@ -114,7 +115,7 @@ def stats_to_pb(stats: WorkerStatsData) -> worker_pb2.WorkerStats:
     pb = worker_pb2.WorkerStats(**{name: getattr(stats, name) for name in _STATS_SCALARS})
     pb.eos_token_ids.extend(stats.eos_token_ids)
     if stats.layout is not None:
-        pb.layout.CopyFrom(layout_to_pb(stats.layout))
+        pb.layout.CopyFrom(layout_to_pb(stats.layout, worker_pb2.KVLayout))
     return pb
 
 
@@ -125,29 +126,13 @@ def stats_from_pb(pb: worker_pb2.WorkerStats) -> WorkerStatsData:
     return stats
 
 
-def layout_to_pb(layout: KVLayout) -> worker_pb2.KVLayout:
-    return worker_pb2.KVLayout(
-        model_name=layout.model_name,
-        dtype=layout.dtype,
-        block_size=layout.block_size,
-        num_layers=layout.num_layers,
-        num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim,
-    )
-
-
-def layout_from_pb(pb: worker_pb2.KVLayout) -> KVLayout:
-    """Raises ValueError naming the field on an empty or malformed layout."""
-    return KVLayout(pb.model_name, pb.dtype, pb.block_size, pb.num_layers, pb.num_kv_heads, pb.head_dim)
-
-
 def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
     return worker_pb2.KVHandle(
         transfer_id=handle.transfer_id,
         sender_address=handle.address,
         num_tokens=handle.num_tokens,
         num_blocks=handle.num_blocks,
-        layout=layout_to_pb(handle.layout),
+        layout=layout_to_pb(handle.layout, worker_pb2.KVLayout),
     )
 
 
