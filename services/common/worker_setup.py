@@ -16,15 +16,7 @@ TRANSFER_BACKENDS = transfer.BACKENDS
 
 def kv_layout(engine) -> KVLayout:
     """The engine's KV pool layout as the transfer layer checks it (model name included)."""
-    pool_layout = engine.kv_pool.layout
-    return KVLayout(
-        model_name=engine.model_name,
-        dtype=str(pool_layout.dtype).removeprefix("torch."),
-        block_size=pool_layout.block_size,
-        num_layers=pool_layout.num_layers,
-        num_kv_heads=pool_layout.num_kv_heads,
-        head_dim=pool_layout.head_dim,
-    )
+    return KVLayout.from_pool(engine.kv_pool.layout, engine.model_name)
 
 
 def model_facts(engine) -> dict:
