@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
@@ -26,23 +25,6 @@ def model_facts(engine) -> dict:
         "vocab_size": engine.model_config.vocab_size,
         "eos_token_ids": sorted(engine.model_config.eos_token_ids),
     }
-
-
-def env(name: str, default=None):
-    """TANDEM_<name> from the environment (flags win; read only in `main`)."""
-    return os.environ.get(f"TANDEM_{name}", default)
-
-
-def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--host", default=env("HOST", "0.0.0.0"), help="gRPC bind address")
-    parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
-                        help="gRPC port (0 = any free port; see --ready-file)")
-    parser.add_argument("--kv-transfer-backend", choices=TRANSFER_BACKENDS, default=env("KV_TRANSFER_BACKEND", "ucx"),
-                        help="ucx (real); fake works only with both workers in one process (tests)")
-    parser.add_argument("--kv-host", default=env("KV_HOST", "127.0.0.1"),
-                        help="host other workers use to reach this worker's UCX listener")
-    parser.add_argument("--ready-file", default=None, help="write {port, kv_address} as JSON here once serving")
-    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
 
 
 async def load_engine(config):

@@ -1,0 +1,123 @@
+"""The command line and lifecycle `tandem prefill` and `tandem decode` share; a WorkerRole says what differs.
+
+    parse flags ─► configure logging ─► validate (bad flag: print it, exit 2)
+    ─► gRPC server up, NOT_SERVING ─► load the model ─► observability ─► role.prepare's start builds the
+       worker and its KV transport ─► worker.start() ─► SERVING, ready file
+    ─► SIGINT/SIGTERM ─► stop the server, the worker, the transport, observability (in that order)
+
+Flags fall back to TANDEM_* environment variables, read here only when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from common import tracing
+from common.engine.args import add_engine_args, engine_config_from_args
+from common.engine.config import EngineConfig
+from services.common.observability import Observability, add_observability_args
+from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
+from services.common.worker_setup import TRANSFER_BACKENDS, load_engine
+
+
+def env(name: str, default=None):
+    """TANDEM_<name> from the environment (flags win; read only in `main`)."""
+    return os.environ.get(f"TANDEM_{name}", default)
+
+
+def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--host", default=env("HOST", "0.0.0.0"), help="gRPC bind address")
+    parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
+                        help="gRPC port (0 = any free port; see --ready-file)")
+    parser.add_argument("--kv-transfer-backend", choices=TRANSFER_BACKENDS, default=env("KV_TRANSFER_BACKEND", "ucx"),
+                        help="ucx (real); fake works only with both workers in one process (tests)")
+    parser.add_argument("--kv-host", default=env("KV_HOST", "127.0.0.1"),
+                        help="host other workers use to reach this worker's UCX listener")
+    parser.add_argument("--ready-file", default=None, help="write {port, kv_address} as JSON here once serving")
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+
+
+@dataclass(frozen=True)
+class WorkerParts:
+    """What a role's start builds once the model is loaded (its KV transport is closed via `cleanup`)."""
+
+    worker: Any  # PrefillWorker | DecodeWorker: start(), stop(); handed to the servicer
+    ready_fields: dict[str, Any] = field(default_factory=dict)  # ready-file fields after `port`
+    log_detail: str = ""  # appended to the "serving" log line, e.g. ", KV listener host:port"
+
+
+# start(engine, observability, cleanup) -> WorkerParts; pushes the close of what it opens onto `cleanup`.
+StartWorker = Callable[[Any, Observability, contextlib.ExitStack], WorkerParts]
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What differs between the prefill and the decode worker commands."""
+
+    name: str  # "prefill" | "decode": the subcommand, the tracing/metrics role, the logger suffix
+    description: str  # one line for --help
+    default_port: int  # gRPC port without --port or TANDEM_PORT
+    service_name: str  # full gRPC service name, served with health and reflection
+    servicer_type: type  # its `.worker` is set once the model is loaded
+    add_servicer: Callable[[Any, Any], None]  # worker_pb2_grpc.add_*WorkerServicer_to_server
+    add_args: Callable[[argparse.ArgumentParser], None]  # the role's own flags
+    prepare: Callable[[argparse.Namespace], StartWorker]  # validates the role's flags (ValueError names one)
+
+
+def build_worker_parser(role: WorkerRole) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"tandem {role.name}", description=role.description)
+    add_worker_args(parser, default_port=role.default_port)
+    role.add_args(parser)
+    add_observability_args(parser)
+    add_engine_args(parser)
+    return parser
+
+
+async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config: EngineConfig,
+                       start: StartWorker) -> None:
+    logger = logging.getLogger(f"tandem.{role.name}")
+    servicer = role.servicer_type()
+    tracing_handle = tracing.init_tracing(role.name, args.otlp_traces_endpoint)
+    running = await start_server(
+        lambda server: role.add_servicer(servicer, server),
+        [role.service_name], args.host, args.port, interceptors=tracing_handle.server_interceptors(),
+    )
+    shutdown = asyncio.ensure_future(wait_for_shutdown())
+    with contextlib.ExitStack() as cleanup:  # closes after the server stops, last opened first
+        try:
+            engine = await load_engine(engine_config)
+            obs = Observability.start(tracing_handle, role.name, engine.model_name, args.metrics_port)
+            cleanup.callback(obs.close)
+            parts = start(engine, obs, cleanup)
+            cleanup.callback(parts.worker.stop)
+            parts.worker.start()
+            servicer.worker = parts.worker
+            await running.mark_serving()
+            write_ready_file(args.ready_file, port=running.port, **parts.ready_fields,
+                             metrics_port=obs.metrics_server.port if obs.metrics_server else None,
+                             otlp_traces_endpoint=tracing_handle.endpoint)
+            logger.info("%s worker serving %s on port %d%s", role.name, engine.model_name, running.port,
+                        parts.log_detail)
+            logger.info("%s received, stopping", await shutdown)
+        finally:
+            await running.stop()
+
+
+def run_worker(role: WorkerRole, argv: list[str]) -> int:
+    """`main` of a worker subcommand: 0 after a clean shutdown, 2 on a bad flag."""
+    args = build_worker_parser(role).parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        engine_config = engine_config_from_args(args)
+        start = role.prepare(args)
+    except ValueError as exc:
+        print(f"tandem {role.name}: {exc}")
+        return 2
+    asyncio.run(serve_worker(role, args, engine_config, start))
+    return 0
