@@ -1,4 +1,4 @@
-"""What both workers need around their engine: the KV layout, model facts, the transfer backend."""
+"""What both workers need around their engine: the KV layout, model facts, stats, the transfer backend."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 
 from common import transfer
 from common.transfer import KVLayout
+from services.common.worker_messages import WorkerStatsData
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,34 @@ def model_facts(engine) -> dict:
         "vocab_size": engine.model_config.vocab_size,
         "eos_token_ids": sorted(engine.model_config.eos_token_ids),
     }
+
+
+def refresh_worker_stats(role: str, engine_stats, metrics, counters: dict[str, int], layout: KVLayout,
+                         facts: dict, num_waiting: int, **role_fields) -> WorkerStatsData:
+    """What GetStats reports after one engine step; also sets the queue and KV usage gauges.
+
+    `num_waiting` counts the worker's own queues too; `role_fields` are the role's extra stats.
+    """
+    stats = WorkerStatsData(
+        role=role,
+        is_ready=True,
+        num_running=engine_stats.num_running,
+        num_waiting=num_waiting,
+        num_free_blocks=engine_stats.num_free_blocks,
+        num_total_blocks=engine_stats.num_total_blocks,
+        kv_cache_usage=engine_stats.kv_cache_usage,
+        num_requests_served=counters["served"],
+        num_transfers=counters["transfers"],
+        num_transfer_bytes=counters["bytes"],
+        num_transfer_failures=counters["failures"],
+        num_generated_tokens=engine_stats.generation_tokens_total,
+        layout=layout,
+        **facts,
+        **role_fields,
+    )
+    metrics.set_queue_sizes(stats.num_running, stats.num_waiting)
+    metrics.set_kv_usage(stats.num_used_blocks, stats.num_total_blocks)
+    return stats
 
 
 async def load_engine(config):

@@ -35,7 +35,7 @@ from services.common.engine_thread import AsyncSink, EngineThread
 from services.common.errors import Cancelled, Overloaded
 from services.common.observability import Observability, kv_transfer_attributes
 from services.common.worker_messages import WorkerStatsData
-from services.common.worker_setup import kv_layout, model_facts
+from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
 
 logger = logging.getLogger(__name__)
 
@@ -283,25 +283,8 @@ class DecodeWorker:
     def _refresh_stats(self) -> None:
         engine_stats = self.engine.stats()
         num_waiting = engine_stats.num_waiting + len(self._admitting) + len(self._receiving)
-        self.obs.metrics.set_queue_sizes(engine_stats.num_running, num_waiting)
-        self.obs.metrics.set_kv_usage(engine_stats.num_total_blocks - engine_stats.num_free_blocks,
-                                      engine_stats.num_total_blocks)
-        self.stats = WorkerStatsData(
-            role="decode",
-            is_ready=True,
-            num_running=engine_stats.num_running,
-            num_waiting=num_waiting,
-            num_free_blocks=engine_stats.num_free_blocks,
-            num_total_blocks=engine_stats.num_total_blocks,
-            kv_cache_usage=engine_stats.kv_cache_usage,
-            num_requests_served=self._counters["served"],
-            num_transfers=self._counters["transfers"],
-            num_transfer_bytes=self._counters["bytes"],
-            num_transfer_failures=self._counters["failures"],
-            num_generated_tokens=engine_stats.generation_tokens_total,
-            layout=self.layout,
-            **self._facts,
-        )
+        self.stats = refresh_worker_stats("decode", engine_stats, self.obs.metrics, self._counters, self.layout,
+                                          self._facts, num_waiting)
 
 
 def _end_span(span, error: BaseException | str | None = None) -> None:

@@ -29,7 +29,7 @@ from services.common.engine_thread import EngineThread
 from services.common.errors import Cancelled, Overloaded
 from services.common.observability import Observability, kv_transfer_attributes
 from services.common.worker_messages import WorkerStatsData
-from services.common.worker_setup import kv_layout, model_facts
+from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
 
 logger = logging.getLogger(__name__)
 
@@ -223,25 +223,10 @@ class PrefillWorker:
 
     def _refresh_stats(self) -> bool:
         engine_stats = self.engine.stats()
-        self.obs.metrics.set_queue_sizes(engine_stats.num_running, engine_stats.num_waiting)
-        self.obs.metrics.set_kv_usage(engine_stats.num_total_blocks - engine_stats.num_free_blocks,
-                                      engine_stats.num_total_blocks)
-        self.stats = WorkerStatsData(
-            role="prefill",
-            is_ready=True,
-            num_running=engine_stats.num_running,
-            num_waiting=engine_stats.num_waiting,
-            num_free_blocks=engine_stats.num_free_blocks,
-            num_total_blocks=engine_stats.num_total_blocks,
-            kv_cache_usage=engine_stats.kv_cache_usage,
+        self.stats = refresh_worker_stats(
+            "prefill", engine_stats, self.obs.metrics, self._counters, self.layout, self._facts,
+            engine_stats.num_waiting,
             num_queued_prompt_tokens=sum(w.num_prompt_tokens for w in self._waiting.values()),
-            num_requests_served=self._counters["served"],
-            num_transfers=self._counters["transfers"],
-            num_transfer_bytes=self._counters["bytes"],
-            num_transfer_failures=self._counters["failures"],
             num_held_leases=len(self._leases),
-            num_generated_tokens=engine_stats.generation_tokens_total,
-            layout=self.layout,
-            **self._facts,
         )
         return False
