@@ -82,7 +82,6 @@ def measure_copy_bandwidth(device: torch.device, num_mib: int, repeats: int = 20
     target = torch.empty_like(source)
     ms = device_ms(lambda: target.copy_(source), device, repeats)
     moved = 2 * source.numel() * source.element_size()
-    del source, target
     return {"mib": num_mib, "bytes": moved, "ms": ms, "gbps": moved / ms / 1e6}
 
 
@@ -92,7 +91,6 @@ def measure_matmul_rate(device: torch.device, size: int, dtype: torch.dtype, rep
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     ms = device_ms(lambda: torch.matmul(a, b), device, repeats)
-    del a, b
     return {"size": size, "dtype": str(dtype).removeprefix("torch."), "ms": ms, "tflops": 2 * size**3 / ms / 1e9}
 
 
