@@ -1,6 +1,5 @@
 """The behaviour every backend must share, run against the in-process fake and real UCX (loopback)."""
 
-import queue
 import time
 
 import pytest
@@ -46,11 +45,6 @@ def backend(request):
 @pytest.fixture
 def pool():
     return Pool(LAYOUT)
-
-
-@pytest.fixture
-def releases():
-    return queue.Queue()
 
 
 @pytest.fixture

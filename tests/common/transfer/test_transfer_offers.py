@@ -1,6 +1,5 @@
 """OfferBook: leases, ack deadlines and exactly-once release, without any transport."""
 
-import queue
 import threading
 import time
 
@@ -18,11 +17,6 @@ from common.transfer.base import (
 from common.transfer.offers import OfferBook
 
 LAYOUT = KVLayout("m", "float16", 4, 2, 2, 8)
-
-
-@pytest.fixture
-def releases():
-    return queue.Queue()
 
 
 @pytest.fixture

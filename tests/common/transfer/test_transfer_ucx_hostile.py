@@ -1,6 +1,5 @@
 """A UCX sender survives peers that speak garbage, and keeps serving well-behaved receivers."""
 
-import queue
 
 import numpy as np
 import pytest
@@ -16,11 +15,6 @@ LAYOUT = KVLayout("m", "float16", 8, 2, 2, 16)
 @pytest.fixture
 def pool():
     return torch.randn(LAYOUT.transfer_shape(10)).half()
-
-
-@pytest.fixture
-def releases():
-    return queue.Queue()
 
 
 @pytest.fixture
