@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import pydantic
 import pytest
@@ -17,6 +15,7 @@ from services.frontend.openai.convert import chat_requests, choice_seed, complet
 from services.frontend.openai.errors import OpenAIError, from_exception, from_validation_error
 from services.frontend.openai.protocol import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai.server import start_http_server
+from tests.helpers.http import http_json
 
 
 def _chat(**fields) -> ChatCompletionRequest:
@@ -99,20 +98,11 @@ def test_request_shape_errors_name_the_parameter(raw, param, words):
 
 
 def _get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(url, timeout=10)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(url, json.dumps(body).encode(), timeout=10)
 
 
 def test_not_ready_frontend_answers_503_in_openai_error_bodies(tokenizer):

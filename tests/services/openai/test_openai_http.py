@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import openai
@@ -15,6 +12,7 @@ import pytest
 from common.model.registry import resolve_model
 from common.tokenizer import apply_chat_template, load_tokenizer
 from protos import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.helpers.http import http_call, http_json
 
 pytestmark = pytest.mark.slow
 
@@ -37,23 +35,6 @@ def model(client) -> str:
     return client.models.list().data[0].id
 
 
-def _post_raw(url: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def test_models_chat_and_usage(client, model, tokenizer, tandem_system):
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
     response = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=24)
@@ -65,9 +46,9 @@ def test_models_chat_and_usage(client, model, tokenizer, tandem_system):
     num_text_tokens = len(tokenizer.encode(choice.message.content, add_special_tokens=False))
     assert response.usage.completion_tokens == num_text_tokens + 1
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
-    status, body = _get(tandem_system.http_url.removesuffix("/v1") + "/health")
+    status, body = http_call(tandem_system.http_url.removesuffix("/v1") + "/health")
     assert status == 200
-    status, body = _get(tandem_system.http_url.removesuffix("/v1") + "/metrics")
+    status, body = http_call(tandem_system.http_url.removesuffix("/v1") + "/metrics")
     assert status == 200 and b"tandem:time_to_first_token_seconds_count" in body
 
 
@@ -167,9 +148,9 @@ def test_invalid_requests_name_the_problem(client, model, kwargs, error, named):
 
 
 def test_malformed_json_then_server_stays_healthy(client, model, tandem_system):
-    status, body = _post_raw(tandem_system.http_url + "/chat/completions", b'{"model": "x", "messages": [')
+    status, body = http_json(tandem_system.http_url + "/chat/completions", b'{"model": "x", "messages": [', timeout=60)
     assert status == 400 and "not valid JSON" in body["error"]["message"]
-    status, body = _post_raw(tandem_system.http_url + "/completions", b'[1, 2]')
+    status, body = http_json(tandem_system.http_url + "/completions", b'[1, 2]', timeout=60)
     assert status == 400 and "JSON object" in body["error"]["message"]
     response = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=2)
     assert response.usage.completion_tokens == 2
