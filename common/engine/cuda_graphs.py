@@ -162,11 +162,12 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.batch_sizes):  # largest first: later graphs fit in its memory
-            for bucket in reversed(self.buckets[size]):
-                self._graphs[(size, bucket)] = self._capture_one(size, bucket, pool)
-        torch.cuda.synchronize()
+        with torch.cuda.device(self.forward.buffers.device):
+            pool = torch.cuda.graph_pool_handle()
+            for size in reversed(self.batch_sizes):  # largest first: later graphs fit in its memory
+                for bucket in reversed(self.buckets[size]):
+                    self._graphs[(size, bucket)] = self._capture_one(size, bucket, pool)
+            torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self._graphs),
                     self.batch_sizes, time.perf_counter() - start)
 

@@ -17,6 +17,8 @@ argmax on the device and one `.tolist()`, the step's only synchronisation.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from common.attention import AttentionMetadata
@@ -77,8 +79,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: SchedulerPlan) -> list[SampledToken | None]:
         """One forward pass for the plan; one entry per `plan.seqs`, None where nothing is sampled."""
-        if not plan.is_prefill:
-            return self._run_decode(plan.seqs)
+        # Triton launches and graph replays go to the current device: make it the model's (cuda:N).
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            if not plan.is_prefill:
+                return self._run_decode(plan.seqs)
+            return self._run_prefill(plan)
+
+    def _run_prefill(self, plan: SchedulerPlan) -> list[SampledToken | None]:
         input_ids, positions, metadata = self._prepare_inputs(plan)
         hidden = self.model(input_ids, positions, self.kv_pool.kv, metadata)  # [T, hidden]
         sampled_index = [i for i, is_sampled in enumerate(plan.is_sampled) if is_sampled]
