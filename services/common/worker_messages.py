@@ -44,22 +44,25 @@ def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
 
 
 def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
-    """Raises ValueError naming the field (the engine's validation) on bad values."""
-    return SamplingParams(
-        max_tokens=pb.max_tokens,
-        temperature=pb.temperature,
-        top_p=pb.top_p,
-        top_k=pb.top_k,
-        min_p=pb.min_p,
-        seed=pb.seed if pb.HasField("seed") else None,
-        repetition_penalty=pb.repetition_penalty,
-        frequency_penalty=pb.frequency_penalty,
-        presence_penalty=pb.presence_penalty,
-        stop_token_ids=list(pb.stop_token_ids),
-        ignore_eos=pb.ignore_eos,
-        min_tokens=pb.min_tokens,
-        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
-    )
+    """Raises ValueError naming the field (`sampling.<field>: ...`, the engine's validation) on bad values."""
+    try:
+        return SamplingParams(
+            max_tokens=pb.max_tokens,
+            temperature=pb.temperature,
+            top_p=pb.top_p,
+            top_k=pb.top_k,
+            min_p=pb.min_p,
+            seed=pb.seed if pb.HasField("seed") else None,
+            repetition_penalty=pb.repetition_penalty,
+            frequency_penalty=pb.frequency_penalty,
+            presence_penalty=pb.presence_penalty,
+            stop_token_ids=list(pb.stop_token_ids),
+            ignore_eos=pb.ignore_eos,
+            min_tokens=pb.min_tokens,
+            logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+        )
+    except ValueError as exc:
+        raise ValueError(f"sampling.{exc}") from exc
 
 
 def logprobs_to_pb(logprobs: TokenLogprobs) -> worker_pb2.TokenLogprobs:

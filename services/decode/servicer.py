@@ -28,10 +28,7 @@ def _job_from_pb(request: worker_pb2.DecodeRequest, loop: asyncio.AbstractEventL
         raise InvalidRequest("prompt_token_ids", "must not be empty")
     if not request.HasField("kv_handle"):
         raise InvalidRequest("kv_handle", "is required")
-    try:
-        sampling = sampling_from_pb(request.sampling)
-    except ValueError as exc:
-        raise ValueError(f"sampling.{exc}") from exc
+    sampling = sampling_from_pb(request.sampling)
     return DecodeJob(
         request_id=request.request_id,
         prompt_token_ids=list(request.prompt_token_ids),

@@ -28,10 +28,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         worker = self._ready_worker()
-        try:
-            sampling = sampling_from_pb(request.sampling)
-        except ValueError as exc:
-            raise ValueError(f"sampling.{exc}") from exc
+        sampling = sampling_from_pb(request.sampling)
         result = await worker.prefill(request.request_id, list(request.prompt_token_ids), sampling)
         response = worker_pb2.PrefillResponse(
             request_id=request.request_id,
