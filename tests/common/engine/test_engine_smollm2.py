@@ -39,7 +39,7 @@ def _check_batched_greedy_matches_transformers(device: str) -> None:
     folder = embedded_model_folder()
     tokenizer = load_tokenizer(folder)
     prompts = [apply_chat_template(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
-    engine = LLMEngine(EngineConfig(device=device, dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 * 2**20))
+    engine = LLMEngine(EngineConfig(model=str(folder), device=device, dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 * 2**20))
     for i, prompt in enumerate(prompts):
         engine.add_request(f"q{i}", prompt, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
     tokens, _ = run_to_completion(engine)
