@@ -7,6 +7,7 @@ its own system with neither flag nor environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -196,10 +197,12 @@ def _port_is_free(port: int) -> bool:
 
 
 def test_tracing_off_creates_no_exporter_and_sends_nothing(tmp_path):
-    """No flag, no environment: the services report no endpoint and the OTLP default port gets nothing."""
-    if not _port_is_free(OTLP_DEFAULT_PORT):
-        pytest.skip(f"port {OTLP_DEFAULT_PORT} is taken on this machine")
-    with OtlpCollector(port=OTLP_DEFAULT_PORT) as collector:
+    """No flag, no environment: the services report no endpoint and the OTLP default port gets nothing.
+
+    Where something else already holds the default port, the collector part is left out and the
+    services' own report (no endpoint) is what is checked."""
+    collector = OtlpCollector(port=OTLP_DEFAULT_PORT) if _port_is_free(OTLP_DEFAULT_PORT) else None
+    with collector if collector is not None else contextlib.nullcontext():
         processes = Processes(tmp_path)
         try:
             system = start_system(processes, "untraced", [])
@@ -210,6 +213,8 @@ def test_tracing_off_creates_no_exporter_and_sends_nothing(tmp_path):
             processes.stop()  # a tracer provider would flush here, on shutdown
         assert {role: info["otlp_traces_endpoint"] for role, info in system.ready.items()} == {
             "frontend": None, "prefill": None, "decode": None}
+        if collector is None:
+            return
         assert collector.num_exports == 0 and collector.spans() == []
 
         probe = tracing.init_tracing("frontend", f"http://localhost:{OTLP_DEFAULT_PORT}")  # reachable?
