@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from common.attention.metadata import AttentionMetadata
+from kernels.paged_tiles import load_kv_tile, online_softmax_update
 from kernels.launch_utils import (
     check_attention_inputs,
     check_out,
@@ -88,24 +89,15 @@ def _prefill_attention_kernel(
     for tile_start in range(0, kv_end, BLOCK_N):
         positions = tile_start + offs_n  # [BLOCK_N]
         n_mask = positions < kv_end
-        block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        slots = block_ids * BLOCK_SIZE + positions % BLOCK_SIZE
-        kv_offsets = (slots[:, None] * NUM_KV_HEADS + kv_head) * HEAD_DIM + offs_d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_N, D_PAD]
-        v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        k, v = load_kv_tile(table_row, key_cache_ptr, value_cache_ptr, positions, n_mask, kv_head, offs_d, d_mask,
+                            BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, DOT_DTYPE)  # [BLOCK_N, HEAD_DIM_PAD] each
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if tile_start + BLOCK_N > mask_from:
             is_visible = (positions[None, :] <= row_positions[:, None]) & n_mask[None, :]
             s = tl.where(is_visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: position 0 is visible to every row
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = p.to(value_cache_ptr.dtype.element_ty).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # m_i stays finite: position 0 is visible to every row
+        m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, value_cache_ptr, DOT_DTYPE, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_rows = out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head
