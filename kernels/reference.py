@@ -129,3 +129,11 @@ def rotary_reference(
     x1, x2 = x[..., : rotary_dim // 2], x[..., rotary_dim // 2 : rotary_dim]
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary_dim:]), dim=-1)
+
+
+def silu_and_mul_reference(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate]: [gate | up], as SwiGLUMLP.gate_up_proj emits
+) -> torch.Tensor:  # [num_tokens, intermediate]
+    """silu(gate) * up, each step rounded to the activation dtype like the model's eager MLP."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
