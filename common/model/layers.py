@@ -2,7 +2,8 @@
 
 Numerics follow transformers' Llama code (norm in float32, RoPE angles in float32 then cast to the
 activation dtype) so logits match it to float32 rounding. Nothing here is device specific, except
-`fused_rms_norm`, which runs the same RMSNorm as a Triton kernel (used with the Triton backend).
+`fused_rms_norm` and `SwiGLUMLP.forward_fused`, which run the same math as Triton kernels (used with
+the Triton backend).
 """
 
 from __future__ import annotations
@@ -107,3 +108,9 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] -> [T, hidden]
+        """Triton path: silu(gate) * up in one kernel straight from the fused projection."""
+        from kernels.activation import silu_and_mul  # imported lazily: Triton is only needed on this path
+
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # silu_and_mul: [T, 2I] -> [T, I]

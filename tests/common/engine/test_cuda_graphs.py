@@ -173,8 +173,20 @@ def test_graph_decode_matches_eager_and_reference_token_for_token(tiny_folder, d
 
 
 def test_graph_path_with_triton_kernels_in_the_interpreter(tiny_folder, monkeypatch):
-    """The Triton decode kernel under a bucket plan longer than every context, with padding rows."""
+    """The Triton decode kernel under a bucket plan longer than every context, with padding rows, and
+    the fused RMSNorm, RoPE and SiLU-and-mul kernels: the same greedy tokens as the reference backend."""
+    import kernels.activation
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    activation_calls = {"triton": 0, "reference": 0}
+    backend = None
+    fused_activation = kernels.activation.silu_and_mul
+
+    def counted_activation(*args, **kwargs):
+        activation_calls[backend] += 1
+        return fused_activation(*args, **kwargs)
+
+    monkeypatch.setattr(kernels.activation, "silu_and_mul", counted_activation)
     prompts = [[5, 9, 200, 31], list(range(40, 340)), [7] * 17]  # 300 tokens: two partitions of 256
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     results = []
@@ -188,3 +200,4 @@ def test_graph_path_with_triton_kernels_in_the_interpreter(tiny_folder, monkeypa
             engine.add_request(f"r{i}", prompt, params)
         results.append(run_to_completion(engine)[0])
     assert results[0] == results[1]
+    assert activation_calls["triton"] > 0 and activation_calls["reference"] == 0
