@@ -12,7 +12,9 @@ import pytest
 
 from tests.helpers.devices import case_device, exact_float32_matmuls
 
-KERNEL_MODULES = ("kv_cache_write", "paged_decode_attention", "prefill_attention", "rmsnorm", "rope")
+KERNEL_MODULES = (
+    "activation", "kv_cache_write", "paged_decode_attention", "paged_tiles", "prefill_attention", "rmsnorm", "rope",
+)
 
 
 def assert_kernels_compile() -> None:

@@ -54,6 +54,7 @@ def test_silu_and_mul_on_strided_rows_matches_the_model_mlp(device):
     from common.model.layers import SwiGLUMLP
 
     dtype, num_tokens, hidden, intermediate = torch.bfloat16, 5, 64, 96
+    torch.manual_seed(2)  # the MLP's own initial weights
     mlp = SwiGLUMLP(hidden, intermediate).to(device=device, dtype=dtype)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
     wide = torch.randn(num_tokens, 2 * intermediate + 40).to(device=device, dtype=dtype)
@@ -63,7 +64,9 @@ def test_silu_and_mul_on_strided_rows_matches_the_model_mlp(device):
     assert torch.isnan(wide_out[:, intermediate:]).all(), "wrote past the output's columns"
     gate, up = mlp.gate_up_proj(x).split(intermediate, dim=-1)
     assert_close_in_dtype(wide_out[:, :intermediate], torch.nn.functional.silu(gate) * up)
-    assert_close_in_dtype(mlp.down_proj(wide_out[:, :intermediate]), mlp(x))
+    # After down_proj a one-ulp change of an input can land on an output near zero: compare as a whole.
+    fused, eager = mlp.down_proj(wide_out[:, :intermediate]).float(), mlp(x).float()
+    assert ((fused - eager).norm() / eager.norm()).item() < 1e-2
 
 
 def test_silu_and_mul_of_no_tokens_is_empty():
