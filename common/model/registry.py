@@ -63,9 +63,20 @@ def embedded_gguf_path() -> Path:
     raise FileNotFoundError(f"no .gguf file inside the {EMBEDDED_PACKAGE} package")
 
 
+SAMPLE_BYTES = 1 << 20  # how much of each end of a GGUF file identifies it
+
+
 def _source_key(gguf_path: Path) -> dict:
-    stat = gguf_path.stat()
-    return {"file_name": gguf_path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+    """Identifies a GGUF file by name, size and the hash of its first and last MiB (header, metadata and
+    tensor data), not by its mtime: two installs of the same file (two virtual environments sharing one
+    cache) must agree on the key, or each would keep replacing the folder the other is reading."""
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as handle:
+        digest.update(handle.read(SAMPLE_BYTES))
+        handle.seek(max(size - SAMPLE_BYTES, 0))
+        digest.update(handle.read(SAMPLE_BYTES))
+    return {"file_name": gguf_path.name, "size": size, "sample_sha256": digest.hexdigest(),
             "converter_version": CONVERTER_VERSION}
 
 
