@@ -85,3 +85,11 @@ def assert_matches_reference(out: torch.Tensor, reference: torch.Tensor) -> None
     assert error < 1e-2, f"relative error {error:.2e}"
     torch.testing.assert_close(out.float(), reference.float(), atol=4e-2, rtol=4e-2)
 
+
+def run_against_reference(kernel, case, **kwargs) -> None:
+    """Runs `kernel(query, kv_cache, metadata, scale, out=...)` into a NaN-poisoned output and checks it
+    against the PyTorch reference (every element written, values matching)."""
+    out = torch.full_like(case.query, float("nan"))
+    result = kernel(case.query, case.kv_cache, case.metadata, case.scale, out=out, **kwargs)
+    assert result is out
+    assert_matches_reference(out, case.reference())

@@ -7,7 +7,7 @@ bfloat16 over the same cases, plus larger batches that would be too slow to inte
 import pytest
 import torch
 
-from paged_cases import assert_matches_reference, build_paged_case, decode_context_lens
+from paged_cases import build_paged_case, decode_context_lens, run_against_reference
 from kernels import paged_decode_attention as decode_module
 from kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
 from tests.helpers.devices import DEVICES, device_dtypes
@@ -30,10 +30,7 @@ def split_workspaces(monkeypatch):
 
 
 def _run_decode(case, **kwargs):
-    out = torch.full_like(case.query, float("nan"))
-    result = paged_decode_attention(case.query, case.kv_cache, case.metadata, case.scale, out=out, **kwargs)
-    assert result is out
-    assert_matches_reference(out, case.reference())
+    run_against_reference(paged_decode_attention, case, **kwargs)
 
 
 @pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)

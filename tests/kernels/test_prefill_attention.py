@@ -7,7 +7,7 @@ bfloat16 over the same cases, plus long prompts that would be too slow to interp
 import pytest
 import torch
 
-from paged_cases import assert_matches_reference, build_paged_case
+from paged_cases import build_paged_case, run_against_reference
 from kernels.prefill_attention import prefill_attention
 from tests.helpers.devices import DEVICES, device_dtypes
 
@@ -29,10 +29,7 @@ def chunked_prompts(block_size):
 
 
 def _run_prefill(case, **kwargs):
-    out = torch.full_like(case.query, float("nan"))
-    result = prefill_attention(case.query, case.kv_cache, case.metadata, case.scale, out=out, **kwargs)
-    assert result is out
-    assert_matches_reference(out, case.reference())
+    run_against_reference(prefill_attention, case, **kwargs)
 
 
 @pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)
