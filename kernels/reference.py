@@ -137,3 +137,16 @@ def silu_and_mul_reference(
     """silu(gate) * up, each step rounded to the activation dtype like the model's eager MLP."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gemv_reference(
+    x: torch.Tensor,  # [num_rows, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [num_rows, N], x's dtype
+    """x @ weight.T + bias summed in float64 and rounded once to x's dtype: the exact result the
+    fp32-accumulating kernel approximates."""
+    out = x.double() @ weight.double().T
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)

@@ -2,8 +2,8 @@
 
 Numerics follow transformers' Llama code (norm in float32, RoPE angles in float32 then cast to the
 activation dtype) so logits match it to float32 rounding. Nothing here is device specific, except
-`fused_rms_norm` and `SwiGLUMLP.forward_fused`, which run the same math as Triton kernels (used with
-the Triton backend).
+`fused_rms_norm`, `linear` and `SwiGLUMLP.forward_fused`, which run the same math as Triton kernels
+(used with the Triton backend).
 """
 
 from __future__ import annotations
@@ -36,6 +36,23 @@ def fused_rms_norm(
     from kernels.rmsnorm import rms_norm  # imported lazily: Triton is only needed on this path
 
     return rms_norm(x, norm.weight, norm.eps, residual)
+
+
+GEMV_MAX_ROWS = 4  # at most this many tokens, a projection is a weight stream: the Triton GEMV
+GEMV_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # x: [T, K] -> [T, N]
+    """`layer`'s projection (its `weight` [N, K], `bias` [N] if any) on the Triton path: the GEMV kernel
+    for decode-sized batches, where cuBLAS reads the weights well below copy bandwidth; F.linear else."""
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    is_decode_sized = x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS
+    is_half = x.dtype in GEMV_DTYPES and weight.dtype == x.dtype
+    if is_decode_sized and is_half and x.stride(-1) == weight.stride(-1) == 1:
+        from kernels.gemv import gemv  # imported lazily: Triton is only needed on this path
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rope_inverse_frequencies(
@@ -110,7 +127,9 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] -> [T, hidden]
-        """Triton path: silu(gate) * up in one kernel straight from the fused projection."""
+        """Triton path: silu(gate) * up in one kernel straight from the fused projection; GEMV projections
+        for decode-sized batches."""
         from kernels.activation import silu_and_mul  # imported lazily: Triton is only needed on this path
 
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # silu_and_mul: [T, 2I] -> [T, I]
+        activated = silu_and_mul(linear(x, self.gate_up_proj))  # [T, 2I] -> [T, I]
+        return linear(activated, self.down_proj)

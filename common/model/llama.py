@@ -18,7 +18,7 @@ from torch import nn
 
 from common.attention import AttentionBackend, AttentionMetadata
 from common.model.config import ModelConfig
-from common.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary, fused_rms_norm
+from common.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary, fused_rms_norm, linear
 
 # Checkpoint tensors that carry no learned state.
 IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -59,11 +59,12 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
     def forward_fused(self, hidden, cos, sin, kv_cache, metadata):  # hidden: [T, hidden] -> [T, hidden]
-        """Triton path: q and k rotated by one kernel straight from the fused projection (no copies)."""
+        """Triton path: q and k rotated by one kernel straight from the fused projection (no copies);
+        GEMV projections for decode-sized batches."""
         from kernels.rope import apply_rotary as rotary_kernel
 
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
+        qkv = linear(hidden, self.qkv_proj)  # [T, (H + 2 Hkv) D]
         q_size, kv_size, _ = self.split_sizes
         query_key = qkv[:, : q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         query_key = rotary_kernel(query_key, cos, sin)  # [T, H + Hkv, D] contiguous
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D] strided
         self.backend.write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache, metadata, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return linear(out.reshape(num_tokens, self.num_heads * self.head_dim), self.o_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -118,9 +119,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False
         )
-        # The Triton backend also takes the Triton RMSNorm (+ residual), RoPE and SiLU-and-mul kernels:
-        # a decode step launches ~11 kernels per layer instead of ~35. The reference backend keeps
-        # plain PyTorch.
+        # The Triton backend also takes the Triton RMSNorm (+ residual), RoPE and SiLU-and-mul kernels
+        # (a decode step launches ~11 kernels per layer instead of ~35) and, for batches of at most
+        # 4 tokens, the GEMV projections. The reference backend keeps plain PyTorch.
         self.attention_backend = attention_backend
         self.use_fused_kernels = attention_backend.name == "triton"
 
@@ -153,8 +154,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32, written into `out` ([N, vocab] float32) when given."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head  # weight: [vocab, hidden]
+        logits = linear(hidden, head) if self.use_fused_kernels else F.linear(hidden, head.weight)
         if out is None:
             return logits.float()
         return out.copy_(logits)

@@ -13,7 +13,8 @@ import pytest
 from tests.helpers.devices import case_device, exact_float32_matmuls
 
 KERNEL_MODULES = (
-    "activation", "kv_cache_write", "paged_decode_attention", "paged_tiles", "prefill_attention", "rmsnorm", "rope",
+    "activation", "gemv", "kv_cache_write", "paged_decode_attention", "paged_tiles", "prefill_attention", "rmsnorm",
+    "rope",
 )
 
 
