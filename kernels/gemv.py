@@ -8,9 +8,9 @@
 At batch 1 a projection is a pure weight stream: every byte of W is read once and used for
 num_rows multiply-adds, so the kernel's only job is to read W at copy bandwidth. Each program owns
 BLOCK_N rows of W and walks K in BLOCK_K chunks with 16-byte loads along K (W rows are contiguous),
-reducing each chunk against the x rows (which stay in L1/L2) into fp32 sums, one per x row. No
-shared memory and few registers, so several programs share an SM and keep enough loads in flight;
-BLOCK_N shrinks until the grid covers the SMs a few times. The result (bias added in fp32) is
+reducing each chunk against the x rows (which stay in L1/L2) into fp32 sums, one per x row. About
+32 W elements per thread per chunk keep registers low, so several programs share an SM and keep
+enough loads in flight; BLOCK_N shrinks until the grid covers the SMs a few times. The result (bias added in fp32) is
 rounded once to x's dtype, as F.linear's fp32-accumulating GEMM rounds it.
 
     W:   rows n0 .. n0+BLOCK_N  (one program)
