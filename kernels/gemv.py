@@ -34,6 +34,20 @@ PROGRAMS_PER_SM = 4  # BLOCK_N shrinks until the grid is this many times the SM 
 
 
 @triton.jit
+def _row_times_tile(
+    x_row_ptrs,  # [BLOCK_K] this chunk of one row of x
+    w,  # [BLOCK_N, BLOCK_K] the weight tile, fp32
+    mask_k,  # [BLOCK_K] which K offsets exist (used unless EVEN_K)
+    EVEN_K: tl.constexpr,
+):  # -> [BLOCK_N] this chunk's partial sums for that row
+    if EVEN_K:
+        x = tl.load(x_row_ptrs).to(tl.float32)
+    else:
+        x = tl.load(x_row_ptrs, mask=mask_k, other=0.0).to(tl.float32)
+    return tl.sum(w * x[None, :], axis=1)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [NUM_ROWS, K], contiguous along K
     weight_ptr,  # [N, K], contiguous along K
@@ -62,33 +76,19 @@ def _gemv_kernel(
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K  # [BLOCK_K]; dropped by the compiler when EVEN_K
         if EVEN_K:
             w = tl.load(weight_ptrs, eviction_policy="evict_first").to(tl.float32)
-            x0 = tl.load(x_ptrs).to(tl.float32)
         else:
-            mask_k = (k0 + offs_k) < K
             w = tl.load(weight_ptrs, mask=mask_k[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32)
-            x0 = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)
-        acc0 += tl.sum(w * x0[None, :], axis=1)
+        acc0 += _row_times_tile(x_ptrs, w, mask_k, EVEN_K)
         # Constant conditions: each NUM_ROWS compiles to exactly its own number of products.
         if NUM_ROWS > 1:
-            if EVEN_K:
-                x1 = tl.load(x_ptrs + stride_x).to(tl.float32)
-            else:
-                x1 = tl.load(x_ptrs + stride_x, mask=mask_k, other=0.0).to(tl.float32)
-            acc1 += tl.sum(w * x1[None, :], axis=1)
+            acc1 += _row_times_tile(x_ptrs + stride_x, w, mask_k, EVEN_K)
         if NUM_ROWS > 2:
-            if EVEN_K:
-                x2 = tl.load(x_ptrs + 2 * stride_x).to(tl.float32)
-            else:
-                x2 = tl.load(x_ptrs + 2 * stride_x, mask=mask_k, other=0.0).to(tl.float32)
-            acc2 += tl.sum(w * x2[None, :], axis=1)
+            acc2 += _row_times_tile(x_ptrs + 2 * stride_x, w, mask_k, EVEN_K)
         if NUM_ROWS > 3:
-            if EVEN_K:
-                x3 = tl.load(x_ptrs + 3 * stride_x).to(tl.float32)
-            else:
-                x3 = tl.load(x_ptrs + 3 * stride_x, mask=mask_k, other=0.0).to(tl.float32)
-            acc3 += tl.sum(w * x3[None, :], axis=1)
+            acc3 += _row_times_tile(x_ptrs + 3 * stride_x, w, mask_k, EVEN_K)
         weight_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if HAS_BIAS:
