@@ -129,7 +129,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=self.scheduler.num_waiting,
             num_free_blocks=self.allocator.num_free_blocks,
             num_total_blocks=self.allocator.num_blocks,
             kv_cache_usage=self.allocator.usage,

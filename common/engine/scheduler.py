@@ -3,7 +3,8 @@
 Queues a request moves through:
 
     add() ──► waiting ──(prefill step)──► running ──(decode steps)──► finished (blocks freed)
-                 ▲                           │
+                 ▲                           ▲  │
+                 │   add_prefilled() ──► prefilled (KV complete, waits for a slot; never a prefill step)
                  └──── preempted: blocks freed, re-prefilled later (prompt + output so far)
 
 Policy (like nano-vllm): prefill steps come first. If anything in `waiting` can start, the step is a
@@ -71,6 +72,7 @@ class Scheduler:
         self.allocator = allocator
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
+        self.prefilled: deque[Sequence] = deque()  # KV hand-offs waiting for a running slot
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
 
@@ -80,29 +82,41 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilled or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences not in the running batch: queued prompts, preempted ones and hand-offs awaiting a slot."""
+        return len(self.waiting) + len(self.prefilled)
 
     def add_prefilled(self, seq: Sequence) -> None:
         """Adds a sequence whose prompt KV is already in its blocks (a KV hand-off).
 
         It needs exactly what a running sequence needs (its newest token computed), so it joins
-        `running` and decodes at the next decode step; when `running` is full it waits its turn.
+        `running` at the next decode step; while `running` is full it waits in `prefilled`, keeping
+        its blocks, and never goes through a prefill step.
         """
-        if len(self.running) < self.config.max_num_seqs:
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        else:
-            self.add(seq)
+        seq.status = SequenceStatus.WAITING
+        self.prefilled.append(seq)
 
     def schedule(self) -> SchedulerPlan:
         plan = SchedulerPlan(is_prefill=True)
         self._schedule_prefill(plan)
-        if plan.is_empty and not self.running and self._unblock_waiting_head(plan):
+        if plan.is_empty and not self.running and not self.prefilled and self._unblock_waiting_head(plan):
             self._schedule_prefill(plan)
+        if plan.is_empty:
+            self._start_prefilled()
         if plan.is_empty and self.running:
             plan.is_prefill = False
             self._schedule_decode(plan)
         return plan
+
+    def _start_prefilled(self) -> None:
+        """Hand-offs join the running batch in arrival order while it has room."""
+        while self.prefilled and len(self.running) < self.config.max_num_seqs:
+            seq = self.prefilled.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
 
     def _schedule_prefill(self, plan: SchedulerPlan) -> None:
         budget = self.config.max_num_batched_tokens
@@ -180,6 +194,8 @@ class Scheduler:
         """Removes a waiting or running sequence and frees its blocks."""
         if seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.prefilled:
+            self.prefilled.remove(seq)
         elif seq in self.running:
             self.running.remove(seq)
         self._free_blocks(seq)

@@ -93,17 +93,48 @@ def test_preemption_frees_newest_and_recomputes_later():
     assert plan.is_prefill and plan.request_ids == ["b"] and plan.query_lens == [9]
 
 
+def _handed_off(scheduler, request_id, num_prompt_tokens, max_tokens=8):
+    seq = make_seq(request_id, num_prompt_tokens, max_tokens=max_tokens)
+    seq.block_table = scheduler.allocator.allocate(seq.num_blocks_needed(num_prompt_tokens, 4))
+    seq.num_computed_tokens = num_prompt_tokens
+    seq.append_token(5)
+    scheduler.add_prefilled(seq)
+    return seq
+
+
 def test_handoff_joins_running_or_waits_when_full():
     scheduler = make_scheduler(max_num_seqs=1)
-    first, second = make_seq("a", 5), make_seq("b", 5)
-    for seq in (first, second):
-        seq.block_table = scheduler.allocator.allocate(2)
-        seq.num_computed_tokens = 5
-        seq.append_token(5)
-        scheduler.add_prefilled(seq)
-    assert list(scheduler.running) == [first] and list(scheduler.waiting) == [second]
+    first, second = _handed_off(scheduler, "a", 5), _handed_off(scheduler, "b", 5)
     plan, _ = run_step(scheduler)
     assert not plan.is_prefill and plan.request_ids == ["a"] and plan.query_lens == [1]
+    assert list(scheduler.running) == [first] and list(scheduler.prefilled) == [second]
+    assert not scheduler.waiting and scheduler.num_waiting == 1
+
+
+def test_handoff_that_waited_for_a_slot_decodes_without_a_prefill_step():
+    scheduler = make_scheduler(max_num_seqs=2)
+    _handed_off(scheduler, "a", 5, max_tokens=3)
+    _handed_off(scheduler, "b", 6, max_tokens=8)
+    _handed_off(scheduler, "c", 7, max_tokens=8)  # running is full: c waits with its blocks
+    plans = []
+    while scheduler.has_work():
+        plans.append(run_step(scheduler)[0])
+    assert not any(plan.is_prefill for plan in plans)
+    assert plans[2].request_ids == ["b", "c"]  # a finished its 3 tokens in step 2; c took its slot at once
+    assert scheduler.allocator.usage == 0.0
+
+
+def test_prefill_of_new_prompts_comes_before_waiting_handoffs():
+    scheduler = make_scheduler(max_num_seqs=2)
+    _handed_off(scheduler, "a", 5)
+    _handed_off(scheduler, "b", 5)
+    _handed_off(scheduler, "c", 5)
+    run_step(scheduler)
+    scheduler.abort(scheduler.running[0])
+    scheduler.add(make_seq("p", 4))
+    plan, _ = run_step(scheduler)
+    assert plan.is_prefill and plan.request_ids == ["p"]  # "c" still waits, holding its blocks
+    assert [seq.request_id for seq in scheduler.prefilled] == ["c"]
 
 
 def test_abort_frees_blocks_from_any_queue():
