@@ -58,6 +58,7 @@ class KVPool:
         self.device = torch.device(device)
         # Zeroed so that reading a padded (never written) slot can never produce NaN/Inf.
         self.kv = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=self.device)
+        self._gather_stream: torch.cuda.Stream | None = None  # CUDA: created by the first gather
 
     @property
     def num_bytes(self) -> int:
@@ -68,9 +69,25 @@ class KVPool:
         return self.kv[layer_index]
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copies the given blocks out: [num_layers, 2, len(block_ids), block_size, Hkv, D], contiguous."""
-        index = self._index(block_ids)
-        return self.kv.index_select(2, index)
+        """Copies the given blocks out: [num_layers, 2, len(block_ids), block_size, Hkv, D], contiguous.
+
+        The copy is complete when this returns, so it may be read outside stream order (UCX does).
+        On CUDA it runs on a side stream of its own: a hand-off never waits for the forward passes
+        queued on the compute stream. That is safe because the blocks it reads were written by a
+        step that already finished (its sampled token was read back before the blocks were offered).
+        """
+        if self.device.type != "cuda":
+            return self.kv.index_select(2, self._index(block_ids))
+        stream = self._copy_stream()
+        with torch.cuda.stream(stream):
+            gathered = self.kv.index_select(2, self._index(block_ids))
+        stream.synchronize()
+        return gathered
+
+    def _copy_stream(self) -> "torch.cuda.Stream":
+        if self._gather_stream is None:
+            self._gather_stream = torch.cuda.Stream(self.device)  # non-blocking: no implicit sync with stream 0
+        return self._gather_stream
 
     def scatter_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Writes `data` [num_layers, 2, len(block_ids), block_size, Hkv, D] into the given blocks."""

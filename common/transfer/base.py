@@ -216,7 +216,8 @@ class KVBlockSource(Protocol):
     """The one thing a sender needs from a KV pool (common/kv/kv_pool.py provides it)."""
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Contiguous copy [num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim]."""
+        """Contiguous copy [num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim],
+        complete when it returns (UCX reads it outside any CUDA stream's order)."""
         ...
 
 

@@ -186,10 +186,8 @@ class UcxKVSender(BookedSender):
         self._book.finish(pull.transfer_id, is_ok, stats)
 
     def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        gathered = self._gather_blocks(block_ids)  # [L, 2, n, BS, Hkv, D]
+        gathered = self._gather_blocks(block_ids)  # [L, 2, n, BS, Hkv, D], complete on return
         check_gathered(self.layout, len(block_ids), gathered)
-        if gathered.is_cuda:  # UCX reads the memory directly, outside stream order
-            torch.cuda.current_stream(gathered.device).synchronize()
         return gathered
 
     async def _respond(self, endpoint: Any, tag: int, message: Any) -> None:
