@@ -1,9 +1,12 @@
 """KV pool: layer views alias the pool; gather/scatter round-trip blocks between two pools."""
 
+import concurrent.futures
+
 import pytest
 import torch
 
 from common.kv.kv_pool import KVLayout, KVPool, num_blocks_for_budget
+from tests.helpers.devices import DEVICES
 
 LAYOUT = KVLayout(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 
@@ -46,3 +49,18 @@ def test_budget_sizing_and_layout_mismatch():
     assert num_blocks_for_budget(LAYOUT, 1536 * 10 + 100) == 10
     other = KVLayout(num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
     assert LAYOUT.mismatch(other) == "block_size" and LAYOUT.mismatch(LAYOUT) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_from_another_thread_is_complete_and_never_waits_for_the_compute_stream(device):
+    pool = KVPool(LAYOUT, num_blocks=6, device=device)
+    pool.kv.copy_(torch.randn(pool.kv.shape, device=device))
+    expected = pool.kv[:, :, [5, 2]].clone()
+    if pool.device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of busy compute stream, as a long prefill step would be
+    with concurrent.futures.ThreadPoolExecutor(1) as gather_thread:  # the KV sender gathers off the engine thread
+        gathered = gather_thread.submit(pool.gather_blocks, [5, 2]).result()
+        if pool.device.type == "cuda":
+            assert not torch.cuda.current_stream(pool.device).query(), "the gather waited for the compute stream"
+        assert torch.equal(gathered, expected)
