@@ -10,6 +10,7 @@ the import order of a process (e.g. a pytest session) does not matter.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Any, Iterable
 
@@ -171,3 +172,101 @@ def check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor, metadata
         )
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+
+
+# ---- which compiled variants launches use ---------------------------------------------------------
+#
+# Triton compiles one variant of a kernel per distinct key: its constexpr values, the dtype of each
+# pointer and whether it is 16-byte aligned, and for each integer argument not marked
+# `do_not_specialize` whether it is 1 (then a constant) or a multiple of 16, plus launch options
+# (num_warps, num_stages). `launch` records that key for every launch, compiled or interpreted, so a
+# CPU test can check which variants a workload needs; `num_compiled_variants` counts what Triton has
+# really compiled (its per-device JIT caches), which is 0 under the interpreter.
+
+_variant_keys: set[tuple] = set()
+_launched_kernels: dict[int, Any] = {}  # id(jit function) -> it, for every kernel launched so far
+_kernel_params: dict[int, tuple[tuple[str, bool, bool, bool], ...]] = {}  # id -> see _params_of
+
+
+def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any, **kwargs: Any) -> None:
+    """`kernel[grid](*args, **kwargs)` on `device` (interpreted on CPU), recording its variant key."""
+    _launched_kernels.setdefault(id(kernel), kernel)
+    _variant_keys.add(variant_key(kernel, args, kwargs))
+    runnable_kernel(kernel, device)[grid](*args, **kwargs)
+
+
+def variant_keys() -> set[tuple]:
+    """Every variant key launched in this process: (kernel name, one class per argument, options)."""
+    return set(_variant_keys)
+
+
+def clear_variant_keys() -> None:
+    _variant_keys.clear()
+
+
+def num_compiled_variants() -> int:
+    """Variants Triton has compiled (or loaded from its disk cache) for the kernels launched so far,
+    summed over devices; 0 under the interpreter, which compiles nothing."""
+    total = 0
+    for kernel in _launched_kernels.values():
+        if hasattr(kernel, "device_caches"):  # triton >= 3.2: device -> (kernel_cache, ...)
+            total += sum(len(caches[0]) for caches in kernel.device_caches.values())
+        else:  # triton 3.0, 3.1: device -> kernel_cache
+            total += sum(len(cache) for cache in getattr(kernel, "cache", {}).values())
+    return total
+
+
+def variant_key(kernel: Any, args: tuple, kwargs: dict) -> tuple:
+    """The key Triton compiles a launch under, as plain strings (see the section comment)."""
+    params = _params_of(kernel)
+    classes = []
+    for index, (name, is_constexpr, is_specialized, is_aligned) in enumerate(params):
+        value = args[index] if index < len(args) else kwargs[name]
+        if is_constexpr:
+            classes.append(f"{name}={value}")
+        else:
+            classes.append(f"{name}:{_argument_class(value, is_specialized, is_aligned)}")
+    names = {name for name, *_ in params}
+    options = tuple(sorted(f"{name}={value}" for name, value in kwargs.items() if name not in names))
+    return (_function_of(kernel).__name__, tuple(classes), options)
+
+
+def _argument_class(value: Any, is_specialized: bool, is_aligned: bool) -> str:
+    """Triton's specialisation of one runtime argument: type, then 1 / D (divisible by 16) / nothing."""
+    if isinstance(value, torch.Tensor):
+        is_divisible = is_specialized and is_aligned and value.data_ptr() % 16 == 0
+        return f"*{value.dtype}" + (":D" if is_divisible else "")
+    if isinstance(value, bool):
+        return "u1"
+    if isinstance(value, int):
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        if is_specialized and value == 1:
+            return f"{kind}=1"
+        return kind + (":D" if is_specialized and is_aligned and value % 16 == 0 else "")
+    if isinstance(value, float):
+        return "fp32"
+    return type(value).__name__
+
+
+def _params_of(kernel: Any) -> tuple[tuple[str, bool, bool, bool], ...]:
+    """(name, is_constexpr, is_specialized, is_aligned) per parameter, from the kernel's decorator."""
+    key = id(kernel)
+    if key not in _kernel_params:
+        options = getattr(kernel, "kwargs", None) or {}  # an InterpretedFunction keeps jit's options here
+        not_specialized = set(getattr(kernel, "do_not_specialize", None) or options.get("do_not_specialize") or ())
+        not_aligned = set(
+            getattr(kernel, "do_not_specialize_on_alignment", None)
+            or options.get("do_not_specialize_on_alignment") or ()
+        )
+        params = []
+        for index, param in enumerate(inspect.signature(_function_of(kernel)).parameters.values()):
+            is_constexpr = "constexpr" in str(param.annotation)
+            is_specialized = not {index, param.name} & not_specialized
+            is_aligned = not {index, param.name} & not_aligned
+            params.append((param.name, is_constexpr, is_specialized, is_aligned))
+        _kernel_params[key] = tuple(params)
+    return _kernel_params[key]
+
+
+def _function_of(kernel: Any) -> Any:
+    return kernel.fn

@@ -100,6 +100,7 @@ class WorkerStatsData:
     vocab_size: int = 0
     eos_token_ids: list[int] = field(default_factory=list)
     layout: KVLayout | None = None  # the worker's KV layout
+    num_kernel_compiles_after_ready: int = 0  # Triton variants compiled since SERVING; 0 on CPU
 
     @property
     def num_used_blocks(self) -> int:
@@ -110,7 +111,7 @@ _STATS_SCALARS = (
     "role", "is_ready", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
     "kv_cache_usage", "num_queued_prompt_tokens", "num_requests_served", "num_transfers",
     "num_transfer_bytes", "num_transfer_failures", "num_held_leases", "num_generated_tokens",
-    "max_model_len", "vocab_size",
+    "max_model_len", "vocab_size", "num_kernel_compiles_after_ready",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from common import transfer
 from common.transfer import KVLayout
@@ -12,6 +13,9 @@ from services.common.worker_messages import WorkerStatsData
 logger = logging.getLogger(__name__)
 
 TRANSFER_BACKENDS = transfer.BACKENDS
+
+# Triton compiles in this process when its worker was about to report SERVING (None: not yet).
+_num_compiles_at_ready: int | None = None
 
 
 def kv_layout(engine) -> KVLayout:
@@ -47,6 +51,7 @@ def refresh_worker_stats(role: str, engine_stats, metrics, counters: dict[str, i
         num_transfer_bytes=counters["bytes"],
         num_transfer_failures=counters["failures"],
         num_generated_tokens=engine_stats.generation_tokens_total,
+        num_kernel_compiles_after_ready=num_kernel_compiles_after_ready(),
         layout=layout,
         **facts,
         **role_fields,
@@ -54,6 +59,19 @@ def refresh_worker_stats(role: str, engine_stats, metrics, counters: dict[str, i
     metrics.set_queue_sizes(stats.num_running, stats.num_waiting)
     metrics.set_kv_usage(stats.num_used_blocks, stats.num_total_blocks)
     return stats
+
+
+def num_kernel_compiles_after_ready() -> int:
+    """Triton variants compiled since the worker reported SERVING (all of them before; 0 on CPU).
+
+    Triton's JIT caches are per process, so two workers sharing a process (tests) share the count.
+    """
+    return _num_kernel_compiles() - (_num_compiles_at_ready or 0)
+
+
+def _num_kernel_compiles() -> int:
+    launch_utils = sys.modules.get("kernels.launch_utils")  # not imported: no kernel was ever launched
+    return launch_utils.num_compiled_variants() if launch_utils is not None else 0
 
 
 async def load_engine(config):
