@@ -6,6 +6,7 @@ import argparse
 import re
 
 from common.engine.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, EngineConfig
+from common.engine.kv_budget import KV_ROLES
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -23,6 +24,7 @@ def parse_memory_size(text: str) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A command picks its own `--kv-role` default with `parser.set_defaults(kv_role=...)` beforehand."""
     defaults = EngineConfig()
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default=None,
@@ -35,10 +37,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     group.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     group.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                       help="share of the GPU's total memory this process may use (weights, activations, "
+                            "KV pool, CUDA graphs and context), whatever other processes hold")
     group.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory",
                        type=parse_memory_size, default=None, help="KV pool size on CPU, e.g. 2GiB (default 1GiB)")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="explicit KV pool size in blocks")
+    group.add_argument("--max-num-kv-tokens", type=int, default=None,
+                       help="at most this many tokens in the KV pool (default: what the memory budget holds; "
+                            "for kv_producer, what a prefill worker holds)")
+    group.add_argument("--kv-role", choices=KV_ROLES, default=parser.get_default("kv_role") or defaults.kv_role,
+                       help="kv_producer (tandem prefill's default) caps the KV pool at a few prefill steps' "
+                            "hand-offs plus one max_model_len prompt")
     group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=defaults.attention_backend)
     group.add_argument("--seed", type=int, default=defaults.seed)
     group.add_argument("--enforce-eager", action="store_true",
@@ -63,6 +73,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks,
+        max_num_kv_tokens=args.max_num_kv_tokens,
+        kv_role=args.kv_role,
         attention_backend=args.attention_backend,
         seed=args.seed,
         enforce_eager=args.enforce_eager,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.engine.kv_budget import KV_ROLES
+
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
@@ -27,8 +29,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # most new tokens in one prefill step
     max_model_len: int | None = None  # prompt + output cap; None = the model's max_position_embeddings
     kv_cache_memory_bytes: int | None = None  # KV pool size on CPU (default 1 GiB)
-    gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV pool
-    num_kv_blocks: int | None = None  # explicit pool size in blocks; overrides both budgets above
+    # share of the GPU's total memory THIS process may use (weights, activations, KV pool, CUDA graphs,
+    # CUDA context), whatever other processes on the GPU hold
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # explicit pool size in blocks; overrides the budgets above and the cap
+    max_num_kv_tokens: int | None = None  # cap: at most this many tokens of KV; None = kv_role's default
+    kv_role: str = "kv_both"  # kv_producer (prefill worker): default cap = what it holds; others: no cap
     attention_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | reference | triton
     seed: int = 0  # seeds the generator shared by requests without a seed of their own
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
@@ -38,6 +44,7 @@ class EngineConfig:
         self._check_choice("load_format", LOAD_FORMATS)
         self._check_choice("dtype", DTYPES)
         self._check_choice("attention_backend", ATTENTION_BACKENDS)
+        self._check_choice("kv_role", KV_ROLES)
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"model must be a non-empty string or None, got {self.model!r}")
         if not isinstance(self.device, str) or not _is_valid_device(self.device):
@@ -47,6 +54,7 @@ class EngineConfig:
         self._check_positive("max_num_batched_tokens")
         self._check_positive("max_model_len", is_optional=True)
         self._check_positive("num_kv_blocks", is_optional=True)
+        self._check_positive("max_num_kv_tokens", is_optional=True)
         if self.kv_cache_memory_bytes is not None and (
             not _is_int(self.kv_cache_memory_bytes) or self.kv_cache_memory_bytes <= 0
         ):

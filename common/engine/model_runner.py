@@ -18,17 +18,23 @@ argmax on the device and one `.tolist()`, the step's only synchronisation.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 
 import torch
 
 from common.attention import AttentionMetadata
+from common.engine import kv_budget
 from common.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from common.engine.cuda_graphs import CUDAGraphRunner, DecodeForward, capture_batch_sizes, decode_split_plan
 from common.engine.decode_inputs import DecodeInputBuffers
+from common.engine.kv_budget import MemoryProfile
 from common.engine.sampler import Sampler, SamplingRow
 from common.engine.scheduler import SampledToken, SchedulerPlan
 from common.engine.sequence import Sequence
-from common.kv.kv_pool import KVLayout, KVPool, num_blocks_for_budget
+from common.kv.kv_pool import KVLayout, KVPool
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -143,6 +149,9 @@ class ModelRunner:
         )
 
 
+_NON_TORCH_FALLBACK_BYTES = 1 << 30  # counted for the CUDA context & co. when NVML cannot see this process
+
+
 @torch.inference_mode()
 def profile_peak_memory(
     model: torch.nn.Module,
@@ -151,64 +160,120 @@ def profile_peak_memory(
     num_tokens: int,
     max_model_len: int,
     num_logit_rows: int,
-) -> int:
-    """CUDA only: peak bytes allocated by a forward of `num_tokens` plus logits for the rows.
+    graph_batch_size: int | None = None,
+) -> MemoryProfile:
+    """CUDA only: this process's own memory figures, from forwards on throwaway pools.
 
-    Runs on a throwaway pool just big enough for those tokens, so the measured peak covers the
-    weights, the largest prefill's activations, and the sampler's [rows, vocab] buffers.
+    peak_torch_bytes: torch's peak over a forward of `num_tokens` (prompts of up to max_model_len),
+    logits and the sampler's temporaries for `num_logit_rows` rows: weights + the largest step.
+    cuda_graph_bytes: the peak of one decode step of `graph_batch_size` rows, which the decode graphs'
+    private pool keeps reserved (None: decode runs eagerly, nothing is kept).
+    non_torch_bytes: what this process holds outside torch (CUDA context, cuBLAS, loaded kernels).
+    Other processes enter only `free_bytes`.
     """
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
     lengths = [max_model_len] * (num_tokens // max_model_len)
     if num_tokens % max_model_len:
         lengths.append(num_tokens % max_model_len)
+    cuda_graph_bytes = 0
+    with torch.cuda.device(device):  # Triton launches go to the current device
+        peak_torch_bytes = _forward_peak_bytes(model, layout, device, lengths, num_logit_rows, is_sampled=True)
+        if graph_batch_size is not None:
+            weights_bytes = torch.cuda.memory_reserved(device)
+            # one token per sequence: the decode kernels; logits [B, V] as the graphs' shared output
+            decode_peak = _forward_peak_bytes(model, layout, device, [1] * graph_batch_size, graph_batch_size,
+                                              is_sampled=False)
+            cuda_graph_bytes = max(decode_peak - weights_bytes, 0)
+    reserved = torch.cuda.memory_reserved(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return MemoryProfile(
+        total_bytes=total, free_bytes=free, torch_reserved_bytes=reserved, peak_torch_bytes=peak_torch_bytes,
+        cuda_graph_bytes=cuda_graph_bytes, non_torch_bytes=_non_torch_bytes(device, reserved, total - free),
+    )
+
+
+def _forward_peak_bytes(model, layout: KVLayout, device: torch.device, lengths: list[int], num_rows: int,
+                        is_sampled: bool) -> int:
+    """Torch's peak reserved bytes over one forward of prompts of `lengths` plus logits (and, if
+    sampled, the sampler's temporaries) for `num_rows` rows, less the throwaway pool it writes K/V into."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
     tables, num_blocks = [], 0
     for length in lengths:
         count = -(-length // layout.block_size)
         tables.append(list(range(num_blocks, num_blocks + count)))
         num_blocks += count
     pool = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=device)
+    pool_bytes = pool.numel() * pool.element_size()
     metadata = AttentionMetadata.build(lengths, lengths, tables, layout.block_size, device)
-    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    input_ids = torch.zeros(sum(lengths), dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(length, device=device) for length in lengths])
     hidden = model(input_ids, positions, pool, metadata)  # [T, hidden]
-    logits = model.compute_logits(hidden[:1].expand(num_logit_rows, -1).contiguous())  # [rows, V]
-    torch.softmax(logits, dim=-1).sort(dim=-1)  # the sampler's biggest temporaries
+    logits = model.compute_logits(hidden[:1].expand(num_rows, -1).contiguous())  # [rows, V]
+    if is_sampled:
+        torch.softmax(logits, dim=-1).sort(dim=-1)  # the sampler's biggest temporaries
     torch.cuda.synchronize(device)
     del pool, hidden, logits
-    peak = torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_reserved(device) - pool_bytes
     torch.cuda.empty_cache()
     return peak
+
+
+def _non_torch_bytes(device: torch.device, reserved: int, device_used: int) -> int:
+    """This process's device memory outside torch's allocator: NVML's per-process figure less torch's
+    reservations. Where NVML cannot see this process (no pynvml, a PID namespace, MIG), the device's
+    whole non-torch use, capped at _NON_TORCH_FALLBACK_BYTES so other processes count no further."""
+    own = _nvml_process_bytes(device)
+    if own is not None:
+        return max(own - reserved, 0)
+    fallback = min(max(device_used - reserved, 0), _NON_TORCH_FALLBACK_BYTES)
+    logger.warning("NVML does not report this process's memory on %s: counting %.2f GiB for its CUDA context",
+                   device, fallback / 2**30)
+    return fallback
+
+
+def _nvml_process_bytes(device: torch.device) -> int | None:
+    """Bytes NVML says this process holds on `device` (context included), or None if it cannot say."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(device).uuid}")
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no pynvml, no driver access, MIG: the caller falls back
+        return None
+    used = [p.usedGpuMemory for p in processes if p.pid == os.getpid() and p.usedGpuMemory is not None]
+    return int(used[0]) if used else None
 
 
 def determine_num_kv_blocks(
     config: EngineConfig, model: torch.nn.Module, layout: KVLayout, device: torch.device, max_model_len: int
 ) -> int:
-    """Pool size in blocks: explicit `num_kv_blocks`, else `kv_cache_memory_bytes` (CPU default
-    1 GiB), else on CUDA what `gpu_memory_utilization` leaves after weights and peak activations."""
+    """Pool size in blocks: explicit `num_kv_blocks`, else what `kv_cache_memory_bytes` (CPU default
+    1 GiB) holds, else on CUDA this process's `gpu_memory_utilization` share less its weights, peak
+    activations, decode graphs and CUDA context (`kv_budget`); at most `max_num_kv_tokens` (a
+    kv_producer's default: what a prefill worker holds)."""
+    bytes_per_block = layout.bytes_per_block
     if config.num_kv_blocks is not None:
-        num_blocks = config.num_kv_blocks
-    elif config.kv_cache_memory_bytes is not None or device.type != "cuda":
-        num_blocks = num_blocks_for_budget(layout, config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
+        return kv_budget.num_kv_blocks(config.num_kv_blocks * bytes_per_block, bytes_per_block,
+                                       layout.block_size, max_model_len)
+    if config.kv_cache_memory_bytes is not None or device.type != "cuda":
+        kv_bytes = config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
     else:
-        peak = profile_peak_memory(model, layout, device, config.max_num_batched_tokens, max_model_len,
-                                   config.max_num_seqs)
-        free, total = torch.cuda.mem_get_info(device)
-        not_torch = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
-        budget = int(total * config.gpu_memory_utilization) - peak - not_torch
-        if budget <= 0:
-            raise ValueError(
-                f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the KV cache: "
-                f"weights and activations peak at {peak / 2**30:.2f} GiB of {total / 2**30:.2f} GiB"
-            )
-        num_blocks = num_blocks_for_budget(layout, budget)
-    if num_blocks * layout.block_size < max_model_len:
-        raise ValueError(
-            f"the KV pool holds {num_blocks} blocks x {layout.block_size} tokens, fewer than max_model_len "
-            f"{max_model_len}: raise num_kv_blocks / kv_cache_memory_bytes / gpu_memory_utilization, "
-            f"or lower max_model_len"
+        # CUDA graphs are captured as LLMEngine decides: Triton backend, not enforce_eager.
+        uses_graphs = not config.enforce_eager and model.attention_backend.name == "triton"
+        profile = profile_peak_memory(
+            model, layout, device, config.max_num_batched_tokens, max_model_len, config.max_num_seqs,
+            min(config.max_num_seqs, config.cuda_graph_max_batch_size) if uses_graphs else None,
         )
-    return num_blocks
+        kv_bytes = kv_budget.kv_bytes_for_utilization(profile, config.gpu_memory_utilization, str(device))
+    max_num_kv_tokens = config.max_num_kv_tokens
+    if max_num_kv_tokens is None and config.kv_role == "kv_producer":
+        max_num_kv_tokens = kv_budget.producer_max_num_kv_tokens(
+            config.max_num_batched_tokens, config.max_num_seqs, max_model_len, layout.block_size)
+    return kv_budget.num_kv_blocks(kv_bytes, bytes_per_block, layout.block_size, max_model_len, max_num_kv_tokens)
 
 
 def _sampling_row(seq: Sequence) -> SamplingRow:

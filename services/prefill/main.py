@@ -19,6 +19,8 @@ from services.prefill.worker import PrefillWorker
 
 
 def _add_prefill_args(parser: argparse.ArgumentParser) -> None:
+    # The pool holds prompts in flight and hand-offs awaiting their pull, not whole generations.
+    parser.set_defaults(kv_role="kv_producer")
     parser.add_argument("--kv-port", type=int, default=int(env("KV_PORT", "0")),
                         help="UCX listener port (0 = any free port)")
     parser.add_argument("--kv-lease-seconds", type=float, default=float(env("KV_LEASE_SECONDS", "60")),
