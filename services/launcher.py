@@ -1,8 +1,11 @@
 """`tandem serve`: the whole system on one machine, each service its own process.
 
     tandem serve [--num-prefill 1] [--num-decode 1] [--port 50051] [engine flags, e.g. --model, --block-size]
+                 [--device cuda:0 | --prefill-devices 0 --decode-devices 1]
+                 [--prefill-gpu-memory-utilization X] [--decode-gpu-memory-utilization Y]
 
-Starts P prefill and D decode workers (free ports; engine flags are passed to each), waits until they
+Checks the flags and places the workers (`services.placement`: which GPU, what share of it), starts
+P prefill and D decode workers (free ports; engine flags are passed to each), waits until they
 are SERVING, starts the frontend pointed at them, waits for it, then prints where to connect. Ctrl-C
 or SIGTERM stops every service (frontend first); if any service dies, the rest are stopped too.
 Services log to files under --log-dir (a fresh temporary folder by default).
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.healthcheck import check_health
+from services.placement import PlacementFlags, WorkerPlacement, describe, place_workers
 
 _STOP_GRACE_SECONDS = 15.0
 
@@ -118,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Unrecognized flags (engine flags) are passed to every worker.")
     parser.add_argument("--num-prefill", type=int, default=1, help="prefill workers to start")
     parser.add_argument("--num-decode", type=int, default=1, help="decode workers to start")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N: every worker there, sharing the GPU's memory by role")
+    parser.add_argument("--prefill-devices", nargs="+", default=[], metavar="GPU",
+                        help="GPU indices for prefill workers (round-robin), e.g. 0 or 0,1; with --decode-devices")
+    parser.add_argument("--decode-devices", nargs="+", default=[], metavar="GPU",
+                        help="GPU indices for decode workers (round-robin), e.g. 1 or 1 2 3")
+    parser.add_argument("--prefill-gpu-memory-utilization", type=float, default=None, metavar="SHARE",
+                        help="each prefill worker's share of its GPU (default 0.25 beside decode workers)")
+    parser.add_argument("--decode-gpu-memory-utilization", type=float, default=None, metavar="SHARE",
+                        help="each decode worker's share of its GPU (default: what is left of 0.9, split evenly)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--host", default="0.0.0.0", help="frontend bind address")
     parser.add_argument("--port", type=int, default=50051, help="frontend port (0 = any free port)")
     parser.add_argument("--http-port", type=int, default=8000,
@@ -131,13 +146,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_system(launcher: Launcher, args: argparse.Namespace, engine_argv: list[str]) -> Service:
+def plan_workers(args: argparse.Namespace, num_gpus: int | None) -> list[WorkerPlacement]:
+    """Checks the placement flags (ValueError: one line naming the flag) before anything starts."""
+    if args.gpu_memory_utilization is not None:
+        raise ValueError("--gpu-memory-utilization is per worker here: use --prefill-gpu-memory-utilization "
+                         "and --decode-gpu-memory-utilization")
+    flags = PlacementFlags(args.num_prefill, args.num_decode, args.device, tuple(args.prefill_devices),
+                           tuple(args.decode_devices), args.prefill_gpu_memory_utilization,
+                           args.decode_gpu_memory_utilization)
+    return place_workers(flags, num_gpus)
+
+
+def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_argv: list[str]) -> list[str]:
+    """The `tandem prefill|decode` command line of one worker."""
     model_argv = ["--model", args.model] if args.model else []
     lease_argv = ["--kv-lease-seconds", str(args.kv_lease_seconds)] if args.kv_lease_seconds else []
-    prefills = [launcher.start(f"prefill-{i}", ["prefill", "--port", "0", *model_argv, *lease_argv, *engine_argv])
-                for i in range(args.num_prefill)]
-    decodes = [launcher.start(f"decode-{i}", ["decode", "--port", "0", *model_argv, *engine_argv])
-               for i in range(args.num_decode)]
+    role_argv = lease_argv if placement.role == "prefill" else []
+    return [placement.role, "--port", "0", *model_argv, *role_argv, *placement.argv(), *engine_argv]
+
+
+def visible_gpu_count() -> int | None:
+    """GPUs the workers will see (CUDA_VISIBLE_DEVICES, else NVML; no CUDA context); None if unknown."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [entry.strip() for entry in visible.split(",")]  # CUDA stops at the first invalid entry
+        return next((i for i, entry in enumerate(entries) if not entry or entry.startswith("-")), len(entries))
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0  # no driver: no GPU
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _start_system(launcher: Launcher, args: argparse.Namespace, engine_argv: list[str],
+                  placements: list[WorkerPlacement]) -> Service:
+    model_argv = ["--model", args.model] if args.model else []
+    workers = [launcher.start(p.name, worker_argv(p, args, engine_argv)) for p in placements]
+    prefills = [w for w, p in zip(workers, placements) if p.role == "prefill"]
+    decodes = [w for w, p in zip(workers, placements) if p.role == "decode"]
+    for line in describe(placements):
+        print(line, flush=True)
     print(f"starting {args.num_prefill} prefill and {args.num_decode} decode workers (logs in {launcher.log_dir})",
           flush=True)
     launcher.wait_ready([*prefills, *decodes], args.ready_timeout)
@@ -162,8 +217,10 @@ def _start_system(launcher: Launcher, args: argparse.Namespace, engine_argv: lis
 
 def main(argv: list[str]) -> int:
     args, engine_argv = build_parser().parse_known_args(argv)
-    if args.num_prefill < 1 or args.num_decode < 1:
-        print("tandem serve: --num-prefill and --num-decode must be >= 1", file=sys.stderr)
+    try:
+        placements = plan_workers(args, visible_gpu_count())
+    except ValueError as exc:
+        print(f"tandem serve: {exc}", file=sys.stderr)
         return 2
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +234,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored from a parent shell
         signal.signal(sig, request_stop)
     try:
-        frontend = _start_system(launcher, args, engine_argv)
+        frontend = _start_system(launcher, args, engine_argv, placements)
         print(f"Tandem is serving on {frontend.address} (tandem.v1.Generation; Ctrl-C stops it)")
         print(f'try:  tandem generate --address {frontend.address} "What is the capital of France?"', flush=True)
         if frontend.http_url:
