@@ -18,7 +18,7 @@ import torch
 
 from common.attention import get_attention_backend
 from common.engine.config import EngineConfig
-from common.engine.model_runner import ModelRunner, determine_num_kv_blocks
+from common.engine.model_runner import ModelRunner, decode_uses_cuda_graphs, determine_num_kv_blocks
 from common.engine.outputs import EngineStats, RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
@@ -62,7 +62,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
             scratch_block_id=num_blocks,
-            use_cuda_graphs=_can_use_cuda_graphs(config, model, self.device),
+            use_cuda_graphs=decode_uses_cuda_graphs(config, model, self.device),
             cuda_graph_max_batch_size=config.cuda_graph_max_batch_size,
         )
         self._requests: dict[str, Sequence] = {}  # waiting or running
@@ -253,20 +253,6 @@ class LLMEngine:
 
     def _count_finish(self, reason: str) -> None:
         self._finished_reasons[reason] = self._finished_reasons.get(reason, 0) + 1
-
-
-def _can_use_cuda_graphs(config: EngineConfig, model: torch.nn.Module, device: torch.device) -> bool:
-    """Decode steps replay CUDA graphs on CUDA with the Triton backend, unless enforce_eager.
-
-    The reference backend gathers every context padded to the graph's plan length, which at
-    max_model_len would not fit in memory: it stays eager.
-    """
-    if device.type != "cuda" or config.enforce_eager:
-        return False
-    if model.attention_backend.name != "triton":
-        logger.info("decode runs eagerly: CUDA graphs need the Triton attention backend")
-        return False
-    return True
 
 
 def _max_model_len(config: EngineConfig, model_config) -> int:

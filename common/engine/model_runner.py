@@ -248,6 +248,18 @@ def _nvml_process_bytes(device: torch.device) -> int | None:
     return int(used[0]) if used else None
 
 
+def decode_uses_cuda_graphs(config: EngineConfig, model: torch.nn.Module, device: torch.device) -> bool:
+    """Decode steps replay CUDA graphs on CUDA with the Triton backend, unless enforce_eager.
+
+    The reference backend gathers every context padded to the graph's plan length, which at
+    max_model_len would not fit in memory: it stays eager. A KV producer (prefill worker) never
+    runs a decode step, so it captures nothing.
+    """
+    if device.type != "cuda" or config.enforce_eager or config.kv_role == "kv_producer":
+        return False
+    return model.attention_backend.name == "triton"
+
+
 def determine_num_kv_blocks(
     config: EngineConfig, model: torch.nn.Module, layout: KVLayout, device: torch.device, max_model_len: int
 ) -> int:
@@ -262,8 +274,7 @@ def determine_num_kv_blocks(
     if config.kv_cache_memory_bytes is not None or device.type != "cuda":
         kv_bytes = config.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES
     else:
-        # CUDA graphs are captured as LLMEngine decides: Triton backend, not enforce_eager.
-        uses_graphs = not config.enforce_eager and model.attention_backend.name == "triton"
+        uses_graphs = decode_uses_cuda_graphs(config, model, device)
         profile = profile_peak_memory(
             model, layout, device, config.max_num_batched_tokens, max_model_len, config.max_num_seqs,
             min(config.max_num_seqs, config.cuda_graph_max_batch_size) if uses_graphs else None,
