@@ -146,3 +146,90 @@ def load_benchmark_model(model: str, device: torch.device, dtype: str, seed: int
     backend = get_attention_backend("auto", device)
     return load_model(resolved.folder, resolved.load_format, dtype, device, backend,
                       model_config=resolved.model_config, seed=seed)
+
+
+# ---- serving benchmarks: percentiles, arrivals, a streaming HTTP client -----------------------------
+
+
+def percentiles(values, points: tuple[int, ...] = (50, 99)) -> dict[str, float | None]:
+    """{"p50": ..., "p99": ...} of `values` (linear interpolation); None for each point when empty."""
+    import numpy as np
+
+    values = [float(v) for v in values]
+    return {f"p{p}": float(np.percentile(values, p)) if values else None for p in points}
+
+
+def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> list[float]:
+    """Send offsets in seconds: exponential gaps of mean 1/rate (seeded); rate inf -> all at 0."""
+    import numpy as np
+
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s (or inf), got {rate}")
+    if rate == float("inf"):
+        return [0.0] * num_requests
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, num_requests)
+    return np.cumsum(gaps).tolist()
+
+
+class HttpError(Exception):
+    """A non-200 answer: `status` and the start of its body."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status = status
+
+
+async def _read_body_chunks(reader, headers: dict[str, str]):
+    """The body as it arrives: de-chunked for `Transfer-Encoding: chunked`, else raw until EOF."""
+    if "chunked" not in headers.get("transfer-encoding", ""):
+        while data := await reader.read(65536):
+            yield data
+        return
+    while True:
+        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return
+        data = await reader.readexactly(size)
+        await reader.readexactly(2)  # CRLF after each chunk
+        yield data
+
+
+async def post_sse(host: str, port: int, path: str, body: dict):
+    """POSTs `body` as JSON over HTTP/1.1 and yields (time.perf_counter() at arrival, event) for each
+    server-sent `data:` event until `[DONE]`; raises HttpError on a non-200 status.
+
+    A minimal client (one connection per request, `Connection: close`) so a benchmark needs no HTTP
+    library beyond the standard one and times each event when its bytes arrive.
+    """
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        payload = json.dumps(body).encode()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                     f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                     .encode() + payload)
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if status != 200:
+            text = b"".join([chunk async for chunk in _read_body_chunks(reader, headers)])
+            raise HttpError(status, text.decode(errors="replace"))
+        buffer = b""
+        async for chunk in _read_body_chunks(reader, headers):
+            buffer += chunk
+            now = time.perf_counter()
+            *events, buffer = buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+            for event in events:
+                for line in event.split(b"\n"):
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield now, json.loads(data)
+    finally:
+        writer.close()
