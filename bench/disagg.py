@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,7 +664,7 @@ def serving_run(name: str, api: str, rate: float, target: Target, services: Serv
                 for k, v in compiles_after.items()}
     known = [v for v in compiles.values() if v is not None]
     return {
-        "name": name, "api": api, "rate": rate, **client_figures(records, wall),
+        "name": name, "api": api, "rate": rate if rate != float("inf") else "inf", **client_figures(records, wall),
         "truncated": any(r.end is None for r in records), "kv": kv_figures(spans, records),
         "compiles": compiles, "compiles_total": sum(known) if known else None,
         "compiles_after_ready": compiles_after, "bench_process_cpu_fraction": cpu_seconds / wall if wall else None,
@@ -741,7 +742,8 @@ def table(report: dict) -> str:
 
 def new_report(args, model: dict, prompts, output_lens) -> dict:
     return {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("baseline_output", "load_format")},
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("baseline_output", "load_format")},
+                     "rates": [f"{rate:g}" for rate in args.rates]},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "model": model, "dtype": args.dtype, "workload": workload_summary(prompts, output_lens),
         "topology": f"1P{args.num_decode}D",
@@ -814,6 +816,7 @@ def run_services(args, model: dict, report: dict, log_dir: Path, prompts, output
                 add_ratios(report)
                 write_json(args.output, report)
             report["phases_done"] += [p for p in args.phases if p != "engine"]
+            report["metrics_files"] = save_metrics(services)
         except ServiceFailure as exc:
             report["failure"] = str(exc)
             print(f"service failure: {exc}", flush=True)
@@ -823,6 +826,25 @@ def run_services(args, model: dict, report: dict, log_dir: Path, prompts, output
         finally:
             services.stop()
             save_service_logs_tail(services, report)
+
+
+def save_metrics(services: Services) -> dict[str, str]:
+    """Each service's Prometheus /metrics text, written next to its log; returns the files by service."""
+    files = {}
+    for service in services.started:
+        port = service.info.get("metrics_port")
+        if port is None:
+            continue
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            print(f"{service.name}: /metrics unreadable ({exc})", flush=True)
+            continue
+        path = services.log_dir / f"metrics-{service.name}.txt"
+        path.write_text(text)
+        files[service.name] = str(path)
+    return files
 
 
 def save_service_logs_tail(services: Services, report: dict) -> None:

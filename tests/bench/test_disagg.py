@@ -97,6 +97,8 @@ def test_cpu_run_measures_every_phase_through_real_services(tmp_path):
         assert all(v is None or v >= 0 for v in run["compiles"].values())
     # Poisson arrivals at 4/s: the last request is not sent before its arrival time
     assert result["runs"]["grpc-rate-4"]["wall_seconds"] > poisson_arrivals(NUM_REQUESTS, 4.0, 0)[-1]
+    assert set(result["metrics_files"]) == {"prefill-0", "decode-0", "frontend"}
+    assert "tandem:" in (tmp_path / "logs" / "metrics-decode-0.txt").read_text()
     spans = json.loads((tmp_path / "logs" / "spans-grpc-inf.json").read_text())
     assert {"kv.send", "kv.recv"} <= {s["name"] for s in spans}
     assert stdout[-5].split()[0] == "run" and stdout[-4].split()[:3] == ["engine", "1", "GPU"]  # the table is last
