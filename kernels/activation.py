@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch_utils import FLOAT_DTYPES, check_out, check_tensor, num_multiprocessors, runnable_kernel
+from kernels.launch_utils import FLOAT_DTYPES, check_out, check_tensor, launch, num_multiprocessors
 
 MAX_BLOCK = 1024  # columns per program once there are enough programs to fill the GPU
 MIN_BLOCK = 256  # smallest block: 8 elements per thread of one warp
@@ -52,6 +52,20 @@ def _block_size(num_tokens: int, intermediate: int, device: torch.device) -> int
     return block
 
 
+def token_counts_per_block(intermediate: int, device: torch.device) -> list[int]:
+    """Ascending token counts, the smallest giving each BLOCK `silu_and_mul` picks for this width:
+    a launch at each covers every variant the kernel has for it (the engine's warm-up runs them)."""
+    num_sms = num_multiprocessors(device)
+    largest = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(intermediate)))
+    blocks = [MIN_BLOCK << shift for shift in range(largest.bit_length() - MIN_BLOCK.bit_length() + 1)]
+    # The block stops halving at b once num_tokens * cdiv(intermediate, b) reaches num_sms.
+    candidates = {1} | {triton.cdiv(num_sms, triton.cdiv(intermediate, block)) for block in blocks}
+    first_count: dict[int, int] = {}
+    for num_tokens in sorted(candidates):
+        first_count.setdefault(_block_size(num_tokens, intermediate, device), num_tokens)
+    return sorted(first_count.values())
+
+
 def silu_and_mul(
     gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate]; may have a row stride
     out: torch.Tensor | None = None,  # [num_tokens, intermediate], gate_up's dtype
@@ -66,8 +80,8 @@ def silu_and_mul(
     if num_tokens == 0 or intermediate == 0:
         return out
     block = _block_size(num_tokens, intermediate, gate_up.device)
-    kernel = runnable_kernel(_silu_and_mul_kernel, gate_up.device)
-    kernel[(num_tokens, triton.cdiv(intermediate, block))](
+    launch(
+        _silu_and_mul_kernel, (num_tokens, triton.cdiv(intermediate, block)), gate_up.device,
         gate_up, out, gate_up.stride(0), out.stride(0), intermediate,
         BLOCK=block,
         num_warps=block // MIN_BLOCK,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch_utils import FLOAT_DTYPES, check_tensor, num_multiprocessors, runnable_kernel
+from kernels.launch_utils import FLOAT_DTYPES, check_tensor, launch, num_multiprocessors
 
 MAX_ROWS = 4  # rows of x one launch handles; larger batches belong to a GEMM
 MIN_BLOCK_N = 4  # output rows per program, at least
@@ -156,8 +156,8 @@ def gemv(
     if num_inputs == 0:
         return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
     block_n, block_k, num_warps = _block_sizes(num_features, num_inputs, x.device)
-    kernel = runnable_kernel(_gemv_kernel, x.device)
-    kernel[(triton.cdiv(num_features, block_n),)](
+    launch(
+        _gemv_kernel, (triton.cdiv(num_features, block_n),), x.device,
         x, weight, bias if bias is not None else weight, out,
         num_features, num_inputs, x.stride(0), weight.stride(0), out.stride(0),
         NUM_ROWS=num_rows,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch_utils import FLOAT_DTYPES, INDEX_DTYPES, check_kv_cache, check_tensor, runnable_kernel
+from kernels.launch_utils import FLOAT_DTYPES, INDEX_DTYPES, check_kv_cache, check_tensor, launch
 
 
 @triton.jit
@@ -68,8 +68,8 @@ def write_kv_cache(
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
     if num_tokens == 0:
         return
-    kernel = runnable_kernel(_write_kv_cache_kernel, key.device)
-    kernel[(num_tokens,)](
+    launch(
+        _write_kv_cache_kernel, (num_tokens,), key.device,
         key,
         value,
         kv_cache[0],

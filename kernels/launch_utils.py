@@ -1,4 +1,5 @@
-"""What every Triton launcher in this folder shares: input checks and picking how a kernel runs.
+"""What every Triton launcher in this folder shares: input checks, picking how a kernel runs, and
+knowing which compiled variants launches use (the section at the end).
 
 On CUDA a kernel runs compiled. On CPU it can only run in the Triton interpreter, which is chosen
 by TRITON_INTERPRET=1. Triton reads that variable when `@triton.jit` decorates a function, so a
@@ -9,10 +10,11 @@ the import order of a process (e.g. a pytest session) does not matter.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import triton
@@ -179,29 +181,46 @@ def check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor, metadata
 # Triton compiles one variant of a kernel per distinct key: its constexpr values, the dtype of each
 # pointer and whether it is 16-byte aligned, and for each integer argument not marked
 # `do_not_specialize` whether it is 1 (then a constant) or a multiple of 16, plus launch options
-# (num_warps, num_stages). `launch` records that key for every launch, compiled or interpreted, so a
-# CPU test can check which variants a workload needs; `num_compiled_variants` counts what Triton has
-# really compiled (its per-device JIT caches), which is 0 under the interpreter.
+# (num_warps, num_stages). The kernels here take as plain (specialised) integers only sizes fixed by
+# the model's shapes; sizes that follow a step (block-table widths, split counts) are
+# do_not_specialize, and constexprs come from small fixed sets (common/engine/warmup.py lists them).
+#
+# Inside `recording_variant_keys()`, `launch` records each launch's key, compiled or interpreted, so
+# a CPU test can check which variants a workload needs (computing a key costs ~10 us, so it is off
+# otherwise). `num_compiled_variants` counts what Triton really compiled: its per-device JIT caches.
 
-_variant_keys: set[tuple] = set()
+_variant_keys: set[tuple] = set()  # every key recorded in this process
+_recordings: list[set[tuple]] = []  # the sets of the recording_variant_keys blocks now open
 _launched_kernels: dict[int, Any] = {}  # id(jit function) -> it, for every kernel launched so far
 _kernel_params: dict[int, tuple[tuple[str, bool, bool, bool], ...]] = {}  # id -> see _params_of
 
 
 def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any, **kwargs: Any) -> None:
-    """`kernel[grid](*args, **kwargs)` on `device` (interpreted on CPU), recording its variant key."""
+    """`kernel[grid](*args, **kwargs)` on `device` (interpreted on CPU); records its variant key
+    while a `recording_variant_keys` block is open."""
     _launched_kernels.setdefault(id(kernel), kernel)
-    _variant_keys.add(variant_key(kernel, args, kwargs))
+    if _recordings:
+        key = variant_key(kernel, args, kwargs)
+        _variant_keys.add(key)
+        for keys in _recordings:
+            keys.add(key)
     runnable_kernel(kernel, device)[grid](*args, **kwargs)
 
 
+@contextlib.contextmanager
+def recording_variant_keys() -> Iterator[set[tuple]]:
+    """Yields a set that receives the variant key of every launch made until the block ends."""
+    keys: set[tuple] = set()
+    _recordings.append(keys)
+    try:
+        yield keys
+    finally:
+        _recordings.remove(keys)
+
+
 def variant_keys() -> set[tuple]:
-    """Every variant key launched in this process: (kernel name, one class per argument, options)."""
+    """Every variant key recorded in this process: (kernel name, one class per argument, options)."""
     return set(_variant_keys)
-
-
-def clear_variant_keys() -> None:
-    _variant_keys.clear()
 
 
 def num_compiled_variants() -> int:
@@ -228,14 +247,14 @@ def variant_key(kernel: Any, args: tuple, kwargs: dict) -> tuple:
             classes.append(f"{name}:{_argument_class(value, is_specialized, is_aligned)}")
     names = {name for name, *_ in params}
     options = tuple(sorted(f"{name}={value}" for name, value in kwargs.items() if name not in names))
-    return (_function_of(kernel).__name__, tuple(classes), options)
+    return (kernel.fn.__name__, tuple(classes), options)
 
 
 def _argument_class(value: Any, is_specialized: bool, is_aligned: bool) -> str:
     """Triton's specialisation of one runtime argument: type, then 1 / D (divisible by 16) / nothing."""
     if isinstance(value, torch.Tensor):
         is_divisible = is_specialized and is_aligned and value.data_ptr() % 16 == 0
-        return f"*{value.dtype}" + (":D" if is_divisible else "")
+        return f"*{str(value.dtype).removeprefix('torch.')}" + (":D" if is_divisible else "")
     if isinstance(value, bool):
         return "u1"
     if isinstance(value, int):
@@ -259,14 +278,10 @@ def _params_of(kernel: Any) -> tuple[tuple[str, bool, bool, bool], ...]:
             or options.get("do_not_specialize_on_alignment") or ()
         )
         params = []
-        for index, param in enumerate(inspect.signature(_function_of(kernel)).parameters.values()):
+        for index, param in enumerate(inspect.signature(kernel.fn).parameters.values()):
             is_constexpr = "constexpr" in str(param.annotation)
             is_specialized = not {index, param.name} & not_specialized
             is_aligned = not {index, param.name} & not_aligned
             params.append((param.name, is_constexpr, is_specialized, is_aligned))
         _kernel_params[key] = tuple(params)
     return _kernel_params[key]
-
-
-def _function_of(kernel: Any) -> Any:
-    return kernel.fn

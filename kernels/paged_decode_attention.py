@@ -33,16 +33,19 @@ from kernels.launch_utils import (
     check_out,
     dot_operand_dtype,
     dot_precision,
+    launch,
     num_multiprocessors,
-    runnable_kernel,
 )
 
 LOG2_E = 1.4426950408889634
 MIN_PARTITION_SIZE = 256  # tokens; shorter partitions cost more in the reduce than they save
 PROGRAMS_PER_SM = 4  # split until the grid has about this many programs per SM
+SPLIT_BLOCK = 32  # partitions the reduce merges per iteration; fixed, so no split count adds a variant
 
 
-@triton.jit
+# The block-table width follows the step's longest context: specialising on it would compile a
+# variant per width class (1, multiple of 16, other) for nothing measurable.
+@triton.jit(do_not_specialize=["stride_block_table"])
 def _paged_decode_kernel(
     query_ptr,  # [num_seqs, num_heads, head_dim]
     key_cache_ptr,  # [num_blocks * block_size, num_kv_heads, head_dim] (kv_cache[0], contiguous)
@@ -53,10 +56,10 @@ def _paged_decode_kernel(
     #           else: [num_seqs, num_heads, head_dim] in the query dtype
     lse_ptr,  # IS_SPLIT: [num_seqs, num_heads, num_splits] fp32 log2-sum-exp, contiguous; else unused
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
-    partition_size,  # tokens per split (a multiple of BLOCK_N); >= max context when not split
+    partition_size,  # tokens per split (a multiple of BLOCK_N, so always divisible by 16); 2**30 when not split
     stride_query_seq,
     stride_query_head,
-    stride_block_table,
+    stride_block_table,  # entries per block-table row (the step's widest table): not specialised
     stride_out_seq,
     stride_out_head,
     NUM_KV_HEADS: tl.constexpr,
@@ -117,14 +120,14 @@ def _paged_decode_kernel(
         tl.store(out_rows + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
     partial_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32, contiguous
     lse_ptr,  # [num_seqs, num_heads, num_splits] fp32, contiguous
     context_lens_ptr,  # [num_seqs]
     out_ptr,  # [num_seqs, num_heads, head_dim]
-    partition_size,
-    num_splits,
+    partition_size,  # as in _paged_decode_kernel
+    num_splits,  # partitions per (sequence, head) in the workspace: varies with the step, not specialised
     stride_out_seq,
     stride_out_head,
     HEAD_DIM: tl.constexpr,
@@ -216,8 +219,8 @@ def paged_decode_attention(
         partial_out, lse = out, out  # lse is unused by the single-pass kernel
         partition_size = 1 << 30  # one partition covers any context: no reliance on max_context_len
     group = num_heads // num_kv_heads
-    kernel = runnable_kernel(_paged_decode_kernel, query.device)
-    kernel[(num_seqs, num_kv_heads, num_splits)](
+    launch(
+        _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits), query.device,
         query, kv_cache[0], kv_cache[1], metadata.block_tables, metadata.context_lens, partial_out, lse,
         scale * LOG2_E, partition_size,
         query.stride(0), query.stride(1), metadata.block_tables.stride(0), out.stride(0), out.stride(1),
@@ -233,13 +236,13 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(query.dtype),
     )
     if is_split:
-        reduce = runnable_kernel(_reduce_splits_kernel, query.device)
-        reduce[(num_seqs, num_heads)](
+        launch(
+            _reduce_splits_kernel, (num_seqs, num_heads), query.device,
             partial_out, lse, metadata.context_lens, out, partition_size, num_splits,
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLIT_BLOCK=min(32, triton.next_power_of_2(num_splits)),
+            SPLIT_BLOCK=SPLIT_BLOCK,
         )
     return out
 

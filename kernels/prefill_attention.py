@@ -24,13 +24,15 @@ from kernels.launch_utils import (
     check_out,
     dot_operand_dtype,
     dot_precision,
-    runnable_kernel,
+    launch,
 )
 
 LOG2_E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table width follows the step's longest context: specialising on it would compile a
+# variant per width class (1, multiple of 16, other) for nothing measurable.
+@triton.jit(do_not_specialize=["stride_block_table"])
 def _prefill_attention_kernel(
     query_ptr,  # [num_tokens, num_heads, head_dim] packed new tokens of all sequences
     key_cache_ptr,  # [num_blocks * block_size, num_kv_heads, head_dim] (kv_cache[0], contiguous)
@@ -42,7 +44,7 @@ def _prefill_attention_kernel(
     qk_scale,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
     stride_query_token,
     stride_query_head,
-    stride_block_table,
+    stride_block_table,  # entries per block-table row (the step's widest table): not specialised
     stride_out_token,
     stride_out_head,
     NUM_KV_HEADS: tl.constexpr,
@@ -141,8 +143,8 @@ def prefill_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     grid = (triton.cdiv(metadata.max_query_len, block_m), num_heads, num_seqs)
-    kernel = runnable_kernel(_prefill_attention_kernel, query.device)
-    kernel[grid](
+    launch(
+        _prefill_attention_kernel, grid, query.device,
         query, kv_cache[0], kv_cache[1], metadata.block_tables, metadata.query_start_locs,
         metadata.context_lens, out, scale * LOG2_E,
         query.stride(0), query.stride(1), metadata.block_tables.stride(0), out.stride(0), out.stride(1),

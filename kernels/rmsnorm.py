@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch_utils import FLOAT_DTYPES, check_tensor, runnable_kernel
+from kernels.launch_utils import FLOAT_DTYPES, check_tensor, launch
 
 
 @triton.jit
@@ -70,8 +70,8 @@ def rms_norm(
     residual_out = torch.empty_like(out) if residual is not None else out
     if num_tokens > 0:
         block = triton.next_power_of_2(hidden)
-        kernel = runnable_kernel(_rms_norm_kernel, x.device)
-        kernel[(num_tokens,)](
+        launch(
+            _rms_norm_kernel, (num_tokens,), x.device,
             x, residual if residual is not None else x, weight, out, residual_out,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
             hidden, eps,

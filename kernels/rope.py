@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch_utils import FLOAT_DTYPES, check_tensor, runnable_kernel
+from kernels.launch_utils import FLOAT_DTYPES, check_tensor, launch
 
 
 @triton.jit
@@ -83,8 +83,8 @@ def apply_rotary(
     if num_tokens == 0:
         return out
     half = cos.shape[1]
-    kernel = runnable_kernel(_rotary_kernel, x.device)
-    kernel[(num_tokens,)](
+    launch(
+        _rotary_kernel, (num_tokens,), x.device,
         x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,

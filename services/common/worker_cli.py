@@ -1,8 +1,8 @@
 """The command line and lifecycle `tandem prefill` and `tandem decode` share; a WorkerRole says what differs.
 
     parse flags ─► configure logging ─► validate (bad flag: print it, exit 2)
-    ─► gRPC server up, NOT_SERVING ─► load the model ─► observability ─► role.prepare's start builds the
-       worker and its KV transport ─► worker.start() ─► SERVING, ready file
+    ─► gRPC server up, NOT_SERVING ─► load the model ─► kernel warm-up ─► observability ─► role.prepare's
+       start builds the worker and its KV transport ─► worker.start() ─► SERVING, ready file
     ─► SIGINT/SIGTERM ─► stop the server, the worker, the transport, observability (in that order)
 
 Flags fall back to TANDEM_* environment variables, read here only when the parser is built.
@@ -23,7 +23,7 @@ from common.engine.args import add_engine_args, engine_config_from_args
 from common.engine.config import EngineConfig
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
-from services.common.worker_setup import TRANSFER_BACKENDS, load_engine
+from services.common.worker_setup import TRANSFER_BACKENDS, load_engine, warm_up_kernels
 
 
 def env(name: str, default=None):
@@ -92,6 +92,7 @@ async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config
     with contextlib.ExitStack() as cleanup:  # closes after the server stops, last opened first
         try:
             engine = await load_engine(engine_config)
+            await asyncio.to_thread(warm_up_kernels, engine)  # no Triton compile once SERVING
             obs = Observability.start(tracing_handle, role.name, engine.model_name, args.metrics_port)
             cleanup.callback(obs.close)
             parts = start(engine, obs, cleanup)

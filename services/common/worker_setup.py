@@ -61,8 +61,20 @@ def refresh_worker_stats(role: str, engine_stats, metrics, counters: dict[str, i
     return stats
 
 
+def warm_up_kernels(engine) -> None:
+    """Runs every kernel variant serving can hit (common.engine.warmup), then takes the compile count
+    `num_kernel_compiles_after_ready` counts from. Call it once the engine is loaded, before anything
+    else uses it; no kernel runs between it and the worker reporting SERVING."""
+    global _num_compiles_at_ready
+    from common.engine.warmup import warm_up
+
+    warm_up(engine)
+    _num_compiles_at_ready = _num_kernel_compiles()
+
+
 def num_kernel_compiles_after_ready() -> int:
-    """Triton variants compiled since the worker reported SERVING (all of them before; 0 on CPU).
+    """Triton variants compiled since `warm_up_kernels` ran, i.e. since the worker reported SERVING
+    (every compile so far when it never ran; 0 on CPU).
 
     Triton's JIT caches are per process, so two workers sharing a process (tests) share the count.
     """
