@@ -69,6 +69,7 @@ def serve_workload(engine: LLMEngine) -> dict:
 
 @dataclass
 class WarmRun:
+    device: str
     warm_keys: set  # recorded by warm_up
     served_keys: set  # recorded serving the workload right after
     outputs: dict  # the workload's tokens
@@ -109,15 +110,17 @@ def warm_run(request, tiny_folder) -> WarmRun:
         with recording_variant_keys() as small_warm_keys:
             cold.add_request("small", list(range(16)), SamplingParams(temperature=0, max_tokens=1))
             run_to_completion(cold)
-    return WarmRun(warm_keys, served_keys, outputs, cold_keys, cold_outputs, small_warm_keys, state_before,
+    return WarmRun(device, warm_keys, served_keys, outputs, cold_keys, cold_outputs, small_warm_keys, state_before,
                    state_after, num_compiles_serving)
 
 
 @pytest.mark.slow  # ~20 s of interpreted kernels on 2 cores, shared by the three tests
 def test_serving_after_warm_up_needs_no_new_variant(warm_run):
     kernel_names = {key[0] for key in warm_run.served_keys}
-    assert {"_prefill_attention_kernel", "_paged_decode_kernel", "_reduce_splits_kernel", "_gemv_kernel",
-            "_silu_and_mul_kernel", "_rms_norm_kernel", "_rotary_kernel", "_write_kv_cache_kernel"} <= kernel_names
+    assert {"_prefill_attention_kernel", "_paged_decode_kernel", "_gemv_kernel", "_silu_and_mul_kernel",
+            "_rms_norm_kernel", "_rotary_kernel", "_write_kv_cache_kernel"} <= kernel_names
+    if warm_run.device == "cpu":  # batches of 1 and 2 run their graphs' split plan; CUDA replays launch nothing
+        assert "_reduce_splits_kernel" in kernel_names
     assert warm_run.served_keys <= warm_run.warm_keys, sorted(warm_run.served_keys - warm_run.warm_keys)
     assert warm_run.cold_keys <= warm_run.warm_keys
     assert warm_run.num_compiles_serving == 0  # 0 by construction in the interpreter: the CUDA case counts
