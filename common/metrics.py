@@ -13,14 +13,20 @@ one process never collide) and serves it on a port of its own:
 Every series carries `model_name` and `role` (frontend / prefill / decode). Who records what:
 - frontend: time_to_first_token, inter_token_latency, e2e_request_latency, request_success
   (what the client saw), num_requests_running (open streams).
-- prefill: prompt_tokens, num_requests_waiting/running, kv_cache_usage, kv_transfer_* (send side).
-- decode: generation_tokens, num_requests_waiting/running, kv_cache_usage, kv_transfer_* (recv side).
+- prefill: prompt_tokens, time_to_first_token (arrival -> token #1), request_success and
+  e2e_request_latency for the requests that end there, num_requests_waiting/running, kv_cache_usage,
+  kv_transfer_* (send side).
+- decode: generation_tokens, time_to_first_token (Decode call's arrival -> its first streamed token),
+  inter_token_latency, request_success and e2e_request_latency (arrival -> end),
+  num_requests_waiting/running, kv_cache_usage, kv_transfer_* (recv side).
+docs/observability.md says exactly what each worker measures.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -111,6 +117,15 @@ class ServiceMetrics:
         """One gap between two consecutive output tokens of a request."""
         _check_non_negative(seconds=seconds)
         self._bound[self._itl].observe(seconds)
+
+    def observe_inter_token_latencies(self, seconds: Sequence[float]) -> None:
+        """Many gaps at once (one decode step's, one per request that got a token): a float each, no checks per item."""
+        if not seconds:
+            return
+        _check_non_negative(seconds=min(seconds))
+        observe = self._bound[self._itl].observe
+        for value in seconds:
+            observe(value)
 
     def add_tokens(self, num_prompt_tokens: int = 0, num_generation_tokens: int = 0) -> None:
         """Counts tokens when they are computed (so aborted requests count too, as in vLLM)."""

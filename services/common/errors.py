@@ -10,6 +10,9 @@ Handlers raise plain exceptions; `StatusInterceptor` turns them into statuses at
     KV transfer lost (connection, timeout)      -> UNAVAILABLE / DEADLINE_EXCEEDED
     an error status from a downstream call      -> the same status and message
     anything else (a bug)                       -> INTERNAL, logged with the request id
+
+The workers' servicers check every request field at the edge with the `check_*` helpers below, so
+nothing malformed reaches an engine thread.
 """
 
 from __future__ import annotations
@@ -65,6 +68,37 @@ class HandoffFailed(ServiceError):
     """A KV hand-off failed for a reason the caller must fix (e.g. mismatched layouts)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+# Longest request id a service accepts (the frontend's limit for client-chosen ids too).
+MAX_REQUEST_ID_LENGTH = 256
+
+
+def check_request_id(request_id: str) -> None:
+    """1..MAX_REQUEST_ID_LENGTH printable characters (no control characters: ids end up in logs)."""
+    if not request_id:
+        raise InvalidRequest("request_id", "must not be empty")
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LENGTH} characters, got {len(request_id)}")
+    if not request_id.isprintable():
+        raise InvalidRequest("request_id", "must be printable characters only")
+
+
+def check_token_ids(field: str, token_ids, vocab_size: int) -> None:
+    """Every id in [0, vocab_size) (min/max run in C: cheap for long prompts)."""
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise InvalidRequest(field, f"token id {bad} is outside [0, {vocab_size})")
+
+
+def check_prompt(field: str, token_ids, vocab_size: int, max_model_len: int) -> None:
+    """Non-empty, shorter than max_model_len (room for one output token), every id in the vocabulary."""
+    if not token_ids:
+        raise InvalidRequest(field, "must not be empty")
+    if len(token_ids) >= max_model_len:
+        raise InvalidRequest(field, f"has {len(token_ids)} tokens; max_model_len {max_model_len} leaves no room "
+                                    f"for output")
+    check_token_ids(field, token_ids, vocab_size)
 
 
 def _typed_status_table() -> list[tuple[type[BaseException], grpc.StatusCode]]:

@@ -3,6 +3,10 @@
 Lifecycle: `start_server` binds the port and serves health (NOT_SERVING) and reflection at once, so
 orchestrators can probe while the model loads; the service calls `mark_serving()` when it is ready;
 `wait_for_shutdown` returns on SIGINT/SIGTERM, flips health to NOT_SERVING and stops with a grace period.
+
+When a part the service cannot run without dies (a worker's engine thread), `fail_service(reason)` turns
+every server of the process NOT_SERVING and makes `wait_for_shutdown` raise `ServiceFailed`: the
+service's main stops the server and the process exits non-zero, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,20 +34,63 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-@dataclass
+class ServiceFailed(RuntimeError):
+    """A part the service cannot run without died; the process must exit non-zero."""
+
+
+@dataclass(eq=False)
 class RunningServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     service_names: list[str]  # full names, e.g. "tandem.v1.Generation"
     port: int  # the bound port (useful when asked for port 0)
+    loop: asyncio.AbstractEventLoop | None = None  # the loop serving it (fail_service reaches it from any thread)
+    failure: str | None = None  # why fail_service turned it NOT_SERVING for good
+    _tasks: set = field(default_factory=set)
 
     async def mark_serving(self) -> None:
-        for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.failure is not None:  # a dead service never comes back SERVING
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
+        _running_servers.discard(self)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_seconds)
+
+    async def _set_health(self, status) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    def _fail(self, reason: str) -> None:  # on the loop
+        self.failure = reason
+        task = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+# What fail_service reaches: the servers started and not stopped, and the pending wait_for_shutdown calls.
+_running_servers: set[RunningServer] = set()
+_shutdown_waiters: set[asyncio.Future] = set()
+
+
+def fail_service(reason: str) -> None:
+    """Thread-safe: every server of this process turns NOT_SERVING (for good) and `wait_for_shutdown`
+    raises ServiceFailed(reason). One service runs per process (tests aside, where all its servers fail)."""
+    logger.critical("service failed: %s", reason)
+    for running in list(_running_servers):
+        _call_soon(running.loop, running._fail, reason)
+    for waiter in list(_shutdown_waiters):
+        _call_soon(waiter.get_loop(), lambda w=waiter: w.done() or w.set_exception(ServiceFailed(reason)))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop | None, callback, *args) -> None:
+    if loop is None:
+        return
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # that loop is closed: nothing of it is left to fail
+        pass
 
 
 async def start_server(
@@ -71,16 +118,22 @@ async def start_server(
         raise OSError(f"could not bind {host}:{port}")
     await server.start()
     logger.info("listening on %s:%d (%s)", host, bound_port, ", ".join(service_names))
-    return RunningServer(server, health_servicer, list(service_names), bound_port)
+    running = RunningServer(server, health_servicer, list(service_names), bound_port, asyncio.get_running_loop())
+    _running_servers.add(running)
+    return running
 
 
 async def wait_for_shutdown() -> str:
-    """Blocks until SIGINT or SIGTERM; returns the signal's name."""
+    """Blocks until SIGINT or SIGTERM; returns the signal's name. Raises ServiceFailed on `fail_service`."""
     loop = asyncio.get_running_loop()
     received: asyncio.Future[str] = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s.name))
-    return await received
+    _shutdown_waiters.add(received)
+    try:
+        return await received
+    finally:
+        _shutdown_waiters.discard(received)
 
 
 def write_ready_file(path: str | None, **fields) -> None:

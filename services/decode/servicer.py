@@ -1,14 +1,18 @@
-"""gRPC servicer of `tandem.worker.v1.DecodeWorker`: pb <-> domain at the edge, work in DecodeWorker."""
+"""gRPC servicer of `tandem.worker.v1.DecodeWorker`: pb <-> domain at the edge, work in DecodeWorker.
+
+Every DecodeRequest field is checked here (INVALID_ARGUMENT naming the field), so nothing malformed
+reaches the engine thread: the port is reachable by any client, not only by our frontend.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import time
 
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from services.common.engine_thread import AsyncSink
-from services.common.errors import InvalidRequest, Unavailable
+from services.common.errors import InvalidRequest, Unavailable, check_prompt, check_request_id, check_token_ids
 from services.common.worker_messages import (
     FINISH_REASON_TO_PB,
     WorkerStatsData,
@@ -18,24 +22,25 @@ from services.common.worker_messages import (
     stats_to_pb,
     transfer_stats_to_pb,
 )
-from services.decode.worker import DecodeFinal, DecodeJob, DecodeWorker
+from services.decode.jobs import DecodeFinal, DecodeJob, coalesce
+from services.decode.worker import DecodeWorker
 
 
-def _job_from_pb(request: worker_pb2.DecodeRequest, loop: asyncio.AbstractEventLoop) -> DecodeJob:
-    if not request.request_id:
-        raise InvalidRequest("request_id", "must not be empty")
-    if not request.prompt_token_ids:
-        raise InvalidRequest("prompt_token_ids", "must not be empty")
+def job_from_pb(request: worker_pb2.DecodeRequest, vocab_size: int, max_model_len: int) -> DecodeJob:
+    """A DecodeJob from a request whose every field was checked; raises InvalidRequest naming the field."""
+    check_request_id(request.request_id)
+    check_prompt("prompt_token_ids", request.prompt_token_ids, vocab_size, max_model_len)  # length first
+    prompt_token_ids = list(request.prompt_token_ids)
+    check_token_ids("first_token_id", [request.first_token_id], vocab_size)
     if not request.HasField("kv_handle"):
         raise InvalidRequest("kv_handle", "is required")
-    sampling = sampling_from_pb(request.sampling)
+    handle = handle_from_pb(request.kv_handle)  # ValueError "kv_handle.<field>: ..."
     return DecodeJob(
         request_id=request.request_id,
-        prompt_token_ids=list(request.prompt_token_ids),
+        prompt_token_ids=prompt_token_ids,
         first_token_id=request.first_token_id,
-        sampling=sampling,
-        handle=handle_from_pb(request.kv_handle),
-        sink=AsyncSink(loop),
+        sampling=sampling_from_pb(request.sampling),  # ValueError "sampling.<field>: ..."
+        handle=handle,
     )
 
 
@@ -63,19 +68,28 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def _ready_worker(self) -> DecodeWorker:
         if self.worker is None:
             raise Unavailable("decode worker is loading its model")
+        if not self.worker.is_alive:
+            raise Unavailable("decode worker's engine has stopped")
         return self.worker
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        arrived_at = time.monotonic()
         worker = self._ready_worker()
-        job = _job_from_pb(request, asyncio.get_running_loop())
-        async for item in worker.decode(job):
-            yield _item_to_pb(item)
+        job = job_from_pb(request, worker.vocab_size, worker.max_model_len)
+        job.enqueued_at = arrived_at
+        # Each turn takes everything queued since the last write: one message per step while the writer
+        # keeps up, one merged TokenBatch (then the final) when it fell behind. Closing the stream early
+        # (cancelled call) closes worker.decode at once, which frees the request.
+        async with contextlib.aclosing(worker.decode(job)) as stream:
+            async for items in stream:
+                for item in coalesce(items):
+                    yield _item_to_pb(item)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):
         was_running = await self._ready_worker().abort(request.request_id)
         return worker_pb2.AbortResponse(was_running=was_running)
 
     async def GetStats(self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext):
-        if self.worker is None:
+        if self.worker is None or not self.worker.is_alive:
             return stats_to_pb(WorkerStatsData(role="decode", is_ready=False))
         return stats_to_pb(self.worker.stats)

@@ -10,6 +10,14 @@ A request moves through these stages (all state is touched on the engine thread 
 
 `Abort` (or the Decode call being cancelled) frees the request at any stage; a transfer in flight
 is left to settle first (UCX may still write into its buffer), then its reserved blocks are freed.
+The stream then ends with CANCELLED (tokens queued before the abort still go out first).
+
+Every step's tokens for all requests reach the asyncio side in one hand-over (the engine thread's
+mailbox); a stream whose writer is behind sends what queued up meanwhile as one message.
+
+An exception while handling one request (admission, transfer, hand-off into the engine, its outputs)
+fails that request only: its blocks are freed and its stream ends with the error. If the engine thread
+dies anyway, every stream ends UNAVAILABLE and the service reports itself failed (`fail_service`).
 """
 
 from __future__ import annotations
@@ -18,74 +26,27 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator
 
 import torch
 from opentelemetry import trace
 
-from common.engine.outputs import RequestOutput
-from common.engine.sampling_params import SamplingParams
-from common.engine.sequence import TokenLogprobs
 from common import tracing
+from common.engine.outputs import RequestOutput
 from common.kv import OutOfKVBlocks
 from common.tracing import Attr, SpanName
-from common.transfer.base import KVHandle, KVLayoutMismatch, KVReceiver, TransferState, TransferStats, TransferTicket
+from common.transfer.base import KVLayoutMismatch, KVReceiver, TransferState
 from services.common.engine_thread import AsyncSink, EngineThread
-from services.common.errors import Cancelled, Overloaded
+from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
+from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
 from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
+from services.decode.jobs import DecodeFinal, DecodeJob, DecodeLimits, TokenBatch
+
+__all__ = ["DecodeFinal", "DecodeJob", "DecodeLimits", "DecodeWorker", "TokenBatch"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenBatch:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-
-
-@dataclass
-class DecodeFinal:
-    finish_reason: str  # "stop" | "length"
-    num_generated_tokens: int  # token #1 included
-    transfer: TransferStats | None
-    matched_stop_token_id: int | None
-
-
-@dataclass
-class DecodeJob:
-    request_id: str
-    prompt_token_ids: list[int]
-    first_token_id: int
-    sampling: SamplingParams
-    handle: KVHandle
-    sink: AsyncSink  # TokenBatch* then DecodeFinal, or an exception
-    enqueued_at: float = field(default_factory=time.monotonic)
-    enqueued_at_ns: int = field(default_factory=time.time_ns)  # wall clock, for the decode.queue span
-    block_ids: list[int] | None = None  # reserved blocks, once admitted
-    ticket: TransferTicket | None = None
-    buffer: torch.Tensor | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in
-    transfer: TransferStats | None = None
-    num_generated_tokens: int = 1
-    last_token_id: int | None = None
-    is_aborted: bool = False
-    trace_parent: Any = None  # the Decode RPC's trace context, parent of this request's spans
-    kv_recv_span: Any = None  # open while the KV is being pulled
-    generate_span: Any = None  # open while the request decodes
-
-
-@dataclass
-class DecodeLimits:
-    max_num_admitting: int = 256  # hand-offs waiting for KV blocks before RESOURCE_EXHAUSTED
-    admission_timeout_seconds: float = 30.0  # longest wait for free KV blocks
-
-    def __post_init__(self) -> None:
-        if self.max_num_admitting < 1:
-            raise ValueError(f"max_num_admitting: must be >= 1, got {self.max_num_admitting}")
-        if self.admission_timeout_seconds <= 0:
-            raise ValueError(f"admission_timeout_seconds: must be > 0, got {self.admission_timeout_seconds}")
 
 
 class DecodeWorker:
@@ -94,15 +55,21 @@ class DecodeWorker:
         self.receiver = receiver
         self.limits = limits
         self.layout = kv_layout(engine)
+        self.vocab_size: int = engine.model_config.vocab_size
+        self.max_model_len: int = engine.max_model_len
         self.obs = observability or Observability.disabled("decode", engine.model_name)
         self.thread = EngineThread(engine, self._on_outputs, poll=self._poll, on_step_error=self._fail_running,
-                                   name="decode-engine")
+                                   on_death=self._on_engine_death, name="decode-engine")
         self._admitting: collections.deque[DecodeJob] = collections.deque()
         self._receiving: dict[str, DecodeJob] = {}
         self._running: dict[str, DecodeJob] = {}
         self._counters = {"served": 0, "transfers": 0, "bytes": 0, "failures": 0}
         self._facts = model_facts(engine)
         self.stats = WorkerStatsData(role="decode", is_ready=False)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.thread.is_alive
 
     def start(self) -> None:
         self.thread.start()
@@ -112,20 +79,41 @@ class DecodeWorker:
 
     # ---- asyncio side ------------------------------------------------------------------------
 
-    async def decode(self, job: DecodeJob):
-        """Yields TokenBatch* then one DecodeFinal; raises the request's error."""
+    def check_handle(self, job: DecodeJob) -> None:
+        """The KV handle fits this worker's layout and the prompt (checked before the engine thread sees it)."""
+        mismatch = job.handle.layout.describe_mismatch(self.layout, "prefill", "decode")
+        if mismatch:
+            raise KVLayoutMismatch(f"KV layout mismatch: {mismatch}")
+        num_blocks = -(-len(job.prompt_token_ids) // self.layout.block_size)
+        if job.handle.num_tokens != len(job.prompt_token_ids) or job.handle.num_blocks != num_blocks:
+            raise InvalidRequest(
+                "kv_handle", f"holds {job.handle.num_tokens} tokens in {job.handle.num_blocks} blocks, the prompt "
+                             f"has {len(job.prompt_token_ids)} tokens ({num_blocks} blocks)")
+
+    async def decode(self, job: DecodeJob) -> AsyncIterator[list]:
+        """Yields, each time the caller is ready for more, everything queued for this request: TokenBatch
+        items in order, the last list ending with the DecodeFinal. Raises the request's error, after
+        yielding the tokens queued before it."""
+        self.check_handle(job)
         job.trace_parent = tracing.current_context()
+        job.sink = AsyncSink(asyncio.get_running_loop(), self.thread.mailbox)
         enqueued = self.thread.call(lambda: self._enqueue(job))
         is_finished = False
         try:
             await asyncio.wrap_future(enqueued)
             while not is_finished:
-                item = await job.sink.get()
-                if isinstance(item, BaseException):
-                    is_finished = True
-                    raise item
-                is_finished = isinstance(item, DecodeFinal)
-                yield item
+                items = await job.sink.get_all()
+                for index, item in enumerate(items):
+                    if isinstance(item, BaseException):
+                        is_finished = True
+                        if index:
+                            yield items[:index]
+                        raise item
+                    if isinstance(item, DecodeFinal):
+                        is_finished = True
+                        items = items[: index + 1]
+                        break
+                yield items
         finally:
             if not is_finished:  # cancelled or closed early: free this job (runs after the enqueue)
                 self.thread.call(lambda: self._abort_job(job))
@@ -133,20 +121,11 @@ class DecodeWorker:
     async def abort(self, request_id: str) -> bool:
         return await self.thread.run(lambda: self._abort(request_id))
 
-    # ---- engine thread -----------------------------------------------------------------------
+    # ---- engine thread: admission and hand-off -----------------------------------------------
 
     def _enqueue(self, job: DecodeJob) -> None:
-        mismatch = job.handle.layout.describe_mismatch(self.layout, "prefill", "decode")
-        if mismatch:
-            raise KVLayoutMismatch(f"KV layout mismatch: {mismatch}")
-        num_blocks = -(-len(job.prompt_token_ids) // self.layout.block_size)
-        if job.handle.num_tokens != len(job.prompt_token_ids) or job.handle.num_blocks != num_blocks:
-            raise ValueError(
-                f"kv_handle: holds {job.handle.num_tokens} tokens in {job.handle.num_blocks} blocks, the prompt has "
-                f"{len(job.prompt_token_ids)} tokens ({num_blocks} blocks)"
-            )
         if self._is_known(job.request_id):
-            raise ValueError(f"request_id: {job.request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"{job.request_id!r} is already in use")
         if len(self._admitting) >= self.limits.max_num_admitting:
             raise Overloaded(f"{len(self._admitting)} hand-offs wait for KV blocks (max {self.limits.max_num_admitting})")
         self._admitting.append(job)
@@ -167,15 +146,15 @@ class DecodeWorker:
             job = self._admitting[0]
             if time.monotonic() - job.enqueued_at > self.limits.admission_timeout_seconds:
                 self._admitting.popleft()
-                job.sink.put(Overloaded(f"no free KV blocks for {self.limits.admission_timeout_seconds}s"))
+                self._finish(job, Overloaded(f"no free KV blocks for {self.limits.admission_timeout_seconds}s"))
                 continue
             try:
                 job.block_ids = self.engine.reserve_kv(job.request_id, len(job.prompt_token_ids))
             except OutOfKVBlocks:
                 return  # retried next loop, once steps have freed blocks
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - this request fails; it holds no blocks yet
                 self._admitting.popleft()
-                job.sink.put(exc)
+                self._finish(job, exc)
                 continue
             self._admitting.popleft()
             self.obs.tracing.record_span(SpanName.DECODE_QUEUE, int(job.enqueued_at_ns), time.time_ns(),
@@ -183,83 +162,136 @@ class DecodeWorker:
             self._begin_pull(job)
 
     def _begin_pull(self, job: DecodeJob) -> None:
-        job.buffer = torch.empty(self.layout.transfer_shape(job.handle.num_blocks), dtype=self.layout.torch_dtype,
-                                 device=self.engine.kv_pool.device)
         job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent,
                                                         {Attr.REQUEST_ID: job.request_id})
-        trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
         try:
+            job.buffer = torch.empty(self.layout.transfer_shape(job.handle.num_blocks),
+                                     dtype=self.layout.torch_dtype, device=self.engine.kv_pool.device)
+            trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
             job.ticket = self.receiver.begin(job.handle, job.buffer, trace_context)
         except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
-            self.engine.abort_request(job.request_id)
-            _end_span(job.kv_recv_span, exc)
-            job.sink.put(exc)
+            self._drop(job, exc)
             return
         self._receiving[job.request_id] = job
 
     def _settle_transfers(self) -> None:
         for request_id, job in list(self._receiving.items()):
-            if self.receiver.poll(job.ticket) is TransferState.PENDING:
-                continue
-            del self._receiving[request_id]
-            buffer, job.buffer = job.buffer, None
-            if job.is_aborted or job.ticket.error is not None:
-                self.engine.abort_request(request_id)  # frees the reserved blocks
-                _end_span(job.kv_recv_span, job.ticket.error or "aborted")
-                if job.ticket.error is not None:
-                    self._counters["failures"] += 1
-                    self.obs.metrics.kv_transfer_failed()
-                    job.sink.put(job.ticket.error)
-                continue
-            job.transfer = stats = job.ticket.stats
-            self._counters["transfers"] += 1
-            self._counters["bytes"] += stats.num_bytes
-            self.obs.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds)
-            job.kv_recv_span.set_attributes(
-                kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds))
-            _end_span(job.kv_recv_span)
-            job.generate_span = self.obs.start_detached_span(SpanName.DECODE_GENERATE, job.trace_parent,
-                                                             {Attr.REQUEST_ID: request_id})
-            self.engine.kv_pool.scatter_blocks(job.block_ids, buffer)
-            self.engine.add_decode_request(
-                request_id, job.prompt_token_ids, job.first_token_id, job.sampling, job.block_ids
-            )
-            job.last_token_id = job.first_token_id
-            self._running[request_id] = job
+            try:
+                if self.receiver.poll(job.ticket) is TransferState.PENDING:
+                    continue
+                del self._receiving[request_id]
+                self._settle(job)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                logger.exception("request %s failed while its KV hand-off settled", request_id)
+                self._receiving.pop(request_id, None)
+                self._drop(job, exc)
+
+    def _settle(self, job: DecodeJob) -> None:
+        """A finished transfer: scatter the KV and join the running batch, or free the blocks."""
+        buffer, job.buffer = job.buffer, None
+        error = job.ticket.error
+        if job.is_aborted or error is not None:
+            self.engine.abort_request(job.request_id)  # frees the reserved blocks
+            _end_spans(job, error or "aborted")
+            if error is not None:
+                self._counters["failures"] += 1
+                self.obs.metrics.kv_transfer_failed()
+                self._finish(job, error)
+            return
+        job.transfer = stats = job.ticket.stats
+        self._counters["transfers"] += 1
+        self._counters["bytes"] += stats.num_bytes
+        self.obs.metrics.observe_kv_transfer(stats.num_bytes, stats.seconds)
+        job.kv_recv_span.set_attributes(
+            kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds))
+        _end_spans(job)
+        job.generate_span = self.obs.start_detached_span(SpanName.DECODE_GENERATE, job.trace_parent,
+                                                         {Attr.REQUEST_ID: job.request_id})
+        self.engine.kv_pool.scatter_blocks(job.block_ids, buffer)
+        self.engine.add_decode_request(
+            job.request_id, job.prompt_token_ids, job.first_token_id, job.sampling, job.block_ids
+        )
+        job.last_token_id = job.first_token_id
+        self._running[job.request_id] = job
+
+    # ---- engine thread: outputs and endings --------------------------------------------------
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()  # one clock read per step: TTFT / ITL of every request in it
+        num_new_tokens = 0
+        inter_token_gaps: list[float] = []  # one per request that got a token this step
         for output in outputs:
             job = self._running.get(output.request_id)
             if job is None:
                 continue
-            if output.new_token_ids:
-                self.obs.metrics.add_tokens(num_generation_tokens=len(output.new_token_ids))
-                job.num_generated_tokens += len(output.new_token_ids)
-                job.last_token_id = output.new_token_ids[-1]
-                job.sink.put(TokenBatch(list(output.new_token_ids), output.new_logprobs))
-            if not output.finished:
-                continue
+            try:
+                num_new_tokens += self._stream(job, output, now, inter_token_gaps)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                logger.exception("request %s failed while streaming its output", output.request_id)
+                self._running.pop(output.request_id, None)
+                self._drop(job, exc)
+        self.obs.metrics.add_tokens(num_generation_tokens=num_new_tokens)
+        self.obs.metrics.observe_inter_token_latencies(inter_token_gaps)
+
+    def _stream(self, job: DecodeJob, output: RequestOutput, now: float, inter_token_gaps: list[float]) -> int:
+        """Hands one step's output of a request to its stream; returns its number of new tokens."""
+        num_new_tokens = len(output.new_token_ids)
+        if num_new_tokens:
+            if job.last_token_at is None:  # the first token this worker streams (token #2 of the answer)
+                self.obs.metrics.observe_time_to_first_token(now - job.enqueued_at)
+            else:
+                inter_token_gaps.append(now - job.last_token_at)
+            job.last_token_at = now
+            job.num_generated_tokens += num_new_tokens
+            job.last_token_id = output.new_token_ids[-1]
+            job.sink.put(TokenBatch(output.new_token_ids, output.new_logprobs))
+        if output.finished:
             del self._running[output.request_id]
             job.generate_span.set_attribute(Attr.OUTPUT_TOKENS, job.num_generated_tokens)
             job.generate_span.set_attribute(Attr.FINISH_REASONS, [output.finish_reason])
-            _end_span(job.generate_span, "aborted" if output.finish_reason == "abort" else None)
             if output.finish_reason == "abort":
-                job.sink.put(Cancelled(f"request {output.request_id} was aborted"))
-                continue
-            self._counters["served"] += 1
-            stop_token_id = job.last_token_id if output.finish_reason == "stop" else None
-            job.sink.put(DecodeFinal(output.finish_reason, job.num_generated_tokens, job.transfer, stop_token_id))
+                _end_spans(job, "aborted")
+                self._finish(job, Cancelled(f"request {output.request_id} was aborted"))
+            else:
+                _end_spans(job)
+                self._counters["served"] += 1
+                stop_token_id = job.last_token_id if output.finish_reason == "stop" else None
+                self._finish(job, DecodeFinal(output.finish_reason, job.num_generated_tokens, job.transfer,
+                                              stop_token_id))
+        return num_new_tokens
+
+    def _finish(self, job: DecodeJob, terminal: DecodeFinal | BaseException) -> None:
+        """Ends a request's stream once (its final message or its error) and counts it as vLLM does:
+        request_success_total{finished_reason} and the e2e latency from the Decode call's arrival."""
+        if job.is_finished:
+            return
+        job.is_finished = True
+        if isinstance(terminal, DecodeFinal):
+            reason = terminal.finish_reason
+        else:
+            reason = "abort" if isinstance(terminal, Cancelled) else "error"
+        self.obs.metrics.observe_request_finished(reason, time.monotonic() - job.enqueued_at)
+        job.sink.put(terminal)
+
+    def _drop(self, job: DecodeJob, error: BaseException) -> None:
+        """A request failed after reserve_kv: free what the engine holds for it, end its spans and stream."""
+        try:
+            self.engine.abort_request(job.request_id)  # reserved or running blocks; unknown ids are ignored
+        except Exception:  # noqa: BLE001 - still end the stream
+            logger.exception("could not free the blocks of request %s", job.request_id)
+        _end_spans(job, error)
+        self._finish(job, error)
 
     def _abort(self, request_id: str) -> bool:
         for job in self._admitting:
             if job.request_id == request_id:
                 self._admitting.remove(job)
-                job.sink.put(Cancelled(f"request {request_id} was aborted"))
+                self._finish(job, Cancelled(f"request {request_id} was aborted"))
                 return True
         job = self._receiving.get(request_id)
         if job is not None:
             job.is_aborted = True  # freed once the transfer settles (it may still write the buffer)
-            job.sink.put(Cancelled(f"request {request_id} was aborted"))
+            self._finish(job, Cancelled(f"request {request_id} was aborted"))
             return True
         if request_id in self._running:
             self.engine.abort_request(request_id)  # its "abort" output ends the stream
@@ -276,9 +308,18 @@ class DecodeWorker:
         """A step raised (a bug): end every running stream with the error and free its blocks."""
         for request_id, job in list(self._running.items()):
             del self._running[request_id]
-            _end_span(job.generate_span, error)
-            self.engine.abort_request(request_id)
-            job.sink.put(error)
+            self._drop(job, error)
+
+    def _on_engine_death(self, error: BaseException) -> None:
+        """Something escaped the engine loop: the service is failed (NOT_SERVING, exits); end every stream."""
+        fail_service(f"decode engine thread died: {type(error).__name__}: {error}")
+        unavailable = Unavailable(f"decode engine stopped: {type(error).__name__}: {error}")
+        jobs = [*self._admitting, *self._receiving.values(), *self._running.values()]
+        self._admitting.clear()
+        self._receiving.clear()
+        self._running.clear()
+        for job in jobs:
+            self._finish(job, unavailable)
 
     def _refresh_stats(self) -> None:
         engine_stats = self.engine.stats()
@@ -287,9 +328,13 @@ class DecodeWorker:
                                           self._facts, num_waiting)
 
 
-def _end_span(span, error: BaseException | str | None = None) -> None:
-    if span is None:
-        return
-    if error is not None:
-        tracing.set_error(span, error)
-    span.end()
+def _end_spans(job: DecodeJob, error: BaseException | str | None = None) -> None:
+    """Ends whichever of the job's spans is open (each once)."""
+    for name in ("kv_recv_span", "generate_span"):
+        span = getattr(job, name)
+        if span is None:
+            continue
+        setattr(job, name, None)
+        if error is not None:
+            tracing.set_error(span, error)
+        span.end()

@@ -9,6 +9,11 @@ A request moves through these stages (all state is touched on the engine thread 
       ─► release_kv: the blocks return to the pool
 
 `Abort` (or the Prefill call being cancelled) removes a request from whichever stage holds it.
+
+Answers reach the asyncio side through the engine thread's mailbox: one hand-over per engine loop
+iteration for a whole batch of token #1s. Metrics: TTFT (arrival -> token #1) for every request;
+request_success and e2e latency for those that end here (token #1 finished them, or they were aborted
+or failed before a hand-off); the decode worker counts the handed-off ones.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from common import tracing
 from common.tracing import Attr, SpanName
 from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
 from services.common.engine_thread import EngineThread
-from services.common.errors import Cancelled, Overloaded
+from services.common.errors import Cancelled, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
+from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
 from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
 
@@ -49,22 +55,19 @@ class _Waiting:
     num_prompt_tokens: int
     trace_parent: Any = None  # the Prefill RPC's trace context, parent of this request's engine spans
     enqueued_ns: int = field(default_factory=time.time_ns)
+    arrived_at: float = field(default_factory=time.monotonic)  # TTFT and e2e latency start here
     transfer_id: str | None = None  # set once the KV is offered
 
 
-def _resolve(waiting: _Waiting, result=None, error: BaseException | None = None) -> None:
-    def settle() -> None:
-        if waiting.future.done():
-            return
-        if error is not None:
-            waiting.future.set_exception(error)
-        else:
-            waiting.future.set_result(result)
-
-    try:
-        waiting.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the event loop is closed: nobody is waiting any more
-        pass
+def _settle(answer: tuple[asyncio.Future, PrefillResult | None, BaseException | None]) -> None:
+    """On the caller's loop: resolves a Prefill call's future (once)."""
+    future, result, error = answer
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class PrefillWorker:
@@ -77,7 +80,9 @@ class PrefillWorker:
         self.max_num_waiting = max_num_waiting
         self.sender: KVSender | None = None  # attached once created (it needs `on_release`)
         self.thread = EngineThread(engine, self._on_outputs, poll=self._refresh_stats, on_step_error=self._fail_all,
-                                   name="prefill-engine")
+                                   on_death=self._on_engine_death, name="prefill-engine")
+        self.vocab_size: int = engine.model_config.vocab_size
+        self.max_model_len: int = engine.max_model_len
         self._waiting: dict[str, _Waiting] = {}
         self._leases: dict[str, str] = {}  # request id -> transfer id
         self._lease_owners: dict[str, str] = {}  # transfer id -> request id
@@ -90,6 +95,10 @@ class PrefillWorker:
 
     def attach_sender(self, sender: KVSender) -> None:
         self.sender = sender
+
+    @property
+    def is_alive(self) -> bool:
+        return self.thread.is_alive
 
     def start(self) -> None:
         self.thread.start()
@@ -127,23 +136,40 @@ class PrefillWorker:
         self.engine.add_prefill_request(request_id, prompt_token_ids, sampling)  # ValueError names the field
         self._waiting[request_id] = waiting
 
+    def _resolve(self, waiting: _Waiting, result: PrefillResult | None = None,
+                 error: BaseException | None = None) -> None:
+        """Answers a Prefill call (delivered with the rest of this engine loop iteration's answers)."""
+        self.thread.mailbox.post(waiting.loop, _settle, (waiting.future, result, error))
+
+    def _end_here(self, waiting: _Waiting, finished_reason: str, now: float | None = None) -> None:
+        """Counts a request that ends on this worker (request_success_total, e2e latency)."""
+        now = time.monotonic() if now is None else now
+        self.obs.metrics.observe_request_finished(finished_reason, now - waiting.arrived_at)
+
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()  # token #1 of every request in this step
         for output in outputs:
             waiting = self._waiting.pop(output.request_id, None)
             if waiting is None:
                 continue
             if output.finish_reason == "abort":
-                _resolve(waiting, error=Cancelled(f"request {output.request_id} was aborted"))
+                self._end_here(waiting, "abort", now)
+                self._resolve(waiting, error=Cancelled(f"request {output.request_id} was aborted"))
                 continue
-            self._record_engine_spans(output, waiting)
             try:
+                self.obs.metrics.observe_time_to_first_token(now - waiting.arrived_at)
+                self._record_engine_spans(output, waiting)
                 result = self._finish_prefill(output, waiting)
             except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
+                logger.exception("request %s failed after its prefill", output.request_id)
                 self.engine.release_kv(output.request_id)
-                _resolve(waiting, error=exc)
+                self._end_here(waiting, "error", now)
+                self._resolve(waiting, error=exc)
                 continue
             self._counters["served"] += 1
-            _resolve(waiting, result)
+            if result.finish_reason is not None:  # token #1 ended it: nothing is handed off
+                self._end_here(waiting, result.finish_reason, now)
+            self._resolve(waiting, result)
 
     def _finish_prefill(self, output: RequestOutput, waiting: _Waiting) -> PrefillResult:
         first_token_id = output.new_token_ids[0]
@@ -163,7 +189,8 @@ class PrefillWorker:
         waiting = self._waiting.pop(request_id, None)
         if waiting is not None:
             self.engine.abort_request(request_id)
-            _resolve(waiting, error=Cancelled(f"request {request_id} was aborted"))
+            self._end_here(waiting, "abort")
+            self._resolve(waiting, error=Cancelled(f"request {request_id} was aborted"))
             return True
         transfer_id = self._leases.get(request_id)
         if transfer_id is not None:
@@ -219,7 +246,17 @@ class PrefillWorker:
         for request_id in list(self._waiting):
             waiting = self._waiting.pop(request_id)
             self.engine.abort_request(request_id)
-            _resolve(waiting, error=error)
+            self._end_here(waiting, "error")
+            self._resolve(waiting, error=error)
+
+    def _on_engine_death(self, error: BaseException) -> None:
+        """Something escaped the engine loop: the service is failed (NOT_SERVING, exits); answer every call."""
+        fail_service(f"prefill engine thread died: {type(error).__name__}: {error}")
+        unavailable = Unavailable(f"prefill engine stopped: {type(error).__name__}: {error}")
+        waiting, self._waiting = list(self._waiting.values()), {}
+        for one in waiting:
+            self._end_here(one, "error")
+            self._resolve(one, error=unavailable)
 
     def _refresh_stats(self) -> bool:
         engine_stats = self.engine.stats()

@@ -124,6 +124,10 @@ class InProcessSystem:
 
     # ---- helpers for tests -------------------------------------------------------------------
 
+    def run(self, coroutine, timeout_seconds: float = 60.0):
+        """Runs `coroutine` on the services' event loop (e.g. a servicer method driven by hand)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout_seconds)
+
     def worker_stats(self) -> tuple[worker_pb2.WorkerStats, worker_pb2.WorkerStats]:
         with grpc.insecure_channel(self.prefill_address) as p, grpc.insecure_channel(self.decode_address) as d:
             request = worker_pb2.GetStatsRequest()
