@@ -81,10 +81,18 @@ def warm_up(engine) -> None:
         shapes = decode_shapes(engine)
         for num_rows, plan_context_len in shapes:
             _run_decode(runner, num_rows, plan_context_len)
+        _warm_up_kv_copies(engine)
     finally:
         runner.sampler.generator.set_state(generator_state)
     logger.info("kernel warm-up: %d prefill steps, %d decode steps, %d variants compiled in %.1f s",
                 len(steps), len(shapes), num_compiled_variants() - num_compiled_before, time.perf_counter() - start)
+
+
+def _warm_up_kv_copies(engine) -> None:
+    """The hand-off's gather (on its side stream) and scatter, on the scratch block: their first use
+    loads kernels and creates the stream, which must not happen while a pull waits."""
+    scratch_block_id = engine.kv_pool.num_blocks - 1
+    engine.kv_pool.scatter_blocks([scratch_block_id], engine.kv_pool.gather_blocks([scratch_block_id]))
 
 
 def prefill_steps(engine) -> list[list[WarmupQuery]]:

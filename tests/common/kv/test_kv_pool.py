@@ -56,10 +56,11 @@ def test_gather_from_another_thread_is_complete_and_never_waits_for_the_compute_
     pool = KVPool(LAYOUT, num_blocks=6, device=device)
     pool.kv.copy_(torch.randn(pool.kv.shape, device=device))
     expected = pool.kv[:, :, [5, 2]].clone()
-    if pool.device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of busy compute stream, as a long prefill step would be
     with concurrent.futures.ThreadPoolExecutor(1) as gather_thread:  # the KV sender gathers off the engine thread
+        gather_thread.submit(pool.gather_blocks, [0]).result()  # as the warm-up does: kernels loaded, stream made
+        if pool.device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(2_000_000_000)  # ~1 s of busy compute stream, as a long prefill step would be
         gathered = gather_thread.submit(pool.gather_blocks, [5, 2]).result()
         if pool.device.type == "cuda":
             assert not torch.cuda.current_stream(pool.device).query(), "the gather waited for the compute stream"
