@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -156,3 +157,15 @@ def configure_logging(level: str = "INFO") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+# How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). A service
+# runs an engine thread, a gRPC loop, the UCX loop and its progress thread; a KV hand-off or a token
+# crosses several of them, and at 5 ms a hop a busy engine thread adds tens of milliseconds to each.
+GIL_SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def configure_process(log_level: str = "INFO") -> None:
+    """Process-wide set-up every service does first: logging, and a short GIL switch interval."""
+    configure_logging(log_level)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)

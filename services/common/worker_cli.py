@@ -22,7 +22,7 @@ from common import tracing
 from common.engine.args import add_engine_args, engine_config_from_args
 from common.engine.config import EngineConfig
 from services.common.observability import Observability, add_observability_args
-from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
+from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.common.worker_setup import TRANSFER_BACKENDS, load_engine, warm_up_kernels
 
 
@@ -113,7 +113,7 @@ async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config
 def run_worker(role: WorkerRole, argv: list[str]) -> int:
     """`main` of a worker subcommand: 0 after a clean shutdown, 2 on a bad flag."""
     args = build_worker_parser(role).parse_args(argv)
-    configure_logging(args.log_level)
+    configure_process(args.log_level)
     try:
         engine_config = engine_config_from_args(args)
         start = role.prepare(args)

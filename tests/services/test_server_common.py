@@ -85,3 +85,17 @@ def test_a_bug_is_logged_with_the_request_id(caplog):
         error = asyncio.run(run())
     assert error.code() == grpc.StatusCode.INTERNAL and "KeyError" in error.details()
     assert any("req-42" in record.getMessage() for record in caplog.records)
+
+
+def test_configure_process_shortens_the_gil_switch_interval():
+    import sys
+
+    from services.common.server import GIL_SWITCH_INTERVAL_SECONDS, configure_process
+
+    before = sys.getswitchinterval()
+    try:
+        configure_process("WARNING")
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_SECONDS)
+        assert GIL_SWITCH_INTERVAL_SECONDS < before  # CPython's default is 5 ms
+    finally:
+        sys.setswitchinterval(before)
