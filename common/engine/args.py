@@ -24,7 +24,7 @@ def parse_memory_size(text: str) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """A command picks its own `--kv-role` default with `parser.set_defaults(kv_role=...)` beforehand."""
+    """A command picks its own `--kv-role` / `--max-num-seqs` defaults with `parser.set_defaults` beforehand."""
     defaults = EngineConfig()
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default=None,
@@ -34,7 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="auto = float32 on CPU, the checkpoint dtype on CUDA (bfloat16 for float32 ones)")
     group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
     group.add_argument("--block-size", type=int, default=defaults.block_size)
-    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    group.add_argument("--max-num-seqs", type=int,
+                       default=parser.get_default("max_num_seqs") or defaults.max_num_seqs)
     group.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     group.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     group.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,

@@ -38,7 +38,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | reference | triton
     seed: int = 0  # seeds the generator shared by requests without a seed of their own
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
-    cuda_graph_max_batch_size: int = 256  # largest decode batch captured in a CUDA graph (bigger: eager)
+    cuda_graph_max_batch_size: int = 512  # largest decode batch captured in a CUDA graph (bigger: eager)
 
     def __post_init__(self) -> None:
         self._check_choice("load_format", LOAD_FORMATS)

@@ -19,6 +19,9 @@ from services.decode.worker import DecodeLimits, DecodeWorker
 
 
 def _add_decode_args(parser: argparse.ArgumentParser) -> None:
+    # Decode steps are all this worker runs: a larger batch than a mixed engine's fills its GPU, and
+    # hand-offs beyond it wait for a slot (their token #1 already streamed) instead of decoding.
+    parser.set_defaults(max_num_seqs=512)
     parser.add_argument("--kv-transfer-timeout-seconds", type=float, default=float(env("KV_TRANSFER_TIMEOUT_SECONDS", "30")),
                         help="fail a KV pull that takes longer")
     parser.add_argument("--max-num-admitting", type=int, default=int(env("MAX_NUM_ADMITTING", "256")),

@@ -196,3 +196,12 @@ def test_the_prefill_command_defaults_to_kv_producer():
     assert engine_config_from_args(prefill_parser().parse_args([])).kv_role == "kv_producer"
     assert engine_config_from_args(prefill_parser().parse_args(["--kv-role", "kv_both"])).kv_role == "kv_both"
     assert engine_config_from_args(decode_parser().parse_args([])).kv_role == "kv_both"
+
+
+def test_the_decode_command_runs_a_larger_batch_by_default():
+    from services.decode.main import build_parser as decode_parser
+    from services.prefill.main import build_parser as prefill_parser
+
+    assert engine_config_from_args(decode_parser().parse_args([])).max_num_seqs == 512
+    assert engine_config_from_args(decode_parser().parse_args(["--max-num-seqs", "64"])).max_num_seqs == 64
+    assert engine_config_from_args(prefill_parser().parse_args([])).max_num_seqs == EngineConfig().max_num_seqs
