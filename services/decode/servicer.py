@@ -6,6 +6,7 @@ reaches the engine thread: the port is reachable by any client, not only by our 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -22,7 +23,8 @@ from services.common.worker_messages import (
     stats_to_pb,
     transfer_stats_to_pb,
 )
-from services.decode.jobs import DecodeFinal, DecodeJob, coalesce
+from services.decode.jobs import DecodeFinal, DecodeJob, TokenBatch, coalesce
+from services.decode.stream import DecodeStreamSession
 from services.decode.worker import DecodeWorker
 
 
@@ -44,7 +46,7 @@ def job_from_pb(request: worker_pb2.DecodeRequest, vocab_size: int, max_model_le
     )
 
 
-def _item_to_pb(item) -> worker_pb2.DecodeResponse:
+def item_to_pb(item: TokenBatch | DecodeFinal) -> worker_pb2.TokenBatch | worker_pb2.DecodeFinal:
     if isinstance(item, DecodeFinal):
         final = worker_pb2.DecodeFinal(
             finish_reason=FINISH_REASON_TO_PB[item.finish_reason],
@@ -53,12 +55,14 @@ def _item_to_pb(item) -> worker_pb2.DecodeResponse:
         )
         if item.matched_stop_token_id is not None:
             final.matched_stop_token_id = item.matched_stop_token_id
-        return worker_pb2.DecodeResponse(final=final)
-    return worker_pb2.DecodeResponse(
-        tokens=worker_pb2.TokenBatch(
-            token_ids=item.token_ids, logprobs=[logprobs_to_pb(lp) for lp in item.logprobs or []]
-        )
-    )
+        return final
+    return worker_pb2.TokenBatch(token_ids=item.token_ids, logprobs=[logprobs_to_pb(lp) for lp in item.logprobs or []])
+
+
+def _item_to_pb(item) -> worker_pb2.DecodeResponse:
+    if isinstance(item, DecodeFinal):
+        return worker_pb2.DecodeResponse(final=item_to_pb(item))
+    return worker_pb2.DecodeResponse(tokens=item_to_pb(item))
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -84,6 +88,18 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             async for items in stream:
                 for item in coalesce(items):
                     yield _item_to_pb(item)
+
+    async def DecodeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        worker = self._ready_worker()
+        session = DecodeStreamSession(
+            worker, lambda request: job_from_pb(request, worker.vocab_size, worker.max_model_len), item_to_pb)
+        reader = asyncio.ensure_future(session.read_requests(request_iterator))
+        try:
+            async for response in session.responses():
+                yield response
+        finally:
+            reader.cancel()
+            session.close()
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext):
         was_running = await self._ready_worker().abort(request.request_id)

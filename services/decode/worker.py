@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -50,8 +51,12 @@ logger = logging.getLogger(__name__)
 
 
 class DecodeWorker:
-    def __init__(self, engine, receiver: KVReceiver, limits: DecodeLimits, observability: Observability | None = None):
+    def __init__(self, engine, receiver: KVReceiver, limits: DecodeLimits, observability: Observability | None = None,
+                 allowed_kv_senders: frozenset[str] | None = None):
+        """`allowed_kv_senders`: the only KV addresses a handle may name (None: any, logged once)."""
         self.engine = engine
+        self.allowed_kv_senders = allowed_kv_senders
+        self._is_any_sender_logged = False
         self.receiver = receiver
         self.limits = limits
         self.layout = kv_layout(engine)
@@ -80,7 +85,14 @@ class DecodeWorker:
     # ---- asyncio side ------------------------------------------------------------------------
 
     def check_handle(self, job: DecodeJob) -> None:
-        """The KV handle fits this worker's layout and the prompt (checked before the engine thread sees it)."""
+        """The KV handle names a sender this worker may dial and fits its layout and the prompt (checked
+        before the engine thread sees it)."""
+        address = job.handle.address
+        if self.allowed_kv_senders is not None and address not in self.allowed_kv_senders:
+            raise InvalidRequest("kv_handle.sender_address", f"{address!r} is not an allowed KV sender")
+        if self.allowed_kv_senders is None and not self._is_any_sender_logged:
+            self._is_any_sender_logged = True
+            logger.warning("pulling KV from %s: any sender is allowed (--allowed-kv-senders limits them)", address)
         mismatch = job.handle.layout.describe_mismatch(self.layout, "prefill", "decode")
         if mismatch:
             raise KVLayoutMismatch(f"KV layout mismatch: {mismatch}")
@@ -94,10 +106,9 @@ class DecodeWorker:
         """Yields, each time the caller is ready for more, everything queued for this request: TokenBatch
         items in order, the last list ending with the DecodeFinal. Raises the request's error, after
         yielding the tokens queued before it."""
-        self.check_handle(job)
         job.trace_parent = tracing.current_context()
-        job.sink = AsyncSink(asyncio.get_running_loop(), self.thread.mailbox)
-        enqueued = self.thread.call(lambda: self._enqueue(job))
+        sink = AsyncSink(asyncio.get_running_loop(), self.thread.mailbox)
+        enqueued = self.submit(job, sink)
         is_finished = False
         try:
             await asyncio.wrap_future(enqueued)
@@ -116,7 +127,18 @@ class DecodeWorker:
                 yield items
         finally:
             if not is_finished:  # cancelled or closed early: free this job (runs after the enqueue)
-                self.thread.call(lambda: self._abort_job(job))
+                self.cancel(job)
+
+    def submit(self, job: DecodeJob, sink) -> concurrent.futures.Future:
+        """Queues `job`; `sink.put` gets its TokenBatch items, then a DecodeFinal or an exception (from the
+        engine thread). Raises if the handle is refused; the future fails if the job could not be queued."""
+        self.check_handle(job)
+        job.sink = sink
+        return self.thread.call(lambda: self._enqueue(job))
+
+    def cancel(self, job: DecodeJob) -> None:
+        """Frees `job` wherever it is (never another job that reused its id); runs after its enqueue."""
+        self.thread.call(lambda: self._abort_job(job))
 
     async def abort(self, request_id: str) -> bool:
         return await self.thread.run(lambda: self._abort(request_id))

@@ -1,13 +1,14 @@
 """One request's trip through the workers, as a stream of domain events.
 
     pick workers -> Prefill (unary) -> TokenEvent(token #1)  [sent before any KV moves]
-                 -> Decode (stream)  -> TokenEvent(...)* -> FinishEvent
+                 -> the decode worker's shared DecodeStream (decode_streams.py) -> TokenEvent(...)* -> FinishEvent
 
-Each pick is a `route` span (which worker, of which kind), a sibling of the RPC span that follows it.
+Each pick is a `route` span (which worker, of which kind), a sibling of the RPC span that follows it;
+the request's part of the DecodeStream has its own `.../DecodeWorker/Decode` CLIENT span.
 
 Whatever ends the stream early (a stop string, client cancel, deadline, Abort, an error) closes the
-generator; its `finally` cancels the Decode call and sends Abort to both workers, so every block on
-every worker is freed. The aborts run as background tasks: they must not be cancelled with the request.
+generator; its `finally` sends Abort to both workers, so every block on every worker is freed. The
+aborts run as background tasks: they must not be cancelled with the request.
 """
 
 from __future__ import annotations
@@ -18,19 +19,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from common import tracing
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common.tracing import Attr, SpanName
 from protos import worker_pb2
-from services.common.errors import ServiceError
+from services.common.errors import DeadlineExceeded, ServiceError
 from services.common.worker_messages import FINISH_REASON_FROM_PB, logprobs_from_pb, sampling_to_pb
+from services.frontend.decode_streams import DecodeStreamClient, RequestUpdates, WorkerRequestError, error_from_pb
 from services.frontend.router import Router, WorkerHandle
 
 logger = logging.getLogger(__name__)
 
 _ABORT_TIMEOUT_SECONDS = 5.0
+DECODE_RPC_SPAN = "/tandem.worker.v1.DecodeWorker/Decode"  # a request's part of a DecodeStream
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Relay:
         self._router = router
         self._tracing = tracing_handle or tracing.init_tracing("frontend", "")
         self._background: set[asyncio.Task] = set()  # abort calls in flight (kept referenced)
+        self._decode_streams: dict[str, DecodeStreamClient] = {}  # by decode worker address
 
     async def run(
         self,
@@ -66,7 +71,7 @@ class Relay:
         prefill = self._route(request_id, "prefill", self._router.pick_prefill)
         sampling_pb = sampling_to_pb(sampling)
         touched: list[WorkerHandle] = []  # workers that may hold state for this request
-        decode_call = None
+        updates: RequestUpdates | None = None
         is_finished = False
         try:
             touched.append(prefill)
@@ -89,27 +94,34 @@ class Relay:
             # picked now: its load is known best after the prefill
             decode = self._route(request_id, "decode", self._router.pick_decode)
             touched.append(decode)
-            with self._router.track(decode):
-                decode_call = decode.stub.Decode(
-                    worker_pb2.DecodeRequest(
+            # The request's own span for its part of the worker's shared DecodeStream; a detached span,
+            # since a current one could not be kept across this generator's yields.
+            decode_span = self._tracing.tracer.start_span(DECODE_RPC_SPAN, kind=trace.SpanKind.CLIENT,
+                                                          attributes={Attr.REQUEST_ID: request_id})
+            try:
+                with self._router.track(decode):
+                    updates = await self._start_decode(decode, worker_pb2.DecodeRequest(
                         request_id=request_id,
                         prompt_token_ids=prompt_token_ids,
                         first_token_id=response.first_token_id,
                         sampling=sampling_pb,
                         kv_handle=response.kv_handle,
-                    ),
-                    timeout=time_remaining(),
-                )
-                async for event in self._relay_decode(decode, decode_call):
-                    is_finished = isinstance(event, FinishEvent)
-                    yield event
-                    if is_finished:
-                        return
-            raise WorkerStreamError(f"decode worker {decode.address} ended the stream without a final message")
+                        trace_context=tracing.inject_context(trace.set_span_in_context(decode_span)),
+                    ))
+                    async for event in self._relay_updates(decode, updates, time_remaining):
+                        is_finished = isinstance(event, FinishEvent)
+                        yield event
+                        if is_finished:
+                            return
+            except Exception as error:
+                tracing.set_error(decode_span, error)
+                raise
+            finally:
+                decode_span.end()
+                if updates is not None:
+                    updates.forget()
         finally:
             if not is_finished:
-                if decode_call is not None:
-                    decode_call.cancel()
                 for worker in touched:
                     self._abort_in_background(worker, request_id)
 
@@ -121,25 +133,47 @@ class Relay:
             span.set_attribute(Attr.ROUTE_ADDRESS, worker.address)
             return worker
 
-    async def _relay_decode(self, worker: WorkerHandle, call) -> AsyncIterator[TokenEvent | FinishEvent]:
-        last_token_ids: list[int] = []
+    def _decode_stream(self, worker: WorkerHandle) -> DecodeStreamClient:
+        stream = self._decode_streams.get(worker.address)
+        if stream is None:
+            stream = self._decode_streams[worker.address] = DecodeStreamClient(worker.stub, worker.address)
+        return stream
+
+    async def _start_decode(self, worker: WorkerHandle, request: worker_pb2.DecodeRequest) -> RequestUpdates:
         try:
-            async for message in call:
-                if message.HasField("tokens"):
-                    batch = message.tokens
-                    last_token_ids = list(batch.token_ids)
-                    logprobs = [logprobs_from_pb(lp) for lp in batch.logprobs] or None
-                    yield TokenEvent(last_token_ids, logprobs)
-                else:
-                    final = message.final
-                    stop_id = final.matched_stop_token_id if final.HasField("matched_stop_token_id") else None
-                    async for _ in call:  # the status follows at once; reading it ends the call (and its span)
-                        pass
-                    yield _finish_event(final.finish_reason, last_token_ids, stop_id)
-                    return
-        except grpc.aio.AioRpcError as exc:
-            self._note_failure(worker, exc)
-            raise
+            return await self._decode_stream(worker).start(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:  # the stream broke as we wrote
+            self._router.mark_unhealthy(worker)
+            raise WorkerRequestError(grpc.StatusCode.UNAVAILABLE,
+                                     f"decode worker {worker.address} is unreachable: {exc}") from None
+
+    async def _relay_updates(self, worker: WorkerHandle, updates: RequestUpdates,
+                             time_remaining: Callable[[], float | None]) -> AsyncIterator[TokenEvent | FinishEvent]:
+        last_token_ids: list[int] = []
+        while True:
+            try:
+                update = await updates.next(time_remaining())
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"deadline exceeded waiting for decode worker {worker.address}") from None
+            except WorkerRequestError as exc:
+                if exc.code == grpc.StatusCode.UNAVAILABLE:
+                    self._router.mark_unhealthy(worker)
+                raise
+            kind = update.WhichOneof("kind")
+            if kind == "tokens":
+                batch = update.tokens
+                last_token_ids = list(batch.token_ids)
+                logprobs = [logprobs_from_pb(lp) for lp in batch.logprobs] if batch.logprobs else None
+                yield TokenEvent(last_token_ids, logprobs)
+            elif kind == "final":
+                final = update.final
+                stop_id = final.matched_stop_token_id if final.HasField("matched_stop_token_id") else None
+                yield _finish_event(final.finish_reason, last_token_ids, stop_id)
+                return
+            elif kind == "error":
+                raise error_from_pb(update.error)
+            else:
+                raise WorkerStreamError(f"decode worker {worker.address} sent an empty update for {updates.request_id}")
 
     async def _call(self, worker: WorkerHandle, call):
         try:
@@ -164,9 +198,11 @@ class Relay:
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Waits for abort calls still in flight (shutdown)."""
+        """Waits for abort calls still in flight, then closes the decode streams (shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        for stream in self._decode_streams.values():
+            stream.close()
 
 
 def _finish_event(reason_pb: int, last_token_ids: list[int], stop_token_id: int | None = None) -> FinishEvent:

@@ -1,0 +1,126 @@
+"""The frontend's end of `DecodeStream`: one long-lived stream per decode worker, shared by every request
+this frontend sends there, demultiplexed into one queue per request.
+
+    Relay ──start(DecodeRequest)──► DecodeStreamClient ──write──► decode worker (one gRPC stream)
+    Relay ◄──await next update──── per-request queue ◄── reader task ◄── DecodeStreamResponse(updates)
+
+A worker's message carries a whole engine step (every request's new tokens), so the frontend reads one
+message per step per worker instead of one per request. A request's error comes back as a
+`RequestError` in its own update and is raised as `WorkerRequestError` with the worker's status code;
+the stream itself failing (worker gone) fails every request on it with that status, and the next
+request opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos import worker_pb2
+from services.common.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerRequestError(ServiceError):
+    """A decode worker failed one request (or its whole stream); carries the worker's status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_pb(error: worker_pb2.RequestError) -> WorkerRequestError:
+    return WorkerRequestError(_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message)
+
+
+@dataclass
+class RequestUpdates:
+    """The updates of one request on a stream, in order; the last is a final or an error."""
+
+    request_id: str
+    registry: dict  # the stream's open requests, this one included until it ends or is forgotten
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # DecodeUpdate | WorkerRequestError
+
+    async def next(self, timeout_seconds: float | None) -> worker_pb2.DecodeUpdate:
+        """The next update; raises the stream's failure, or asyncio.TimeoutError past the timeout."""
+        item = await asyncio.wait_for(self.queue.get(), timeout_seconds)
+        if isinstance(item, WorkerRequestError):
+            raise item
+        return item
+
+    def forget(self) -> None:
+        """The caller is done with this request (finished, or aborted through the worker's Abort)."""
+        if self.registry.get(self.request_id) is self:
+            del self.registry[self.request_id]
+
+
+class _Stream:
+    """One open DecodeStream call and the requests sent on it."""
+
+    def __init__(self, call):
+        self.call = call
+        self.requests: dict[str, RequestUpdates] = {}
+        self.reader: asyncio.Task | None = None
+
+
+class DecodeStreamClient:
+    def __init__(self, stub, address: str):
+        self._stub = stub
+        self.address = address
+        self._stream: _Stream | None = None
+        self._write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
+
+    async def start(self, request: worker_pb2.DecodeRequest) -> RequestUpdates:
+        """Sends `request` on the stream (opening it if needed); its updates arrive on the result."""
+        async with self._write_lock:
+            stream = self._open()
+            if request.request_id in stream.requests:
+                raise WorkerRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                         f"request_id: {request.request_id!r} is already in use")
+            updates = stream.requests[request.request_id] = RequestUpdates(request.request_id, stream.requests)
+            try:
+                await stream.call.write(worker_pb2.DecodeStreamRequest(decode=request))
+            except BaseException:
+                updates.forget()
+                raise
+        return updates
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.call.cancel()
+        self._stream = None
+
+    def _open(self) -> _Stream:
+        if self._stream is None or self._stream.call.done():
+            self._stream = _Stream(self._stub.DecodeStream())
+            self._stream.reader = asyncio.get_running_loop().create_task(self._read(self._stream))
+        return self._stream
+
+    async def _read(self, stream: _Stream) -> None:
+        failure = WorkerRequestError(grpc.StatusCode.UNAVAILABLE, f"decode stream to {self.address} closed")
+        try:
+            async for response in stream.call:
+                for update in response.updates:
+                    updates = stream.requests.get(update.request_id)
+                    if updates is None:
+                        continue  # a request the caller already let go of
+                    if update.WhichOneof("kind") != "tokens":
+                        del stream.requests[update.request_id]
+                    updates.queue.put_nowait(update)
+            failure = WorkerRequestError(grpc.StatusCode.UNAVAILABLE, f"decode stream to {self.address} ended")
+        except grpc.aio.AioRpcError as error:
+            failure = WorkerRequestError(error.code(), f"decode stream to {self.address} failed: "
+                                                       f"{error.details() or error.code().name}")
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            for updates in list(stream.requests.values()):
+                updates.queue.put_nowait(failure)
+            stream.requests.clear()

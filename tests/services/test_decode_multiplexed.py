@@ -1,0 +1,123 @@
+"""DecodeStream: many requests over one stream to a decode worker. Each step's tokens for all of them come
+in one message; one request's bad input or abort fails that request alone; the stream closing frees every
+request still open on it."""
+
+import queue
+import threading
+
+import grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+from tests.services.test_hostile_requests import PROMPT, _assert_idle, _sampling
+
+MAX_TOKENS = 8
+
+
+def _prefill(prefill, request_id: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
+    return prefill.Prefill(worker_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
+                                                     sampling=_sampling()), timeout=30)
+
+
+def _decode_request(request_id: str, prompt: list[int], answer: worker_pb2.PrefillResponse, **changes):
+    fields = dict(request_id=request_id, prompt_token_ids=prompt, first_token_id=answer.first_token_id,
+                  sampling=_sampling(), kv_handle=answer.kv_handle)
+    fields.update(changes)
+    return worker_pb2.DecodeRequest(**fields)
+
+
+class _Caller:
+    """Writes DecodeStreamRequests when told to; the iterator ends when `close()` is called."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+
+    def send(self, **kind) -> None:
+        self._queue.put(worker_pb2.DecodeStreamRequest(**kind))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self):
+        while (message := self._queue.get()) is not None:
+            yield message
+
+
+def _collect(responses) -> tuple[dict[str, list], list[worker_pb2.DecodeStreamResponse]]:
+    by_request: dict[str, list] = {}
+    messages = []
+    for response in responses:
+        messages.append(response)
+        for update in response.updates:
+            by_request.setdefault(update.request_id, []).append(update)
+    return by_request, messages
+
+
+def _tokens(updates) -> list[int]:
+    return [t for u in updates if u.WhichOneof("kind") == "tokens" for t in u.tokens.token_ids]
+
+
+def test_one_stream_carries_every_request_in_step_sized_messages(system):
+    prompts = {f"r{i}": [p + i for p in PROMPT[: 12 + i]] for i in range(6)}
+    with grpc.insecure_channel(system.prefill_address) as pc, grpc.insecure_channel(system.decode_address) as dc:
+        prefill, decode = worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc)
+        answers = {rid: _prefill(prefill, rid, prompt) for rid, prompt in prompts.items()}
+        expected = {}
+        for rid, prompt in prompts.items():  # the same requests, one Decode call each, one at a time
+            again = _prefill(prefill, rid + "-alone", prompt)
+            expected[rid] = [t for m in decode.Decode(_decode_request(rid + "-alone", prompt, again), timeout=30)
+                             if m.WhichOneof("kind") == "tokens" for t in m.tokens.token_ids]
+        caller = _Caller()
+        for rid, prompt in prompts.items():
+            caller.send(decode=_decode_request(rid, prompt, answers[rid]))
+        caller.close()
+        by_request, messages = _collect(decode.DecodeStream(iter(caller), timeout=60))
+    assert set(by_request) == set(prompts)
+    for rid, updates in by_request.items():
+        assert _tokens(updates) == expected[rid], rid  # greedy: the same tokens as alone
+        assert len(_tokens(updates)) == MAX_TOKENS - 1  # token #1 came from prefill
+        assert updates[-1].WhichOneof("kind") == "final" and updates[-1].final.num_generated_tokens == MAX_TOKENS
+    num_updates = sum(len(m.updates) for m in messages)
+    assert len(messages) < num_updates / 2  # a message carries a step of every running request, not one
+    assert max(len({u.request_id for u in m.updates}) for m in messages) >= 4
+    _assert_idle(system)
+
+
+def test_a_bad_request_fails_alone_and_the_stream_goes_on(system):
+    with grpc.insecure_channel(system.prefill_address) as pc, grpc.insecure_channel(system.decode_address) as dc:
+        prefill, decode = worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc)
+        good, bad = _prefill(prefill, "good", PROMPT), _prefill(prefill, "bad", PROMPT)
+        caller = _Caller()
+        caller.send(decode=_decode_request("bad", PROMPT, bad, first_token_id=1_000_000))
+        caller.send(decode=_decode_request("good", PROMPT, good))
+        caller.send(decode=_decode_request("good", PROMPT, good))  # a second start under a live id
+        caller.close()
+        by_request, _ = _collect(decode.DecodeStream(iter(caller), timeout=60))
+        prefill.Abort(worker_pb2.AbortRequest(request_id="bad"), timeout=10)  # its lease, never pulled
+    errors = [u.error for u in by_request["bad"]]
+    assert len(errors) == 1 and errors[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert errors[0].message.startswith("first_token_id")
+    kinds = [u.WhichOneof("kind") for u in by_request["good"]]
+    assert kinds.count("error") == 1  # the duplicate start, refused without touching the live request
+    assert kinds[-1] == "final" and len(_tokens(by_request["good"])) == MAX_TOKENS - 1
+    _assert_idle(system)
+
+
+def test_closing_the_stream_frees_every_open_request(system):
+    long_sampling = worker_pb2.SamplingParams(max_tokens=100, temperature=0, top_p=1.0, repetition_penalty=1.0,
+                                              ignore_eos=True)
+    with grpc.insecure_channel(system.prefill_address) as pc, grpc.insecure_channel(system.decode_address) as dc:
+        prefill, decode = worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc)
+        caller = _Caller()
+        for rid in ("a", "b", "c"):
+            answer = prefill.Prefill(worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=PROMPT,
+                                                               sampling=long_sampling), timeout=30)
+            caller.send(decode=_decode_request(rid, PROMPT, answer, sampling=long_sampling))
+        call = decode.DecodeStream(iter(caller), timeout=60)
+        seen: set[str] = set()
+        for response in call:  # every request is decoding: then the caller goes away
+            seen |= {u.request_id for u in response.updates}
+            if seen == {"a", "b", "c"}:
+                break
+        call.cancel()
+        threading.Thread(target=caller.close).start()
+    _assert_idle(system)
