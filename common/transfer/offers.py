@@ -4,13 +4,16 @@ Both backends keep their offers here (through `BookedSender`), so leases, layout
 behave identically.
 
     offered ──claim (valid pull)──► pulling ──finish(ok)────────► released DONE
-       │  └─claim (bad layout/size)────────────────────────────► released FAILED
+       │  └─claim (bad layout/size): refused, it stays offered
        ├──lease passes──────────────────────────────────────────► released EXPIRED
        │                    pulling ──ack_timeout passes / send error ► released FAILED
        └──cancel / close (from either state)────────────────────► released CANCELLED
 
-A refused pull consumes the offer (FAILED) rather than leaving it to its lease: a handle goes to one
-decode worker, whose layout will not change, so retrying cannot succeed and the blocks are freed now.
+A refused pull leaves the offer untouched, to its lease or a valid pull: the listener accepts any
+peer that can reach it, so a pull that names a live transfer id with a wrong layout or size must not
+be able to free another request's blocks. The legitimate puller checks the layout before it pulls, and
+the frontend's Abort cancels the offer of a hand-off that failed, so refused offers rarely wait out
+their lease.
 
 One daemon thread enforces the deadlines and calls `on_release`, so the callback never runs on a
 caller's thread, never under a lock, and never on the UCX event loop.
@@ -107,7 +110,7 @@ class OfferBook:
         return offer
 
     def claim(self, transfer_id: str, layout: KVLayout, expected_num_blocks: int, expected_bytes: int) -> Offer:
-        """Starts a pull; raises a typed error (and releases the offer FAILED if it named one)."""
+        """Starts a pull; raises a typed error for a pull it refuses, leaving the offer as it was."""
         with self._cond:
             offer = self._offers.get(transfer_id)
             if offer is None or offer.is_pulling:
@@ -115,13 +118,12 @@ class OfferBook:
                     f"transfer {transfer_id} is not offered here (unknown, expired, cancelled or already pulled)"
                 )
             error = self._check_pull(offer, layout, expected_num_blocks, expected_bytes)
-            if error is None:
-                offer.is_pulling = True
-                offer.deadline = time.monotonic() + self._ack_timeout_seconds
-                self._push_deadline(offer)
-                return offer
-        self.release(transfer_id, TransferOutcome.FAILED)
-        raise error
+            if error is not None:
+                raise error
+            offer.is_pulling = True
+            offer.deadline = time.monotonic() + self._ack_timeout_seconds
+            self._push_deadline(offer)
+            return offer
 
     def _check_pull(
         self, offer: Offer, layout: KVLayout, expected_num_blocks: int, expected_bytes: int

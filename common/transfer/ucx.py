@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import socket
 import threading
 import time
@@ -63,7 +64,10 @@ def _memory_type(tensor: torch.Tensor) -> str:
 class UcxKVSender(BookedSender):
     """Prefill side: a UCX listener serving pulls of offered blocks.
 
-    UCX listens on all interfaces; `host` is what goes into `address` for receivers to dial.
+    UCX listens on all interfaces, whatever `host` is: ucxx's `create_listener(callback, port)` takes
+    no address (the C++ ListenerBuilder can bind one; ucxx 0.52's Python binding does not expose it).
+    `host` is only what goes into `address` for receivers to dial. What guards the port instead: a
+    pull must name a live transfer id (128 random bits), and a refused pull leaves the offer alone.
     """
 
     def __init__(
@@ -79,6 +83,10 @@ class UcxKVSender(BookedSender):
             raise ValueError(f"port: must be in [0, 65535], got {port}")
         super().__init__(layout, gather_blocks, on_release, ack_timeout_seconds)
         self._ack_timeout_seconds = ack_timeout_seconds
+        # SO_REUSEADDR on the listener: a restarted worker gets its port back at once, not a minute
+        # later when its predecessor's connections leave TIME_WAIT (a live listener still holds the
+        # port). UCX reads it when this process's context is created, i.e. by its first sender.
+        os.environ.setdefault("UCX_TCP_CM_REUSEADDR", "y")
         self._runtime = UcxRuntime.get()
         # transfer_id -> (endpoint that pulled it, its ack); loop thread only
         self._ack_waiters: dict[str, tuple[Any, asyncio.Future]] = {}

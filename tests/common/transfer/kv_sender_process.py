@@ -16,7 +16,7 @@ def make_pool(layout) -> torch.Tensor:
     return torch.randn(layout.transfer_shape(NUM_POOL_BLOCKS), generator=generator).to(layout.torch_dtype)
 
 
-def main(layout_signature: str, commands, events) -> None:
+def main(layout_signature: str, commands, events, port: int = 0) -> None:
     torch.set_num_threads(1)
     from common.transfer import KVLayout, create_sender
 
@@ -26,7 +26,7 @@ def main(layout_signature: str, commands, events) -> None:
     def on_release(transfer_id, outcome, stats):
         events.put(("released", transfer_id, outcome.name, stats.num_bytes, stats.transport))
 
-    sender = create_sender("ucx", layout, lambda ids: kv.index_select(2, torch.tensor(ids)), on_release)
+    sender = create_sender("ucx", layout, lambda ids: kv.index_select(2, torch.tensor(ids)), on_release, port=port)
     events.put(("address", sender.address))
     while True:
         command = commands.get()

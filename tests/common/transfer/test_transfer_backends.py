@@ -87,27 +87,33 @@ def test_pull_moves_exactly_the_offered_blocks(backend, sender, receiver, pool, 
     assert sender.num_pending == 0
 
 
-def test_layout_mismatch_names_block_size_and_releases_the_offer(backend, sender, releases):
+def test_layout_mismatch_names_block_size_and_leaves_the_offer(backend, sender, receiver, pool, releases):
     decode_layout = KVLayout("tiny-llama", "bfloat16", 32, 3, 2, 8)
-    receiver = create_receiver(backend, decode_layout)
+    mismatched = create_receiver(backend, decode_layout)
     try:
         handle = sender.offer(new_transfer_id(), [1, 2], 20, 10)
-        ticket = receiver.begin(handle, _destination(decode_layout, 2))
+        ticket = mismatched.begin(handle, _destination(decode_layout, 2))
         with pytest.raises(KVLayoutMismatch, match="block_size: prefill=16 decode=32"):
-            receiver.wait(ticket, timeout=20)
-        assert receiver.poll(ticket) is TransferState.FAILED and isinstance(ticket.error, KVLayoutMismatch)
+            mismatched.wait(ticket, timeout=20)
+        assert mismatched.poll(ticket) is TransferState.FAILED and isinstance(ticket.error, KVLayoutMismatch)
     finally:
-        receiver.close()
-    assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.FAILED)
+        mismatched.close()
+    assert sender.num_pending == 1 and releases.empty()  # a refused pull does not consume the offer
+    destination = _destination(LAYOUT, 2)
+    receiver.begin(handle, destination).wait(20)  # the matching receiver still gets it
+    assert torch.equal(destination, pool.kv[:, :, [1, 2]])
+    assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.DONE)
 
 
-def test_block_count_mismatch_is_refused(sender, receiver, releases):
+def test_block_count_mismatch_is_refused_and_leaves_the_offer(sender, receiver, releases):
     handle = sender.offer(new_transfer_id(), [1, 2, 3], 40, 10)
     lying = type(handle)(handle.transfer_id, handle.address, 20, 2, handle.layout_signature)
     ticket = receiver.begin(lying, _destination(LAYOUT, 2))
     with pytest.raises(KVSizeMismatch, match="num_blocks: prefill=3 decode=2"):
         ticket.wait(20)
-    assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.FAILED)
+    assert sender.num_pending == 1 and releases.empty()
+    receiver.begin(handle, _destination(LAYOUT, 3)).wait(20)
+    assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.DONE)
 
 
 def test_unknown_transfer_id_is_not_found(sender, receiver, releases):

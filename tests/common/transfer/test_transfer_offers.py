@@ -74,14 +74,25 @@ def test_finish_releases_done_exactly_once(book, releases):
         (LAYOUT, 2, 7, KVInvalidPull, "expected_bytes"),
     ],
 )
-def test_refused_pull_consumes_the_offer_as_failed(book, releases, layout, num_blocks, num_bytes, error, match):
+def test_refused_pull_leaves_the_offer_to_a_valid_pull(book, releases, layout, num_blocks, num_bytes, error, match):
     transfer_id = new_transfer_id()
     book.add(transfer_id, [1, 2], 8, 10, None)
     num_bytes = num_blocks * layout.bytes_per_block if num_bytes is None else num_bytes
     with pytest.raises(error, match=match):
         book.claim(transfer_id, layout, num_blocks, num_bytes)
-    assert releases.get(timeout=5)[:2] == (transfer_id, TransferOutcome.FAILED)
-    assert book.num_pending == 0
+    time.sleep(0.1)
+    assert releases.empty() and book.num_pending == 1  # anyone may reach the listener: no one-pull denial
+    assert _claim(book, transfer_id).block_ids == [1, 2]
+    assert book.finish(transfer_id, True)
+    assert releases.get(timeout=5)[:2] == (transfer_id, TransferOutcome.DONE)
+
+
+def test_refused_pull_leaves_the_offer_to_its_lease(book, releases):
+    transfer_id = new_transfer_id()
+    book.add(transfer_id, [1, 2], 8, 0.3, None)
+    with pytest.raises(KVSizeMismatch):
+        _claim(book, transfer_id, num_blocks=3)
+    assert releases.get(timeout=5)[:2] == (transfer_id, TransferOutcome.EXPIRED)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """Real UCX between two processes: a spawned prefill-like sender and a receiver in this process."""
 
 import multiprocessing
+import socket
+import time
 
 import pytest
 import torch
@@ -20,11 +22,11 @@ LAYOUT = KVLayout("tiny-llama", "float16", 16, 4, 2, 32)
 
 
 class SenderProcess:
-    def __init__(self, layout: KVLayout):
+    def __init__(self, layout: KVLayout, port: int = 0):
         context = multiprocessing.get_context("spawn")
         self.commands, self.events = context.Queue(), context.Queue()
         self.process = context.Process(
-            target=kv_sender_process.main, args=(layout.signature(), self.commands, self.events), daemon=True
+            target=kv_sender_process.main, args=(layout.signature(), self.commands, self.events, port), daemon=True
         )
         self.process.start()
         self._early: list[tuple] = []  # events that arrived while waiting for another kind
@@ -106,16 +108,17 @@ def test_sixteen_concurrent_pulls_over_one_cached_endpoint(sender, receiver, poo
     assert list(receiver._endpoints) == [sender.address]
 
 
-def test_layout_mismatch_across_processes_names_block_size(sender):
+def test_layout_mismatch_across_processes_names_block_size_and_leaves_the_offer(sender):
     decode_layout = KVLayout("tiny-llama", "float16", 32, 4, 2, 32)
     receiver = create_receiver("ucx", decode_layout, timeout_seconds=30)
     try:
-        handle = sender.offer([1, 2], 20)
+        handle = sender.offer([1, 2], 20, lease_seconds=3.0)
         with pytest.raises(KVLayoutMismatch, match="block_size: prefill=16 decode=32"):
             receiver.begin(handle, _destination(decode_layout, 2)).wait(30)
     finally:
         receiver.close()
-    assert sender.expect("released")[1:3] == (handle.transfer_id, "FAILED")
+    # the refused pull left the offer to its lease
+    assert sender.expect("released")[1:3] == (handle.transfer_id, "EXPIRED")
 
 
 def test_lease_expiry_across_processes(sender, receiver):
@@ -140,4 +143,24 @@ def test_a_dead_sender_fails_pulls_instead_of_hanging(pool):
             ticket.wait(30)
     finally:
         receiver.close()
+        sender.stop()
+
+
+
+def test_a_restarted_sender_gets_its_port_back_while_the_old_connections_are_in_time_wait():
+    """A restarted prefill worker listens on its old KV port (the address decode workers trust) at once,
+    not a minute later when the connections its predecessor closed leave TIME_WAIT."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the listening side closes first: the port sits in TIME_WAIT
+            time.sleep(0.2)
+    sender = SenderProcess(LAYOUT, port=port)
+    try:
+        assert sender.address == f"127.0.0.1:{port}"
+    finally:
         sender.stop()
