@@ -1,4 +1,5 @@
-# `make serve` starts the whole system on the embedded model; `make test` runs the test suite.
+# `make serve` starts the whole system on the embedded model (flags in ARGS, e.g. make serve ARGS="--port 50052");
+# `make test` runs the test suite.
 # Both create .venv and install what is needed on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/tandem serve
+	$(BIN)/tandem serve $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -3,123 +3,54 @@
     tandem serve [--num-prefill 1] [--num-decode 1] [--port 50051] [engine flags, e.g. --model, --block-size]
                  [--device cuda:0 | --prefill-devices 0 --decode-devices 1]
                  [--prefill-gpu-memory-utilization X] [--decode-gpu-memory-utilization Y]
+                 [--worker-host 127.0.0.1] [--otlp-traces-endpoint URL] [--log-dir DIR]
 
-Checks the flags and places the workers (`services.placement`: which GPU, what share of it), starts
-P prefill and D decode workers (free ports; engine flags are passed to each), waits until they
-are SERVING, starts the frontend pointed at them, waits for it, then prints where to connect. Ctrl-C
-or SIGTERM stops every service (frontend first); if any service dies, the rest are stopped too.
-Services log to files under --log-dir (a fresh temporary folder by default).
+Checks every flag before it starts anything: its own, the placement (`services.placement`: which GPU,
+what share of it), and each worker's whole command line, parsed by the worker's own parser and built
+into its configs as a dry run; a bad one is a one-line error and exit code 2. Then it starts P prefill
+and D decode workers (gRPC on free ports, each prefill's KV listener on a port picked here so that the
+decode workers can be told which KV senders to trust), waits until they are SERVING, starts the
+frontend pointed at them, waits for it, and prints where to connect.
+
+While it runs, a worker that dies is restarted on its port after a back-off and the others keep
+serving (`services.supervisor`). The frontend is not restarted: if it dies, everything stops and
+`tandem serve` exits 1, for whatever runs it (systemd, a container runtime) to restart. Ctrl-C or
+SIGTERM stops every service, frontend first. Services log to files under --log-dir; without it, to a
+temporary folder removed at exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import shutil
 import signal
-import subprocess
+import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from common.healthcheck import check_health
 from services.placement import PlacementFlags, WorkerPlacement, describe, place_workers
+from services.supervisor import Launcher, Service, dial_address
 
-_STOP_GRACE_SECONDS = 15.0
+__all__ = ["Launcher", "Service", "build_parser", "main"]
 
-
-@dataclass
-class Service:
-    name: str  # e.g. "prefill-0"
-    process: subprocess.Popen
-    ready_file: Path
-    log_path: Path
-    address: str = ""  # host:port once ready
-    http_url: str = ""  # the frontend's OpenAI-compatible API, e.g. http://localhost:8000/v1
-
-    def log_tail(self, num_lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
-        return ""
+# Set by `tandem serve` for each worker, so not accepted among the flags passed through to them.
+_PER_WORKER_FLAGS = ("--kv-host", "--kv-port", "--allowed-kv-senders")
 
 
-def _die_with_parent() -> None:
-    """Child side of fork: get SIGTERM if the launcher dies, so no service outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Launcher:
-    def __init__(self, log_dir: Path, threads_per_service: int):
-        self.log_dir = log_dir
-        self.services: list[Service] = []
-        self._env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_service), PYTHONUNBUFFERED="1")
-
-    def start(self, name: str, argv: list[str]) -> Service:
-        ready_file = self.log_dir / f"{name}.ready.json"
-        ready_file.unlink(missing_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", *argv, "--ready-file", str(ready_file)],
-                stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        service = Service(name, process, ready_file, log_path)
-        self.services.append(service)
-        return service
-
-    def wait_ready(self, services: list[Service], timeout_seconds: float) -> None:
-        """Waits until every service wrote its ready file and answers SERVING; raises on death/timeout."""
-        deadline = time.monotonic() + timeout_seconds
-        pending = list(services)
-        while pending:
-            for service in list(pending):
-                self.check_alive(service)
-                if service.ready_file.exists():
-                    port = json.loads(service.ready_file.read_text())["port"]
-                    service.address = f"localhost:{port}"
-                    if _is_serving(service.address):
-                        pending.remove(service)
-            if pending and time.monotonic() > deadline:
-                names = ", ".join(s.name for s in pending)
-                raise RuntimeError(f"not ready after {timeout_seconds:.0f}s: {names} (logs in {self.log_dir})")
-            time.sleep(0.2)
-
-    def check_alive(self, service: Service) -> None:
-        code = service.process.poll()
-        if code is not None:
-            raise RuntimeError(f"{service.name} exited with code {code}; last log lines:\n{service.log_tail()}")
-
-    def stop_all(self) -> None:
-        """SIGTERM in reverse start order (frontend first), SIGKILL whatever outlives the grace period."""
-        for service in reversed(self.services):
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE_SECONDS
-        for service in reversed(self.services):
-            try:
-                service.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
-
-
-def _is_serving(address: str) -> bool:
-    try:
-        return check_health(address, timeout_s=2.0) == "SERVING"
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
+class _OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):  # a ValueError for `main` to print in one line, not the usage text
+        raise ValueError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem serve", description=__doc__.split("\n")[0],
-                                     epilog="Unrecognized flags (engine flags) are passed to every worker.")
+    epilog = ("Unrecognized flags (engine and worker flags) are passed to every worker, so each must be one "
+              "that both `tandem prefill` and `tandem decode` take.")
+    parser = _OneLineErrorParser(prog="tandem serve", description=__doc__.split("\n")[0], allow_abbrev=False,
+                                 epilog=epilog)
     parser.add_argument("--num-prefill", type=int, default=1, help="prefill workers to start")
     parser.add_argument("--num-decode", type=int, default=1, help="decode workers to start")
     parser.add_argument("--device", default="auto",
@@ -137,11 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051, help="frontend port (0 = any free port)")
     parser.add_argument("--http-port", type=int, default=8000,
                         help="frontend's OpenAI-compatible HTTP port (0 = any free port, -1 = off)")
+    parser.add_argument("--worker-host", default="127.0.0.1",
+                        help="workers' gRPC and /metrics bind address, and the address their KV is pulled from")
     parser.add_argument("--model", default=None, help="model for every service; default: the embedded SmolLM2")
     parser.add_argument("--kv-lease-seconds", type=float, default=None, help="prefill workers' KV lease")
+    parser.add_argument("--otlp-traces-endpoint", default=None,
+                        help="OTLP/gRPC collector for every service, frontend included (one trace per request)")
     parser.add_argument("--threads-per-service", type=int, default=1, help="torch threads in each service")
-    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for every service")
-    parser.add_argument("--log-dir", default=None, help="where services log (default: a new temporary folder)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0,
+                        help="seconds to wait for every service (and for a restarted worker)")
+    parser.add_argument("--log-dir", default=None, help="where services log (default: a temporary folder, "
+                                                        "removed at exit)")
     parser.add_argument("--ready-file", default=None, help="write every service's address here as JSON once up")
     return parser
 
@@ -157,12 +94,98 @@ def plan_workers(args: argparse.Namespace, num_gpus: int | None) -> list[WorkerP
     return place_workers(flags, num_gpus)
 
 
-def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_argv: list[str]) -> list[str]:
-    """The `tandem prefill|decode` command line of one worker."""
-    model_argv = ["--model", args.model] if args.model else []
-    lease_argv = ["--kv-lease-seconds", str(args.kv_lease_seconds)] if args.kv_lease_seconds else []
-    role_argv = lease_argv if placement.role == "prefill" else []
-    return [placement.role, "--port", "0", *model_argv, *role_argv, *placement.argv(), *engine_argv]
+def kv_host(args: argparse.Namespace) -> str:
+    """The address prefill workers advertise for their KV (their listener listens on every interface)."""
+    return "127.0.0.1" if args.worker_host in ("", "0.0.0.0", "::") else args.worker_host
+
+
+def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_argv: list[str],
+                kv_ports: dict[str, int]) -> list[str]:
+    """The `tandem prefill|decode` command line of one worker; `kv_ports`: prefill worker name -> KV port."""
+    argv = [placement.role, "--host", args.worker_host, "--port", "0"]
+    if args.model:
+        argv += ["--model", args.model]
+    if placement.role == "prefill":
+        argv += ["--kv-host", kv_host(args), "--kv-port", str(kv_ports[placement.name])]
+        if args.kv_lease_seconds is not None:
+            argv += ["--kv-lease-seconds", str(args.kv_lease_seconds)]
+    else:
+        argv += ["--allowed-kv-senders", ",".join(f"{kv_host(args)}:{port}" for port in kv_ports.values())]
+    if args.otlp_traces_endpoint:
+        argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
+    return [*argv, *placement.argv(), *engine_argv]
+
+
+def frontend_argv(args: argparse.Namespace, prefill_addresses: list[str], decode_addresses: list[str]) -> list[str]:
+    argv = ["frontend", "--host", args.host, "--port", str(args.port), "--http-port", str(args.http_port)]
+    if args.model:
+        argv += ["--model", args.model]
+    if args.otlp_traces_endpoint:
+        argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
+    return [*argv, "--prefill-addresses", ",".join(prefill_addresses),
+            "--decode-addresses", ",".join(decode_addresses)]
+
+
+def _check_own_flags(args: argparse.Namespace, engine_argv: list[str]) -> None:
+    for arg in engine_argv:
+        if arg.partition("=")[0] in _PER_WORKER_FLAGS:
+            raise ValueError(f"{arg.partition('=')[0]} is set by tandem serve for each worker")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not -1 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be in [-1, 65535], got {args.http_port}")
+    if args.threads_per_service < 1:
+        raise ValueError(f"--threads-per-service must be >= 1, got {args.threads_per_service}")
+    if not args.ready_timeout > 0:
+        raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout:g}")
+
+
+def check_flags(args: argparse.Namespace, engine_argv: list[str], placements: list[WorkerPlacement],
+                kv_ports: dict[str, int]) -> dict[str, list[str]]:
+    """Every worker's command line by name, each parsed and built into its configs by the worker's own
+    code without starting anything; ValueError (one line) for the first flag that would fail."""
+    from services.common.worker_cli import check_worker_argv
+    from services.decode.main import ROLE as DECODE
+    from services.prefill.main import ROLE as PREFILL
+
+    _check_own_flags(args, engine_argv)
+    argvs = {p.name: worker_argv(p, args, engine_argv, kv_ports) for p in placements}
+    parsed = {}
+    for placement in placements:
+        try:
+            role = PREFILL if placement.role == "prefill" else DECODE
+            parsed[placement.name] = check_worker_argv(role, argvs[placement.name][1:])
+        except ValueError as exc:
+            raise ValueError(f"{placement.name}: {exc}") from None
+    worker_args = next(iter(parsed.values()))
+    if worker_args.metrics_port > 0 and len(placements) > 1:
+        raise ValueError(f"--metrics-port {worker_args.metrics_port} would be every worker's: use 0 (free ports)")
+    check_model(args.model, worker_args.load_format)
+    return argvs
+
+
+def check_model(model: str | None, load_format: str) -> None:
+    """`--model` names something loadable (ValueError otherwise); reads no weights and converts nothing."""
+    from common.model.registry import embedded_gguf_path, resolve_model
+
+    try:
+        if model is None:
+            embedded_gguf_path()
+            return
+        path = Path(model).expanduser()
+        needs_conversion = (path.is_file() and path.suffix == ".gguf") or (
+            path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1)
+        if not needs_conversion:  # resolved at once: an HF folder, dummy:<preset>, a cached hub repo, or an error
+            resolve_model(model, load_format)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model: {exc}") from None
+
+
+def free_port() -> int:
+    """A TCP port free on every interface now (for a listener started later by a worker)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def visible_gpu_count() -> int | None:
@@ -185,46 +208,50 @@ def visible_gpu_count() -> int | None:
         pynvml.nvmlShutdown()
 
 
-def _start_system(launcher: Launcher, args: argparse.Namespace, engine_argv: list[str],
-                  placements: list[WorkerPlacement]) -> Service:
-    model_argv = ["--model", args.model] if args.model else []
-    workers = [launcher.start(p.name, worker_argv(p, args, engine_argv)) for p in placements]
+def _start_system(launcher: Launcher, args: argparse.Namespace, placements: list[WorkerPlacement],
+                  argvs: dict[str, list[str]]) -> tuple[Service, list[Service], list[Service]]:
+    workers = [launcher.start(p.name, argvs[p.name], is_restartable=True) for p in placements]
     prefills = [w for w, p in zip(workers, placements) if p.role == "prefill"]
     decodes = [w for w, p in zip(workers, placements) if p.role == "decode"]
     for line in describe(placements):
         print(line, flush=True)
-    print(f"starting {args.num_prefill} prefill and {args.num_decode} decode workers (logs in {launcher.log_dir})",
-          flush=True)
+    where = "" if args.log_dir else ", removed at exit"
+    print(f"starting {args.num_prefill} prefill and {args.num_decode} decode workers (logs in {launcher.log_dir}"
+          f"{where})", flush=True)
     launcher.wait_ready([*prefills, *decodes], args.ready_timeout)
-    frontend = launcher.start("frontend", [
-        "frontend", "--host", args.host, "--port", str(args.port), "--http-port", str(args.http_port), *model_argv,
-        "--prefill-addresses", ",".join(s.address for s in prefills),
-        "--decode-addresses", ",".join(s.address for s in decodes),
-    ])
+    frontend = launcher.start("frontend", frontend_argv(args, [s.address for s in prefills],
+                                                        [s.address for s in decodes]))
     launcher.wait_ready([frontend], args.ready_timeout)
     http_port = json.loads(frontend.ready_file.read_text()).get("http_port")
-    frontend.http_url = f"http://localhost:{http_port}/v1" if http_port is not None else ""
-    if args.ready_file:
-        Path(args.ready_file).write_text(json.dumps({
+    frontend.http_url = f"http://{dial_address(args.host, http_port)}/v1" if http_port is not None else ""
+    return frontend, prefills, decodes
+
+
+def _write_ready_file(path: str | None, launcher: Launcher, frontend: Service, prefills: list[Service],
+                      decodes: list[Service]) -> None:
+    """Every service's address, and its pid (updated when a worker restarts)."""
+    if path:
+        Path(path).write_text(json.dumps({
             "frontend": frontend.address,
             "http": frontend.http_url,
             "prefill": [s.address for s in prefills],
             "decode": [s.address for s in decodes],
             "pids": {s.name: s.process.pid for s in launcher.services},
         }))
-    return frontend
 
 
 def main(argv: list[str]) -> int:
-    args, engine_argv = build_parser().parse_known_args(argv)
     try:
+        args, engine_argv = build_parser().parse_known_args(argv)
         placements = plan_workers(args, visible_gpu_count())
+        kv_ports = {p.name: free_port() for p in placements if p.role == "prefill"}
+        argvs = check_flags(args, engine_argv, placements, kv_ports)
     except ValueError as exc:
         print(f"tandem serve: {exc}", file=sys.stderr)
         return 2
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    launcher = Launcher(log_dir, args.threads_per_service)
+    launcher = Launcher(log_dir, args.threads_per_service, ready_timeout_seconds=args.ready_timeout)
     stop_requested: list[str] = []
 
     def request_stop(signum, _frame) -> None:
@@ -234,14 +261,15 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored from a parent shell
         signal.signal(sig, request_stop)
     try:
-        frontend = _start_system(launcher, args, engine_argv, placements)
+        frontend, prefills, decodes = _start_system(launcher, args, placements, argvs)
+        _write_ready_file(args.ready_file, launcher, frontend, prefills, decodes)
         print(f"Tandem is serving on {frontend.address} (tandem.v1.Generation; Ctrl-C stops it)")
         print(f'try:  tandem generate --address {frontend.address} "What is the capital of France?"', flush=True)
         if frontend.http_url:
             print(f"OpenAI-compatible HTTP API: {frontend.http_url} (curl {frontend.http_url}/models)", flush=True)
         while True:
-            for service in launcher.services:
-                launcher.check_alive(service)
+            if launcher.supervise():  # workers came back: their new pids
+                _write_ready_file(args.ready_file, launcher, frontend, prefills, decodes)
             time.sleep(0.5)
     except KeyboardInterrupt:
         print(f"\nstopping ({stop_requested[0] if stop_requested else 'SIGINT'})", flush=True)
@@ -253,3 +281,5 @@ def main(argv: list[str]) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the shutdown short
             signal.signal(sig, signal.SIG_IGN)
         launcher.stop_all()
+        if not args.log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)

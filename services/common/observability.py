@@ -38,12 +38,13 @@ class Observability:
 
     @classmethod
     def start(cls, tracing_handle: tracing.TracingHandle, role: str, model_name: str,
-              metrics_port: int = -1) -> "Observability":
-        """Metrics for a loaded model (its name labels every series); tracing was set up at start-up."""
+              metrics_port: int = -1, metrics_host: str = "0.0.0.0") -> "Observability":
+        """Metrics for a loaded model (its name labels every series); tracing was set up at start-up.
+        /metrics is served on `metrics_host:metrics_port` (the service's own bind address)."""
         if not -1 <= metrics_port <= 65535:
             raise ValueError(f"metrics_port: must be in [-1, 65535], got {metrics_port}")
         metrics = ServiceMetrics(role=role, model_name=model_name)
-        server = start_metrics_server(metrics_port, metrics.registry) if metrics_port >= 0 else None
+        server = start_metrics_server(metrics_port, metrics.registry, metrics_host) if metrics_port >= 0 else None
         return cls(tracing_handle, metrics, server)
 
     @classmethod

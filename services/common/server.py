@@ -35,6 +35,10 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+# SO_REUSEPORT off: a second server on a taken port fails to bind instead of silently sharing it.
+_SERVER_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
 class ServiceFailed(RuntimeError):
     """A part the service cannot run without died; the process must exit non-zero."""
 
@@ -101,11 +105,12 @@ async def start_server(
     port: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    """Starts a grpc.aio server with Tandem's servicers, health (NOT_SERVING) and reflection.
+    """Starts a grpc.aio server with Tandem's servicers, health (NOT_SERVING) and reflection; OSError
+    (one line naming the port) when `host:port` cannot be bound, e.g. another server holds it.
 
     `interceptors` (tracing) run outside the status mapping, so their spans see the final status.
     """
-    server = grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=_CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=_SERVER_OPTIONS)
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -114,9 +119,13 @@ async def start_server(
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc's own message only points at GRPC_VERBOSITY
+        bound_port = 0
     if bound_port == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"cannot listen on {host}:{port}: port {port} is in use (or {host} is not an address "
+                      f"of this machine)")
     await server.start()
     logger.info("listening on %s:%d (%s)", host, bound_port, ", ".join(service_names))
     running = RunningServer(server, health_servicer, list(service_names), bound_port, asyncio.get_running_loop())

@@ -1,11 +1,14 @@
 """The command line and lifecycle `tandem prefill` and `tandem decode` share; a WorkerRole says what differs.
 
-    parse flags ─► configure logging ─► validate (bad flag: print it, exit 2)
-    ─► gRPC server up, NOT_SERVING ─► load the model ─► kernel warm-up ─► observability ─► role.prepare's
-       start builds the worker and its KV transport ─► worker.start() ─► SERVING, ready file
+    parse and validate flags (bad flag: print it, exit 2) ─► configure logging
+    ─► gRPC server up, NOT_SERVING (port taken: print it, exit 1) ─► load the model ─► kernel warm-up
+    ─► observability ─► role.prepare's start builds the worker and its KV transport ─► worker.start()
+    ─► SERVING, ready file
     ─► SIGINT/SIGTERM ─► stop the server, the worker, the transport, observability (in that order)
 
 Flags fall back to TANDEM_* environment variables, read here only when the parser is built.
+`check_worker_argv` runs the same parsing and validation without starting anything (`tandem serve`
+checks every worker's flags with it before it starts one).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +36,7 @@ def env(name: str, default=None):
 
 
 def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--host", default=env("HOST", "0.0.0.0"), help="gRPC bind address")
+    parser.add_argument("--host", default=env("HOST", "0.0.0.0"), help="gRPC and /metrics bind address")
     parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
                         help="gRPC port (0 = any free port; see --ready-file)")
     parser.add_argument("--kv-transfer-backend", choices=TRANSFER_BACKENDS, default=env("KV_TRANSFER_BACKEND", "ucx"),
@@ -71,7 +75,7 @@ class WorkerRole:
 
 
 def build_worker_parser(role: WorkerRole) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"tandem {role.name}", description=role.description)
+    parser = argparse.ArgumentParser(prog=f"tandem {role.name}", description=role.description, allow_abbrev=False)
     add_worker_args(parser, default_port=role.default_port)
     role.add_args(parser)
     add_observability_args(parser)
@@ -79,21 +83,49 @@ def build_worker_parser(role: WorkerRole) -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_flag_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def parse_worker_argv(role: WorkerRole, argv: list[str],
+                      is_dry_run: bool = False) -> tuple[argparse.Namespace, EngineConfig, StartWorker]:
+    """The worker's flags, its engine config and its start; ValueError (one line) on a bad value.
+    `is_dry_run`: a bad or unknown flag raises ValueError too, instead of printing usage and exiting."""
+    parser = build_worker_parser(role)
+    if is_dry_run:
+        parser.error = _raise_flag_error  # argparse would print the worker's usage and exit
+    args = parser.parse_args(argv)
+    return args, engine_config_from_args(args), role.prepare(args)
+
+
+def check_worker_argv(role: WorkerRole, argv: list[str]) -> argparse.Namespace:
+    """Parses and validates a worker's command line as `run_worker` would, starting nothing;
+    ValueError (one line, naming the flag) if the worker would refuse it."""
+    return parse_worker_argv(role, argv, is_dry_run=True)[0]
+
+
 async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config: EngineConfig,
-                       start: StartWorker) -> None:
+                       start: StartWorker) -> int:
+    """Serves until SIGINT/SIGTERM (0), or 1 when the gRPC port cannot be bound."""
     logger = logging.getLogger(f"tandem.{role.name}")
     servicer = role.servicer_type()
     tracing_handle = tracing.init_tracing(role.name, args.otlp_traces_endpoint)
-    running = await start_server(
-        lambda server: role.add_servicer(servicer, server),
-        [role.service_name], args.host, args.port, interceptors=tracing_handle.server_interceptors(),
-    )
+    try:
+        running = await start_server(
+            lambda server: role.add_servicer(servicer, server),
+            [role.service_name], args.host, args.port, interceptors=tracing_handle.server_interceptors(),
+        )
+    except OSError as exc:  # the port is taken: one line, no traceback
+        print(f"tandem {role.name}: {exc}", file=sys.stderr)
+        tracing_handle.shutdown()
+        return 1
     shutdown = asyncio.ensure_future(wait_for_shutdown())
     with contextlib.ExitStack() as cleanup:  # closes after the server stops, last opened first
         try:
             engine = await load_engine(engine_config)
             await asyncio.to_thread(warm_up_kernels, engine)  # no Triton compile once SERVING
-            obs = Observability.start(tracing_handle, role.name, engine.model_name, args.metrics_port)
+            obs = Observability.start(tracing_handle, role.name, engine.model_name, args.metrics_port,
+                                      metrics_host=args.host)
             cleanup.callback(obs.close)
             parts = start(engine, obs, cleanup)
             cleanup.callback(parts.worker.stop)
@@ -108,17 +140,15 @@ async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config
             logger.info("%s received, stopping", await shutdown)
         finally:
             await running.stop()
+    return 0
 
 
 def run_worker(role: WorkerRole, argv: list[str]) -> int:
-    """`main` of a worker subcommand: 0 after a clean shutdown, 2 on a bad flag."""
-    args = build_worker_parser(role).parse_args(argv)
-    configure_process(args.log_level)
+    """`main` of a worker subcommand: 0 after a clean shutdown, 2 on a bad flag, 1 on a taken port."""
     try:
-        engine_config = engine_config_from_args(args)
-        start = role.prepare(args)
+        args, engine_config, start = parse_worker_argv(role, argv)
     except ValueError as exc:
-        print(f"tandem {role.name}: {exc}")
+        print(f"tandem {role.name}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve_worker(role, args, engine_config, start))
-    return 0
+    configure_process(args.log_level)
+    return asyncio.run(serve_worker(role, args, engine_config, start))

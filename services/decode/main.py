@@ -1,8 +1,10 @@
 """`tandem decode`: a decode worker (gRPC DecodeWorker; pulls KV from prefill workers over UCX).
 
-    tandem decode --port 50062 [engine flags: --model, --block-size, --max-num-seqs, ...]
+    tandem decode --port 50062 [--allowed-kv-senders 10.0.0.5:7000,...] [engine flags: --model, ...]
 
 Health is NOT_SERVING while the model loads, then SERVING. Flags fall back to TANDEM_* variables.
+A Decode request names the prefill worker to pull its KV from; with --allowed-kv-senders this worker
+dials only those addresses (as the prefill workers advertise them: their --kv-host:--kv-port).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from common.transfer.base import split_address
 from protos import worker_pb2_grpc
 from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
@@ -29,15 +32,35 @@ def _add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-admission-timeout-seconds", type=float,
                         default=float(env("KV_ADMISSION_TIMEOUT_SECONDS", "30")),
                         help="longest wait for free KV blocks before RESOURCE_EXHAUSTED")
+    parser.add_argument("--allowed-kv-senders", default=env("ALLOWED_KV_SENDERS"), metavar="HOST:PORT,...",
+                        help="pull KV only from these prefill KV addresses (default: any, logged once)")
+
+
+def parse_kv_senders(text: str | None) -> frozenset[str] | None:
+    """'h1:7000,h2:7000' -> those addresses; None (any sender) when the flag is not given."""
+    if text is None:
+        return None
+    addresses = [address.strip() for address in text.split(",") if address.strip()]
+    if not addresses:
+        raise ValueError("--allowed-kv-senders needs at least one host:port")
+    for address in addresses:
+        try:
+            split_address(address)
+        except ValueError:
+            raise ValueError(f"--allowed-kv-senders: expected host:port, got {address!r}") from None
+    return frozenset(addresses)
 
 
 def _prepare(args: argparse.Namespace) -> StartWorker:
+    if not args.kv_transfer_timeout_seconds > 0:
+        raise ValueError(f"--kv-transfer-timeout-seconds must be > 0, got {args.kv_transfer_timeout_seconds:g}")
     limits = DecodeLimits(args.max_num_admitting, args.kv_admission_timeout_seconds)
+    allowed_kv_senders = parse_kv_senders(args.allowed_kv_senders)
 
     def start(engine, obs: Observability, cleanup: contextlib.ExitStack) -> WorkerParts:
         receiver = create_receiver(args.kv_transfer_backend, kv_layout(engine), args.kv_transfer_timeout_seconds)
         cleanup.callback(receiver.close)
-        return WorkerParts(DecodeWorker(engine, receiver, limits, obs))
+        return WorkerParts(DecodeWorker(engine, receiver, limits, obs, allowed_kv_senders))
 
     return start
 

@@ -37,7 +37,7 @@ def _addresses(text: str | None) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem frontend", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="tandem frontend", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--prefill-addresses", default=_env("PREFILL_ADDRESSES"),
                         help="comma-separated host:port of prefill workers (env TANDEM_PREFILL_ADDRESSES)")
     parser.add_argument("--decode-addresses", default=_env("DECODE_ADDRESSES"),

@@ -3,6 +3,8 @@
     tandem prefill --port 50061 --kv-host 10.0.0.5 [engine flags: --model, --block-size, ...]
 
 Health is NOT_SERVING while the model loads, then SERVING. Flags fall back to TANDEM_* variables.
+gRPC and /metrics bind --host; the UCX listener listens on every interface whatever --host says
+(ucxx's create_listener takes a port, no address): --kv-host is only the address decode workers dial.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def _add_prefill_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> StartWorker:
+    if not args.kv_lease_seconds > 0:
+        raise ValueError(f"--kv-lease-seconds must be > 0, got {args.kv_lease_seconds:g}")
+    if args.max_num_waiting < 1:
+        raise ValueError(f"--max-num-waiting must be >= 1, got {args.max_num_waiting}")
+    if not 0 <= args.kv_port <= 65535:
+        raise ValueError(f"--kv-port must be in [0, 65535], got {args.kv_port}")
+
     def start(engine, obs: Observability, cleanup: contextlib.ExitStack) -> WorkerParts:
         worker = PrefillWorker(engine, args.kv_lease_seconds, args.max_num_waiting, obs)
         sender = create_sender(args.kv_transfer_backend, worker.layout, engine.kv_pool.gather_blocks,

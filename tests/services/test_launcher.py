@@ -86,12 +86,12 @@ class RecordingLauncher:
 
     instances: list["RecordingLauncher"] = []
 
-    def __init__(self, log_dir: Path, threads_per_service: int):
+    def __init__(self, log_dir: Path, threads_per_service: int, ready_timeout_seconds: float = 600.0):
         self.log_dir = log_dir
         self.argvs: dict[str, list[str]] = {}
         RecordingLauncher.instances.append(self)
 
-    def start(self, name: str, argv: list[str]):
+    def start(self, name: str, argv: list[str], is_restartable: bool = False):
         self.argvs[name] = argv
         return launcher.Service(name, None, self.log_dir / f"{name}.ready.json", self.log_dir / f"{name}.log")
 
@@ -107,6 +107,7 @@ def serve(monkeypatch, tmp_path):
     """serve(*argv, num_gpus=1) -> (exit code, {service name: argv}); no process is started."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(launcher, "Launcher", RecordingLauncher)
+    monkeypatch.setattr(launcher, "free_port", iter(range(7001, 7100)).__next__)  # prefill KV ports
     RecordingLauncher.instances.clear()
 
     def run(*argv: str, num_gpus: int | None = 1):
@@ -122,13 +123,15 @@ def serve(monkeypatch, tmp_path):
 def test_serve_passes_each_worker_its_device_share_and_the_engine_flags(serve, capsys):
     code, argvs = serve("--num-decode", "2", "--device", "cuda:0", "--model", "dummy:tiny", "--block-size", "32")
     assert code == 1  # the recording launcher stops it at the first wait
+    decode_argv = ["decode", "--host", "127.0.0.1", "--port", "0", "--model", "dummy:tiny",
+                   "--allowed-kv-senders", "127.0.0.1:7001", "--device", "cuda:0",
+                   "--gpu-memory-utilization", "0.325", "--block-size", "32"]
     assert argvs == {
-        "prefill-0": ["prefill", "--port", "0", "--model", "dummy:tiny", "--device", "cuda:0",
+        "prefill-0": ["prefill", "--host", "127.0.0.1", "--port", "0", "--model", "dummy:tiny",
+                      "--kv-host", "127.0.0.1", "--kv-port", "7001", "--device", "cuda:0",
                       "--gpu-memory-utilization", "0.25", "--block-size", "32"],
-        "decode-0": ["decode", "--port", "0", "--model", "dummy:tiny", "--device", "cuda:0",
-                     "--gpu-memory-utilization", "0.325", "--block-size", "32"],
-        "decode-1": ["decode", "--port", "0", "--model", "dummy:tiny", "--device", "cuda:0",
-                     "--gpu-memory-utilization", "0.325", "--block-size", "32"],
+        "decode-0": decode_argv,
+        "decode-1": decode_argv,
     }
     assert "GPU memory on cuda:0: prefill-0 0.25 + decode-0 0.325 + decode-1 0.325 = 0.9 of it" in capsys.readouterr().out
 
@@ -136,9 +139,11 @@ def test_serve_passes_each_worker_its_device_share_and_the_engine_flags(serve, c
 def test_serve_places_roles_on_their_gpus(serve):
     code, argvs = serve("--prefill-devices", "0", "--decode-devices", "1", "--kv-lease-seconds", "5",
                         "--decode-gpu-memory-utilization", "0.8", num_gpus=2)
-    assert argvs["prefill-0"] == ["prefill", "--port", "0", "--kv-lease-seconds", "5.0", "--device", "cuda:0",
+    assert argvs["prefill-0"] == ["prefill", "--host", "127.0.0.1", "--port", "0", "--kv-host", "127.0.0.1",
+                                  "--kv-port", "7001", "--kv-lease-seconds", "5.0", "--device", "cuda:0",
                                   "--gpu-memory-utilization", "0.9"]
-    assert argvs["decode-0"] == ["decode", "--port", "0", "--device", "cuda:1", "--gpu-memory-utilization", "0.8"]
+    assert argvs["decode-0"] == ["decode", "--host", "127.0.0.1", "--port", "0", "--allowed-kv-senders",
+                                 "127.0.0.1:7001", "--device", "cuda:1", "--gpu-memory-utilization", "0.8"]
 
 
 @pytest.mark.parametrize("argv, message", [
