@@ -8,6 +8,7 @@ import sys
 
 from common import transfer
 from common.transfer import KVLayout
+from common.transfer.ucx_runtime import prefer_busy_progress
 from services.common.worker_messages import WorkerStatsData
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,10 @@ async def load_engine(config):
 
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    return await asyncio.to_thread(LLMEngine, config)
+    engine = await asyncio.to_thread(LLMEngine, config)
+    if engine.device.type == "cuda":
+        prefer_busy_progress()  # before the KV transport starts UCX
+    return engine
 
 
 def _warn_if_fake(backend: str) -> None:
