@@ -57,12 +57,17 @@ class DecodeJob:
 
 @dataclass
 class DecodeLimits:
-    max_num_admitting: int = 256  # hand-offs waiting for KV blocks before RESOURCE_EXHAUSTED
+    max_num_admitting: int = 1024  # hand-offs waiting for KV blocks before RESOURCE_EXHAUSTED
     admission_timeout_seconds: float = 30.0  # longest wait for free KV blocks
+    # KV bytes being pulled at once: each pull lands in a buffer of its own before it is scattered into
+    # the pool, outside the pool's memory budget; past this, hand-offs wait their turn (one always runs)
+    max_receiving_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if self.max_num_admitting < 1:
             raise ValueError(f"max_num_admitting: must be >= 1, got {self.max_num_admitting}")
+        if self.max_receiving_bytes < 1:
+            raise ValueError(f"max_receiving_bytes: must be >= 1, got {self.max_receiving_bytes}")
         if self.admission_timeout_seconds <= 0:
             raise ValueError(f"admission_timeout_seconds: must be > 0, got {self.admission_timeout_seconds}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from common.engine.args import parse_memory_size
 from common.transfer.base import split_address
 from protos import worker_pb2_grpc
 from services.common.observability import Observability
@@ -27,11 +28,14 @@ def _add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(max_num_seqs=512)
     parser.add_argument("--kv-transfer-timeout-seconds", type=float, default=float(env("KV_TRANSFER_TIMEOUT_SECONDS", "30")),
                         help="fail a KV pull that takes longer")
-    parser.add_argument("--max-num-admitting", type=int, default=int(env("MAX_NUM_ADMITTING", "256")),
+    parser.add_argument("--max-num-admitting", type=int, default=int(env("MAX_NUM_ADMITTING", "1024")),
                         help="hand-offs waiting for free KV blocks before RESOURCE_EXHAUSTED")
     parser.add_argument("--kv-admission-timeout-seconds", type=float,
                         default=float(env("KV_ADMISSION_TIMEOUT_SECONDS", "30")),
                         help="longest wait for free KV blocks before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-kv-receiving-bytes", type=parse_memory_size,
+                        default=parse_memory_size(env("MAX_KV_RECEIVING_BYTES", "2GiB")),
+                        help="KV bytes pulled at once (receive buffers live outside the KV pool's budget)")
     parser.add_argument("--allowed-kv-senders", default=env("ALLOWED_KV_SENDERS"), metavar="HOST:PORT,...",
                         help="pull KV only from these prefill KV addresses (default: any, logged once)")
 
@@ -54,7 +58,7 @@ def parse_kv_senders(text: str | None) -> frozenset[str] | None:
 def _prepare(args: argparse.Namespace) -> StartWorker:
     if not args.kv_transfer_timeout_seconds > 0:
         raise ValueError(f"--kv-transfer-timeout-seconds must be > 0, got {args.kv_transfer_timeout_seconds:g}")
-    limits = DecodeLimits(args.max_num_admitting, args.kv_admission_timeout_seconds)
+    limits = DecodeLimits(args.max_num_admitting, args.kv_admission_timeout_seconds, args.max_kv_receiving_bytes)
     allowed_kv_senders = parse_kv_senders(args.allowed_kv_senders)
 
     def start(engine, obs: Observability, cleanup: contextlib.ExitStack) -> WorkerParts:

@@ -163,13 +163,18 @@ class DecodeWorker:
         return bool(self._receiving)
 
     def _admit(self) -> None:
-        """Reserves blocks for waiting hand-offs in arrival order and starts their pulls."""
+        """Reserves blocks for waiting hand-offs in arrival order and starts their pulls, while the bytes
+        being pulled stay under `max_receiving_bytes`."""
+        receiving_bytes = sum(job.buffer.nbytes for job in self._receiving.values() if job.buffer is not None)
         while self._admitting:
             job = self._admitting[0]
             if time.monotonic() - job.enqueued_at > self.limits.admission_timeout_seconds:
                 self._admitting.popleft()
                 self._finish(job, Overloaded(f"no free KV blocks for {self.limits.admission_timeout_seconds}s"))
                 continue
+            num_bytes = self.layout.bytes_per_block * job.handle.num_blocks
+            if self._receiving and receiving_bytes + num_bytes > self.limits.max_receiving_bytes:
+                return  # its turn comes as pulls settle
             try:
                 job.block_ids = self.engine.reserve_kv(job.request_id, len(job.prompt_token_ids))
             except OutOfKVBlocks:
@@ -182,6 +187,7 @@ class DecodeWorker:
             self.obs.tracing.record_span(SpanName.DECODE_QUEUE, int(job.enqueued_at_ns), time.time_ns(),
                                          job.trace_parent, {Attr.REQUEST_ID: job.request_id})
             self._begin_pull(job)
+            receiving_bytes += num_bytes
 
     def _begin_pull(self, job: DecodeJob) -> None:
         job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent,

@@ -1,0 +1,45 @@
+"""The decode worker bounds the KV bytes it pulls at once: receive buffers live outside the KV pool's
+memory budget, so hand-offs past `max_receiving_bytes` wait their turn (one always runs) and all finish."""
+
+import concurrent.futures
+
+import grpc
+
+from protos import generation_pb2 as g
+from protos import generation_pb2_grpc
+from services.decode.worker import DecodeLimits
+from tests.services.test_hostile_requests import _assert_idle
+
+
+def _pulls_in_flight_at_each_begin(system) -> list[int]:
+    worker = system.decode_worker
+    seen: list[int] = []
+    begin = worker.receiver.begin
+
+    def counting_begin(*args, **kwargs):
+        seen.append(len(worker._receiving))
+        return begin(*args, **kwargs)
+
+    worker.receiver.begin = counting_begin
+    return seen
+
+
+def _generate_many(system, num_requests: int) -> list[int]:
+    def one(index: int) -> int:
+        request = g.GenerateRequest(token_ids=g.TokenIds(ids=[100 + index] * (20 + index)),
+                                    sampling=g.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        with grpc.insecure_channel(system.frontend_address) as channel:
+            responses = list(generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=60))
+        return responses[-1].final.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(num_requests) as pool:
+        return list(pool.map(one, range(num_requests)))
+
+
+def test_pulls_past_the_byte_budget_wait_their_turn(make_system):
+    system = make_system(decode_limits=DecodeLimits(max_receiving_bytes=1))
+    seen = _pulls_in_flight_at_each_begin(system)
+    assert _generate_many(system, 6) == [6] * 6
+    assert len(seen) == 6 and max(seen) == 0  # one pull at a time
+    _assert_idle(system)
+
