@@ -1,7 +1,7 @@
 """The frontend's request path, behind the thin gRPC servicer.
 
     GenerateRequest ─► validate (INVALID_ARGUMENT names the field) ─► chat template + tokenize
-      ─► fit to max_model_len ─► Relay (prefill -> decode) ─► TextStream ─► GenerateResponse*
+      ─► fit to max_model_len ─► Relay (prefill -> decode) ─► TextStream ─► Chunk* ─► Finish
 
 Spans (children of the root `generate {model}`): tokenize, route (x2, in the relay), the worker RPCs,
 and one detokenize span recorded when the stream ends.
@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from common import tracing
 from common.tokenizer import TokenizerError, apply_chat_template, encode_prompt
@@ -25,10 +26,10 @@ from common.tracing import Attr, SpanName
 from protos import generation_pb2
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
 from services.common.observability import Observability
-from services.frontend.convert import FINISH_REASON_NAMES, Chunk, chunk_to_pb, finish_to_pb
-from services.frontend.relay import Relay
+from services.frontend.convert import Chunk, Finish
+from services.frontend.relay import Relay, TokenEvent
 from services.frontend.router import Router
-from services.frontend.text_stream import TextStream, to_client_stream
+from services.frontend.text_stream import TextStream
 from services.frontend.validation import GenerateInput, fit_to_context, parse_generate_request
 
 logger = logging.getLogger(__name__)
@@ -113,23 +114,32 @@ class FrontendApp:
                 raise InvalidRequest("chat", str(exc)) from exc
         return encode_prompt(self.tokenizer, prompt.text)
 
+    async def prompt_token_ids(self, request: GenerateInput) -> list[int]:
+        """The prompt's token ids: as given, or tokenized on a thread (the chat template included)."""
+        if request.prompt.token_ids is not None:
+            return request.prompt.token_ids
+        return await asyncio.to_thread(self.tokenize, request)
+
     async def generate(
         self,
         request_pb: generation_pb2.GenerateRequest,
         time_remaining: Callable[[], float | None],
         metadata=None,
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """Streams one completion; `metadata` (gRPC invocation metadata) may carry a caller's traceparent."""
+        to_output: Callable[[str, Chunk | Finish], Any] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Streams one completion: Chunk* then one Finish, or what `to_output(request_id, item)` makes of
+        each (the gRPC servicer makes GenerateResponses). `metadata` (gRPC invocation metadata) may carry
+        a caller's traceparent. Each Chunk holds every token that arrived since the previous one."""
         record = _RequestRecord()
         with self.obs.tracing.start_request_span(self.model_name, metadata) as root:
             self._num_open += 1
             self.metrics.set_queue_sizes(self._num_open, 0)
             try:
-                responses = self._generate(request_pb, time_remaining, record)
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        self._observe(record, response, root)
-                        yield response
+                items = self._generate(request_pb, time_remaining, record)
+                async with contextlib.aclosing(items):
+                    async for item in items:
+                        self._observe(record, item, root)
+                        yield item if to_output is None else to_output(record.request_id, item)
             except (asyncio.CancelledError, Cancelled):
                 record.finish_reason = "abort"
                 raise
@@ -143,25 +153,24 @@ class FrontendApp:
                     tracing.set_usage(root, record.num_prompt_tokens, record.num_completion_tokens,
                                       [record.finish_reason])
 
-    def _observe(self, record: _RequestRecord, response: generation_pb2.GenerateResponse, root) -> None:
-        if response.HasField("final"):
-            record.finish_reason = FINISH_REASON_NAMES[response.final.finish_reason]
-            record.num_completion_tokens = response.final.usage.completion_tokens
+    def _observe(self, record: _RequestRecord, item: Chunk | Finish, root) -> None:
+        if type(item) is Finish:
+            record.finish_reason = item.finish_reason
+            record.num_completion_tokens = item.num_completion_tokens
             return
-        if not response.chunk.token_ids:
+        if not item.token_ids:
             return
         now = time.monotonic()
         if record.last_token is None:
             self.metrics.observe_time_to_first_token(now - record.start)
             root.set_attribute(Attr.TIME_TO_FIRST_TOKEN, now - record.start)
         else:
-            self.metrics.observe_inter_token_latency((now - record.last_token) / len(response.chunk.token_ids))
+            self.metrics.observe_inter_token_latency((now - record.last_token) / len(item.token_ids))
         record.last_token = now
 
-    async def _generate(
-        self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None],
-        record: _RequestRecord,
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def _accept(self, request_pb: generation_pb2.GenerateRequest,
+                      record: _RequestRecord) -> tuple[GenerateInput, list[int]]:
+        """Validates and tokenizes; raises InvalidRequest / Overloaded / Unavailable."""
         limits = self.router.model_limits()  # Unavailable until workers answered
         request = parse_generate_request(request_pb, limits.vocab_size)
         record.request_id = request.request_id
@@ -170,20 +179,32 @@ class FrontendApp:
         if len(self._active) >= self.config.max_num_requests:
             raise Overloaded(f"{len(self._active)} requests open (max_num_requests={self.config.max_num_requests})")
         with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
-            prompt_token_ids = await asyncio.to_thread(self.tokenize, request)
+            prompt_token_ids = await self.prompt_token_ids(request)
         fit_to_context(request, len(prompt_token_ids), limits.max_model_len)
         record.is_accepted, record.num_prompt_tokens = True, len(prompt_token_ids)
+        return request, prompt_token_ids
+
+    async def _generate(
+        self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None],
+        record: _RequestRecord,
+    ) -> AsyncIterator[Chunk | Finish]:
+        request, prompt_token_ids = await self._accept(request_pb, record)
         active = _ActiveRequest(asyncio.current_task())
         self._active[request.request_id] = active
         text_stream = TextStream(self.tokenizer, prompt_token_ids, request.sampling, request.stop)
+        events = self.relay.run(request.request_id, prompt_token_ids, request.sampling, time_remaining)
         try:
-            events = self.relay.run(request.request_id, prompt_token_ids, request.sampling, time_remaining)
-            async with contextlib.aclosing(events), contextlib.aclosing(to_client_stream(events, text_stream)) as out:
-                async for item in out:
-                    if isinstance(item, Chunk):
-                        yield chunk_to_pb(request.request_id, item)
+            async with contextlib.aclosing(events):  # closing it early aborts the request on its workers
+                async for event in events:
+                    if type(event) is TokenEvent:
+                        chunk, finish = text_stream.on_tokens(event)
                     else:
-                        yield finish_to_pb(request.request_id, item)
+                        chunk, finish = text_stream.on_finish(event)
+                    if chunk is not None and (chunk.token_ids or chunk.text):
+                        yield chunk
+                    if finish is not None:
+                        yield finish
+                        return
         except asyncio.CancelledError:
             if active.is_aborted:
                 raise Cancelled(f"request {request.request_id} was aborted") from None

@@ -11,7 +11,6 @@ FINISH_REASON_TO_PB = {
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
 }
-FINISH_REASON_NAMES = {value: key for key, value in FINISH_REASON_TO_PB.items()}
 
 
 @dataclass
@@ -19,6 +18,11 @@ class Chunk:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprobs] | None = None
+
+    def merged(self, later: Chunk) -> Chunk:
+        """This chunk followed by `later`, as one chunk."""
+        logprobs = (self.logprobs or []) + (later.logprobs or []) if self.logprobs or later.logprobs else None
+        return Chunk(self.token_ids + later.token_ids, self.text + later.text, logprobs)
 
 
 @dataclass
@@ -42,14 +46,13 @@ def logprobs_to_pb(logprobs: TokenLogprobs) -> generation_pb2.TokenLogprobs:
 
 
 def chunk_to_pb(request_id: str, chunk: Chunk) -> generation_pb2.GenerateResponse:
-    return generation_pb2.GenerateResponse(
-        request_id=request_id,
-        chunk=generation_pb2.TokenChunk(
-            token_ids=chunk.token_ids,
-            text=chunk.text,
-            logprobs=[logprobs_to_pb(lp) for lp in chunk.logprobs or []],
-        ),
-    )
+    response = generation_pb2.GenerateResponse(request_id=request_id)
+    pb = response.chunk
+    pb.token_ids.extend(chunk.token_ids)
+    pb.text = chunk.text
+    if chunk.logprobs:
+        pb.logprobs.extend([logprobs_to_pb(lp) for lp in chunk.logprobs])
+    return response
 
 
 def finish_to_pb(request_id: str, finish: Finish) -> generation_pb2.GenerateResponse:
@@ -64,3 +67,8 @@ def finish_to_pb(request_id: str, finish: Finish) -> generation_pb2.GenerateResp
     elif finish.matched_stop_token_id is not None:
         final.matched_stop_token_id = finish.matched_stop_token_id
     return generation_pb2.GenerateResponse(request_id=request_id, final=final)
+
+
+def to_pb(request_id: str, item: Chunk | Finish) -> generation_pb2.GenerateResponse:
+    """One GenerateResponse for a Chunk or the Finish."""
+    return chunk_to_pb(request_id, item) if type(item) is Chunk else finish_to_pb(request_id, item)

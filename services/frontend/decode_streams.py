@@ -2,13 +2,14 @@
 this frontend sends there, demultiplexed into one queue per request.
 
     Relay ──start(DecodeRequest)──► DecodeStreamClient ──write──► decode worker (one gRPC stream)
-    Relay ◄──await next update──── per-request queue ◄── reader task ◄── DecodeStreamResponse(updates)
+    Relay ◄──take queued updates── per-request queue ◄── reader task ◄── DecodeStreamResponse(updates)
 
 A worker's message carries a whole engine step (every request's new tokens), so the frontend reads one
-message per step per worker instead of one per request. A request's error comes back as a
-`RequestError` in its own update and is raised as `WorkerRequestError` with the worker's status code;
-the stream itself failing (worker gone) fails every request on it with that status, and the next
-request opens a new stream.
+message per step per worker instead of one per request. The relay takes all of a request's queued
+updates at once, so a request whose client (or the event loop) fell behind sends them as one message.
+A request's error comes back as a `RequestError` in its own update and is raised as
+`WorkerRequestError` with the worker's status code; the stream itself failing (worker gone) fails every
+request on it with that status, and the next request opens a new stream.
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ class RequestUpdates:
     registry: dict  # the stream's open requests, this one included until it ends or is forgotten
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # DecodeUpdate | WorkerRequestError
 
-    async def next(self, timeout_seconds: float | None) -> worker_pb2.DecodeUpdate:
-        """The next update; raises the stream's failure, or asyncio.TimeoutError past the timeout."""
-        item = await asyncio.wait_for(self.queue.get(), timeout_seconds)
-        if isinstance(item, WorkerRequestError):
-            raise item
-        return item
+    async def take(self, timeout_seconds: float | None) -> list[worker_pb2.DecodeUpdate | WorkerRequestError]:
+        """Every update queued since the last take, in order, waiting for one if none is; raises
+        asyncio.TimeoutError past the timeout. A stream failure is the last item (raised by the caller)."""
+        items = []
+        if self.queue.empty():
+            async with asyncio.timeout(timeout_seconds):
+                items.append(await self.queue.get())
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
 
     def forget(self) -> None:
         """The caller is done with this request (finished, or aborted through the worker's Abort)."""

@@ -149,31 +149,45 @@ class Relay:
 
     async def _relay_updates(self, worker: WorkerHandle, updates: RequestUpdates,
                              time_remaining: Callable[[], float | None]) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """One TokenEvent for all the tokens queued since the previous one (a request whose client or
+        loop fell behind gets fewer, larger messages), then the FinishEvent."""
         last_token_ids: list[int] = []
         while True:
             try:
-                update = await updates.next(time_remaining())
+                items = await updates.take(time_remaining())
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"deadline exceeded waiting for decode worker {worker.address}") from None
-            except WorkerRequestError as exc:
-                if exc.code == grpc.StatusCode.UNAVAILABLE:
-                    self._router.mark_unhealthy(worker)
-                raise
-            kind = update.WhichOneof("kind")
-            if kind == "tokens":
-                batch = update.tokens
-                last_token_ids = list(batch.token_ids)
-                logprobs = [logprobs_from_pb(lp) for lp in batch.logprobs] if batch.logprobs else None
-                yield TokenEvent(last_token_ids, logprobs)
-            elif kind == "final":
-                final = update.final
-                stop_id = final.matched_stop_token_id if final.HasField("matched_stop_token_id") else None
-                yield _finish_event(final.finish_reason, last_token_ids, stop_id)
+            token_ids: list[int] = []
+            logprobs: list[TokenLogprobs] = []
+            end = None  # the update (final) or error that ends the request
+            for item in items:
+                if isinstance(item, WorkerRequestError) or item.WhichOneof("kind") != "tokens":
+                    end = item
+                    break
+                token_ids += item.tokens.token_ids
+                if item.tokens.logprobs:
+                    logprobs += [logprobs_from_pb(lp) for lp in item.tokens.logprobs]
+            if token_ids:
+                last_token_ids = token_ids
+                yield TokenEvent(token_ids, logprobs or None)
+            if end is not None:
+                yield self._end_of(worker, updates, end, last_token_ids)
                 return
-            elif kind == "error":
-                raise error_from_pb(update.error)
-            else:
-                raise WorkerStreamError(f"decode worker {worker.address} sent an empty update for {updates.request_id}")
+
+    def _end_of(self, worker: WorkerHandle, updates: RequestUpdates, end, last_token_ids: list[int]) -> FinishEvent:
+        """The FinishEvent of a final update; raises the request's error otherwise."""
+        if isinstance(end, WorkerRequestError):
+            if end.code == grpc.StatusCode.UNAVAILABLE:
+                self._router.mark_unhealthy(worker)
+            raise end
+        kind = end.WhichOneof("kind")
+        if kind == "final":
+            final = end.final
+            stop_id = final.matched_stop_token_id if final.HasField("matched_stop_token_id") else None
+            return _finish_event(final.finish_reason, last_token_ids, stop_id)
+        if kind == "error":
+            raise error_from_pb(end.error)
+        raise WorkerStreamError(f"decode worker {worker.address} sent an empty update for {updates.request_id}")
 
     async def _call(self, worker: WorkerHandle, call):
         try:

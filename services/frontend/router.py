@@ -25,6 +25,16 @@ from services.common.worker_messages import WorkerStatsData, stats_from_pb
 logger = logging.getLogger(__name__)
 
 _STATS_TIMEOUT_SECONDS = 2.0
+# A decode worker's DecodeStream gets a fixed receive window (gRPC's 64 KiB default, BDP probing off so
+# it never grows): once this frontend falls behind reading it, the worker's writes wait and it merges
+# the steps that queued meanwhile into one message, instead of megabytes of one-token updates piling
+# up ahead of this loop (with BDP probing the window grew until the worker never waited).
+_DECODE_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # the limits services.common.server.channel sets
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.http2.lookahead_bytes", 64 * 1024),
+    ("grpc.http2.bdp_probe", 0),
+]
 
 
 @dataclass
@@ -63,7 +73,11 @@ class Router:
         self._tie_breakers = {"prefill": itertools.count(), "decode": itertools.count()}
 
     def _connect(self, address: str, role: str) -> WorkerHandle:
-        ch = channel(address, self._interceptors)
+        if role == "decode":
+            ch = grpc.aio.insecure_channel(address, options=_DECODE_CHANNEL_OPTIONS,
+                                           interceptors=self._interceptors or None)
+        else:
+            ch = channel(address, self._interceptors)
         stub_type = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         return WorkerHandle(address, role, stub_type(ch), ch)
 

@@ -6,6 +6,7 @@ import grpc
 
 from protos import generation_pb2, generation_pb2_grpc
 from services.frontend.app import FrontendApp
+from services.frontend.convert import to_pb
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -13,7 +14,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._app = app
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        async for response in self._app.generate(request, context.time_remaining, context.invocation_metadata()):
+        async for response in self._app.generate(request, context.time_remaining, context.invocation_metadata(),
+                                                  to_pb):
             yield response
 
     async def Abort(self, request: generation_pb2.AbortRequest, context: grpc.aio.ServicerContext):

@@ -17,6 +17,10 @@ class StopStringMatcher:
         self._pending = ""  # text received but not released yet
         self.matched: str | None = None
 
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stop)
+
     def feed(self, text: str) -> str:
         """Adds text; returns what can be released now. After a match, `matched` is set."""
         if self.matched is not None or not self._stop:

@@ -1,8 +1,11 @@
-"""Runs one `FrontendApp.generate` per choice, each as its own task, and merges their responses.
+"""Runs one `FrontendApp.generate` per choice, each as its own task, and merges their outputs.
 
     choice 0 ─ task ─ app.generate ─┐
-    choice 1 ─ task ─ app.generate ─┼─► queue ─► (index, GenerateResponse) in arrival order
+    choice 1 ─ task ─ app.generate ─┼─► queue ─► batches of (index, Chunk | Finish) in arrival order
     ...                             ┘
+
+A batch is everything queued when the consumer looks, so a consumer that falls behind (a slow HTTP
+client, a busy loop) takes many outputs at once and writes them as one.
 
 Each choice needs a task of its own: `app.generate` registers the task it runs in, and cancelling that
 task is what aborts the request on the workers. `close()` (also run when the consumer stops early, e.g.
@@ -17,6 +20,7 @@ from collections.abc import AsyncIterator
 
 from protos import generation_pb2
 from services.frontend.app import FrontendApp
+from services.frontend.convert import Chunk, Finish
 from services.frontend.openai.convert import ChoiceRequest
 
 
@@ -37,9 +41,8 @@ class FanOut:
     def __init__(self, app: FrontendApp, choices: list[ChoiceRequest]):
         self._app = app
         self._choices = choices
-        # (choice index, response | None when the choice ended, exception | None)
-        self._queue: asyncio.Queue[tuple[int, generation_pb2.GenerateResponse | None, BaseException | None]] = (
-            asyncio.Queue())
+        # (choice index, output | None when the choice ended, exception | None)
+        self._queue: asyncio.Queue[tuple[int, Chunk | Finish | None, BaseException | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -47,8 +50,8 @@ class FanOut:
 
     async def _run(self, index: int, request: generation_pb2.GenerateRequest) -> None:
         try:
-            async for response in self._app.generate(request, _no_deadline):
-                self._queue.put_nowait((index, response, None))
+            async for item in self._app.generate(request, _no_deadline):
+                self._queue.put_nowait((index, item, None))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which maps it to an HTTP error
@@ -56,20 +59,29 @@ class FanOut:
         else:
             self._queue.put_nowait((index, None, None))
 
-    async def responses(self) -> AsyncIterator[tuple[int, generation_pb2.GenerateResponse]]:
-        """Yields (choice index, response) until every choice ended; raises the first choice error."""
+    async def batches(self) -> AsyncIterator[list[tuple[int, Chunk | Finish]]]:
+        """Yields what queued since the last batch, as (choice index, output), until every choice ended;
+        raises the first choice error (after the outputs queued before it)."""
         if not self._tasks:
             self.start()
         num_running = len(self._tasks)
         try:
             while num_running:
-                index, response, error = await self._queue.get()
-                if error is not None:
-                    raise ChoiceFailed(index, error)
-                if response is None:
-                    num_running -= 1
-                else:
-                    yield index, response
+                entries = [await self._queue.get()]
+                while not self._queue.empty():
+                    entries.append(self._queue.get_nowait())
+                batch = []
+                for index, item, error in entries:
+                    if error is not None:
+                        if batch:
+                            yield batch
+                        raise ChoiceFailed(index, error)
+                    if item is None:
+                        num_running -= 1
+                    else:
+                        batch.append((index, item))
+                if batch:
+                    yield batch
         finally:
             self.close()
 

@@ -2,8 +2,11 @@
 
     body ─► ChoiceRequest per choice ─► FanOut (app.generate per choice) ─► ResponseBuilder
        non-streamed: collect every choice ─► one JSON body
-       streamed:     wait for the first response (errors before it are plain HTTP errors)
+       streamed:     wait for the first output (errors before it are plain HTTP errors)
                      ─► "data: {chunk}\\n\\n"* [─► usage chunk] ─► "data: [DONE]\\n\\n"
+
+Streamed, each FanOut batch is written at once: a choice's chunks in the batch become one SSE chunk,
+and all the batch's SSE chunks one write, so a client or loop that falls behind costs fewer writes.
 
 A client that goes away stops the call: the stream's generator is cancelled (Starlette watches the
 connection), or, while waiting for the first response or a non-streamed body, `until_disconnected`
@@ -20,14 +23,14 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from protos import generation_pb2
 from services.frontend.app import FrontendApp
+from services.frontend.convert import Chunk, Finish
 from services.frontend.openai.convert import ChoiceRequest, public_param
 from services.frontend.openai.errors import OpenAIError, from_exception
 from services.frontend.openai.fanout import ChoiceFailed, FanOut
 from services.frontend.openai.metrics import ChoiceClock, HttpMetrics
 from services.frontend.openai.protocol import ChatCompletionRequest, CompletionRequest
-from services.frontend.openai.responses import FINISH_REASONS, ResponseBuilder
+from services.frontend.openai.responses import ResponseBuilder
 from services.frontend.validation import parse_generate_request
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class GenerationCall:
         self.metrics = metrics
         self._clocks = [ChoiceClock() for _ in choices]
         self._unfinished = set(range(len(choices)))
-        self._responses = fanout.responses()
+        self._batches = fanout.batches()
 
     def error_for(self, exc: BaseException) -> OpenAIError:
         prompt_index = 0
@@ -81,13 +84,29 @@ class GenerationCall:
             prompt_index, exc = self.choices[exc.index].prompt_index, exc.error
         return from_exception(exc, lambda field: public_param(field, self.body, prompt_index))
 
-    def _feed(self, index: int, response: generation_pb2.GenerateResponse) -> list[dict]:
-        if response.HasField("chunk"):
-            self.metrics.on_tokens(self._clocks[index], len(response.chunk.token_ids))
-            return self.builder.on_chunk(index, response.chunk)
+    def _feed(self, index: int, item: Chunk | Finish) -> list[dict]:
+        if type(item) is Chunk:
+            self.metrics.on_tokens(self._clocks[index], len(item.token_ids))
+            return self.builder.on_chunk(index, item)
         self._unfinished.discard(index)
-        self.metrics.on_finished(self._clocks[index], FINISH_REASONS.get(response.final.finish_reason, "stop"))
-        return self.builder.on_final(index, response.final)
+        self.metrics.on_finished(self._clocks[index], item.finish_reason)
+        return self.builder.on_final(index, item)
+
+    def _feed_batch(self, batch: list[tuple[int, Chunk | Finish]]) -> str:
+        """The SSE text of one batch: each choice's consecutive chunks merged into one."""
+        merged: list[tuple[int, Chunk | Finish]] = []
+        open_chunk: dict[int, int] = {}  # choice index -> position in `merged` of its chunk still open
+        for index, item in batch:
+            position = open_chunk.get(index)
+            if type(item) is Chunk and position is not None:
+                merged[position] = (index, merged[position][1].merged(item))
+                continue
+            if type(item) is Chunk:
+                open_chunk[index] = len(merged)
+            else:
+                open_chunk.pop(index, None)
+            merged.append((index, item))
+        return "".join(_sse(chunk) for index, item in merged for chunk in self._feed(index, item))
 
     def _end(self, reason: str) -> None:
         """Counts the choices that did not finish (abort or error) and stops them."""
@@ -103,8 +122,9 @@ class GenerationCall:
         reason = "error"
         try:
             async def run() -> None:
-                async for index, response in self._responses:
-                    self._feed(index, response)
+                async for batch in self._batches:
+                    for index, item in batch:
+                        self._feed(index, item)
 
             await until_disconnected(request, run())
             return self.builder.response()
@@ -122,14 +142,14 @@ class GenerationCall:
         try:
             if self.body.continuous_usage:
                 self.builder.continuous_prompt_tokens = await self._count_prompt_tokens()
-            index, response = await until_disconnected(request, anext(self._responses))
+            first_batch = await until_disconnected(request, anext(self._batches))
         except ClientDisconnected:
             self._end("abort")
             raise
         except Exception as exc:  # noqa: BLE001
             self._end("error")
             raise self.error_for(exc) from exc
-        return self._stream(self._feed(index, response))
+        return self._stream(self._feed_batch(first_batch))
 
     async def _count_prompt_tokens(self) -> dict[int, int]:
         """Prompt tokens of each prompt, counted as `FrontendApp.generate` counts them (its own tokenize).
@@ -143,19 +163,20 @@ class GenerationCall:
                 continue
             try:
                 parsed = parse_generate_request(choice.request, vocab_size)
-                counts[choice.prompt_index] = len(await asyncio.to_thread(self.frontend.tokenize, parsed))
+                counts[choice.prompt_index] = len(await self.frontend.prompt_token_ids(parsed))
             except Exception as exc:  # noqa: BLE001 - reported like the choice's own failure
                 raise ChoiceFailed(choice.index, exc) from exc
         return counts
 
-    async def _stream(self, first_chunks: list[dict]) -> AsyncIterator[str]:
+    async def _stream(self, first_events: str) -> AsyncIterator[str]:
         reason = "abort"
         try:
-            for chunk in first_chunks:
-                yield _sse(chunk)
-            async for index, response in self._responses:
-                for chunk in self._feed(index, response):
-                    yield _sse(chunk)
+            if first_events:
+                yield first_events
+            async for batch in self._batches:
+                events = self._feed_batch(batch)
+                if events:
+                    yield events
             if self.body.include_usage:
                 yield _sse(self.builder.usage_chunk())
         except Exception as exc:  # noqa: BLE001 - an error after the first chunk is sent in-band

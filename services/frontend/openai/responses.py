@@ -1,9 +1,10 @@
-"""GenerateResponse messages -> OpenAI response bodies and stream chunks (the HTTP API's `to_json` edge).
+"""The frontend's Chunk / Finish outputs -> OpenAI response bodies and stream chunks (the HTTP API's
+`to_json` edge).
 
-One `ResponseBuilder` serves one HTTP request. It is fed every choice's responses in arrival order:
+One `ResponseBuilder` serves one HTTP request. It is fed every choice's outputs in arrival order:
 
-    on_chunk(index, TokenChunk) -> stream chunks   (chat: a role chunk first for each choice)
-    on_final(index, Final)      -> stream chunk with finish_reason
+    on_chunk(index, Chunk)      -> stream chunks   (chat: a role chunk first for each choice)
+    on_final(index, Finish)     -> stream chunk with finish_reason
     usage_chunk() / response()  -> the include_usage chunk / the non-streamed body
 
 and keeps each choice's text, logprobs and usage for `response()`. Usage counts every prompt once
@@ -14,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protos import generation_pb2
-
-FINISH_REASONS = {generation_pb2.FINISH_REASON_STOP: "stop", generation_pb2.FINISH_REASON_LENGTH: "length"}
+from common.engine.sequence import TokenLogprobs
+from services.frontend.convert import Chunk, Finish
 
 
 class TokenTexts:
@@ -61,21 +61,23 @@ class ResponseBuilder:
         self.continuous_prompt_tokens: dict[int, int] | None = None
 
     # ---- logprobs -------------------------------------------------------------------------------
-    def _chat_logprob(self, logprobs: generation_pb2.TokenLogprobs) -> dict:
+    def _chat_logprob(self, logprobs: TokenLogprobs) -> dict:
         def entry(token_id: int, logprob: float) -> dict:
             text = self._token_texts(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
         return {**entry(logprobs.token_id, logprobs.logprob),
-                "top_logprobs": [entry(top.token_id, top.logprob) for top in logprobs.top]}
+                "top_logprobs": [entry(token_id, logprob)
+                                 for token_id, logprob in zip(logprobs.top_token_ids, logprobs.top_logprobs)]}
 
-    def _completion_logprobs(self, choice: _Choice, chunk: generation_pb2.TokenChunk) -> dict:
+    def _completion_logprobs(self, choice: _Choice, chunk: Chunk) -> dict:
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for logprobs in chunk.logprobs:
+        for logprobs in chunk.logprobs or []:
             text = self._token_texts(logprobs.token_id)
             out["tokens"].append(text)
             out["token_logprobs"].append(logprobs.logprob)
-            out["top_logprobs"].append({self._token_texts(top.token_id): top.logprob for top in logprobs.top})
+            out["top_logprobs"].append({self._token_texts(token_id): logprob
+                                        for token_id, logprob in zip(logprobs.top_token_ids, logprobs.top_logprobs)})
             out["text_offset"].append(choice.num_text_chars)
             choice.num_text_chars += len(text)
         for key, values in out.items():
@@ -95,7 +97,7 @@ class ResponseBuilder:
                                  "total_tokens": num_prompt_tokens + choice.num_completion_tokens}
         return body
 
-    def on_chunk(self, index: int, chunk: generation_pb2.TokenChunk) -> list[dict]:
+    def on_chunk(self, index: int, chunk: Chunk) -> list[dict]:
         choice = self._choices[index]
         choice.texts.append(chunk.text)
         out = []
@@ -105,7 +107,7 @@ class ResponseBuilder:
                 out.append(self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}], index))
             choice.num_completion_tokens += len(chunk.token_ids)  # running count; the Final's is authoritative
-            entries = [self._chat_logprob(lp) for lp in chunk.logprobs] if self._is_logprobs else []
+            entries = [self._chat_logprob(lp) for lp in chunk.logprobs or []] if self._is_logprobs else []
             choice.chat_logprobs.extend(entries)
             if chunk.text or entries:
                 out.append(self._chunk([{"index": index, "delta": {"content": chunk.text},
@@ -119,11 +121,11 @@ class ResponseBuilder:
                                      "finish_reason": None}], index))
         return out
 
-    def on_final(self, index: int, final: generation_pb2.Final) -> list[dict]:
+    def on_final(self, index: int, finish: Finish) -> list[dict]:
         choice = self._choices[index]
-        choice.finish_reason = FINISH_REASONS.get(final.finish_reason, "stop")
-        choice.num_prompt_tokens = final.usage.prompt_tokens
-        choice.num_completion_tokens = final.usage.completion_tokens
+        choice.finish_reason = finish.finish_reason
+        choice.num_prompt_tokens = finish.num_prompt_tokens
+        choice.num_completion_tokens = finish.num_completion_tokens
         if self.is_chat:
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
         else:
