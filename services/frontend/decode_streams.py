@@ -53,7 +53,9 @@ class RequestUpdates:
         """Every update queued since the last take, in order, waiting for one if none is; raises
         asyncio.TimeoutError past the timeout. A stream failure is the last item (raised by the caller)."""
         items = []
-        if self.queue.empty():
+        if self.queue.empty() and timeout_seconds is None:  # no deadline (HTTP): no timer to arm
+            items.append(await self.queue.get())
+        elif self.queue.empty():
             async with asyncio.timeout(timeout_seconds):
                 items.append(await self.queue.get())
         while not self.queue.empty():

@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 _STATS_TIMEOUT_SECONDS = 2.0
 # A decode worker's DecodeStream gets a fixed receive window (gRPC's 64 KiB default, BDP probing off so
 # it never grows): once this frontend falls behind reading it, the worker's writes wait and it merges
-# the steps that queued meanwhile into one message, instead of megabytes of one-token updates piling
-# up ahead of this loop (with BDP probing the window grew until the worker never waited).
+# the steps that queued meanwhile into one message. With BDP probing the window kept growing, the worker
+# never waited, and a late frontend still read one step per message (half the tokens/s on CPU).
 _DECODE_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # the limits services.common.server.channel sets
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
