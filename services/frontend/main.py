@@ -18,7 +18,7 @@ from common.tokenizer import load_tokenizer
 from protos import generation_pb2_grpc
 from common import tracing
 from services.common.observability import Observability, add_observability_args
-from services.common.server import configure_logging, start_server, wait_for_shutdown, write_ready_file
+from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.openai.server import start_http_server
 from services.frontend.servicer import GenerationServicer
@@ -94,7 +94,7 @@ async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_process(args.log_level)
     try:
         config = FrontendConfig(
             prefill_addresses=_addresses(args.prefill_addresses),
