@@ -2,6 +2,8 @@
 memory budget, so hand-offs past `max_receiving_bytes` wait their turn (one always runs) and all finish."""
 
 import concurrent.futures
+import gc
+import weakref
 
 import grpc
 
@@ -43,3 +45,26 @@ def test_pulls_past_the_byte_budget_wait_their_turn(make_system):
     assert len(seen) == 6 and max(seen) == 0  # one pull at a time
     _assert_idle(system)
 
+
+
+def test_a_running_request_keeps_no_receive_buffer(make_system):
+    system = make_system()
+    worker = system.decode_worker
+    destinations = []
+    begin = worker.receiver.begin
+
+    def recording_begin(handle, destination, *args, **kwargs):
+        destinations.append(weakref.ref(destination))
+        return begin(handle, destination, *args, **kwargs)
+
+    worker.receiver.begin = recording_begin
+    request = g.GenerateRequest(token_ids=g.TokenIds(ids=list(range(100, 140))),
+                                sampling=g.SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    with grpc.insecure_channel(system.frontend_address) as channel:
+        stream = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=60)
+        for _ in range(4):  # decoding: the KV is in the pool, the buffer it arrived in is no longer needed
+            next(stream)
+        gc.collect()
+        assert len(destinations) == 1 and destinations[0]() is None
+        stream.cancel()
+    _assert_idle(system)
