@@ -144,3 +144,12 @@ class InProcessSystem:
             if is_idle or time.monotonic() > deadline:
                 return prefill, decode
             time.sleep(0.05)
+
+
+def assert_idle(system: InProcessSystem) -> None:
+    """Both workers hold nothing: every KV block free, no request running or queued, no lease."""
+    prefill, decode = system.wait_until_idle()
+    for stats in (prefill, decode):
+        assert stats.num_free_blocks == stats.num_total_blocks, stats
+        assert stats.num_running == 0 and stats.num_waiting == 0, stats
+    assert prefill.num_held_leases == 0

@@ -8,7 +8,8 @@ import threading
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from tests.services.test_hostile_requests import PROMPT, _assert_idle, _sampling
+from tests.services.inprocess import assert_idle
+from tests.services.test_hostile_requests import PROMPT, _sampling
 
 MAX_TOKENS = 8
 
@@ -79,7 +80,7 @@ def test_one_stream_carries_every_request_in_step_sized_messages(system):
     num_updates = sum(len(m.updates) for m in messages)
     assert len(messages) < num_updates / 2  # a message carries a step of every running request, not one
     assert max(len({u.request_id for u in m.updates}) for m in messages) >= 4
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_a_bad_request_fails_alone_and_the_stream_goes_on(system):
@@ -99,7 +100,7 @@ def test_a_bad_request_fails_alone_and_the_stream_goes_on(system):
     kinds = [u.WhichOneof("kind") for u in by_request["good"]]
     assert kinds.count("error") == 1  # the duplicate start, refused without touching the live request
     assert kinds[-1] == "final" and len(_tokens(by_request["good"])) == MAX_TOKENS - 1
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_closing_the_stream_frees_every_open_request(system):
@@ -120,4 +121,4 @@ def test_closing_the_stream_frees_every_open_request(system):
                 break
         call.cancel()
         threading.Thread(target=caller.close).start()
-    _assert_idle(system)
+    assert_idle(system)

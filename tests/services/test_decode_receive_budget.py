@@ -10,7 +10,7 @@ import grpc
 from protos import generation_pb2 as g
 from protos import generation_pb2_grpc
 from services.decode.worker import DecodeLimits
-from tests.services.test_hostile_requests import _assert_idle
+from tests.services.inprocess import assert_idle
 
 
 def _pulls_in_flight_at_each_begin(system) -> list[int]:
@@ -43,7 +43,7 @@ def test_pulls_past_the_byte_budget_wait_their_turn(make_system):
     seen = _pulls_in_flight_at_each_begin(system)
     assert _generate_many(system, 6) == [6] * 6
     assert len(seen) == 6 and max(seen) == 0  # one pull at a time
-    _assert_idle(system)
+    assert_idle(system)
 
 
 
@@ -67,4 +67,4 @@ def test_a_running_request_keeps_no_receive_buffer(make_system):
         gc.collect()
         assert len(destinations) == 1 and destinations[0]() is None
         stream.cancel()
-    _assert_idle(system)
+    assert_idle(system)

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2 as g
 from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.services.inprocess import ENGINE_SETTINGS
+from tests.services.inprocess import ENGINE_SETTINGS, assert_idle
 
 PROMPT = list(range(100, 121))
 VOCAB_SIZE = 49152
@@ -24,14 +24,6 @@ def _sampling() -> worker_pb2.SamplingParams:
 def _named_field(details: str) -> str:
     """The field an INVALID_ARGUMENT message starts with ("kv_handle.transfer_id: ...", "sampling.top_p must ...")."""
     return re.match(r"[\w.]+", details).group()
-
-
-def _assert_idle(system):
-    prefill, decode = system.wait_until_idle()
-    for stats in (prefill, decode):
-        assert stats.num_free_blocks == stats.num_total_blocks, stats
-        assert stats.num_running == 0 and stats.num_waiting == 0, stats
-    assert prefill.num_held_leases == 0
 
 
 def _generate(system, request: g.GenerateRequest) -> list[g.GenerateResponse]:
@@ -90,7 +82,7 @@ def test_hostile_decode_and_prefill_calls_are_invalid_argument_and_the_workers_g
     responses = _generate(system, g.GenerateRequest(token_ids=g.TokenIds(ids=PROMPT), sampling=g.SamplingParams(
         max_tokens=8, temperature=0, ignore_eos=True)))
     assert responses[-1].final.usage.completion_tokens == 8
-    _assert_idle(system)
+    assert_idle(system)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
@@ -128,7 +120,7 @@ def test_a_request_whose_hand_off_raises_fails_alone_and_frees_its_blocks(make_s
     assert "injected failure" in poisoned.details()
     assert all(responses[-1].final.usage.completion_tokens == 10 for responses in results.values())
     assert system.decode_worker.is_alive
-    _assert_idle(system)
+    assert_idle(system)
     with grpc.insecure_channel(system.decode_address) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING

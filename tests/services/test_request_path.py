@@ -15,7 +15,7 @@ from common.engine.llm_engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from protos import generation_pb2 as g
 from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.services.inprocess import ENGINE_SETTINGS
+from tests.services.inprocess import ENGINE_SETTINGS, assert_idle
 
 PROMPTS = [[5, 17, 300, 41, 9], [1000, 2000, 3000], list(range(50, 71)), [7] * 9]
 
@@ -46,14 +46,6 @@ def _single_engine_tokens(tiny_folder, tiny_model, prompts, params: SamplingPara
     return [tokens[str(i)] for i in range(len(prompts))]
 
 
-def _assert_idle(system):
-    prefill, decode = system.wait_until_idle()
-    for stats in (prefill, decode):
-        assert stats.num_free_blocks == stats.num_total_blocks, stats
-        assert stats.num_running == 0 and stats.num_waiting == 0, stats
-    assert prefill.num_held_leases == 0
-
-
 @pytest.mark.parametrize("sampling", [
     dict(temperature=0.0),
     dict(temperature=0.9, top_p=0.9, top_k=50, seed=123, repetition_penalty=1.1),
@@ -77,7 +69,7 @@ def test_concurrent_requests_match_one_engine(system, stub, tiny_folder, tiny_mo
         assert token_ids == expected[index]
         assert final.finish_reason == g.FINISH_REASON_LENGTH
         assert final.usage.prompt_tokens == len(PROMPTS[index]) and final.usage.completion_tokens == 12
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_text_matches_the_tokenizer_and_logprobs_come_per_token(system, stub, tokenizer):
@@ -105,7 +97,7 @@ def test_stop_string_is_cut_and_the_workers_stop(system, stub, tokenizer):
     assert text == full_text[: full_text.index(stop)]
     assert final.finish_reason == g.FINISH_REASON_STOP and final.matched_stop == stop
     assert final.usage.completion_tokens == len(token_ids) < 30
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_first_token_can_end_the_request_without_any_transfer(system, stub):
@@ -115,7 +107,7 @@ def test_first_token_can_end_the_request_without_any_transfer(system, stub):
     assert len(token_ids) == 1 and final.finish_reason == g.FINISH_REASON_LENGTH
     _, decode_after = system.worker_stats()
     assert decode_after.num_transfers == decode_before.num_transfers
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_eos_as_stop_token_ends_with_stop(system, stub):
@@ -139,7 +131,7 @@ def test_abort_cancels_the_stream_and_frees_every_block(system, stub):
         list(stream)
     assert info.value.code() == grpc.StatusCode.CANCELLED
     assert not stub.Abort(g.AbortRequest(request_id="to-abort")).was_running
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_client_cancel_and_deadline_free_every_block(system, stub):
@@ -148,11 +140,11 @@ def test_client_cancel_and_deadline_free_every_block(system, stub):
     stream = stub.Generate(long_request)
     next(stream)
     stream.cancel()
-    _assert_idle(system)
+    assert_idle(system)
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Generate(long_request, timeout=0.1))  # well inside the ~0.4 s the request takes here
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_bad_requests_name_the_field_and_the_service_stays_healthy(system, stub):
@@ -226,7 +218,7 @@ def test_hand_offs_wait_for_free_decode_blocks_and_all_finish(make_system, tiny_
         for thread in threads:
             thread.join(60)
     assert results == expected
-    _assert_idle(system)
+    assert_idle(system)
 
 
 def test_no_free_decode_blocks_for_too_long_is_resource_exhausted(make_system):
@@ -242,4 +234,4 @@ def test_no_free_decode_blocks_for_too_long_is_resource_exhausted(make_system):
                                               sampling=g.SamplingParams(max_tokens=5, ignore_eos=True)))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV blocks" in info.value.details()
     system.decode_worker.thread.call(lambda: engine.abort_request("hog")).result(5)
-    _assert_idle(system)
+    assert_idle(system)
