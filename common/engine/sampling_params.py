@@ -30,6 +30,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # finish ("stop") on any of these
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     logprobs: int | None = None  # None = off; n = chosen token's logprob plus the top n
+    # Internal (not a user setting): tokens the request generated before it was resumed elsewhere; they
+    # end its prompt_token_ids, and seeds, penalties, min_tokens and max_tokens count them as outputs.
+    num_output_tokens_before: int = field(default=0, metadata={"is_internal": True})
 
     def __post_init__(self) -> None:
         self._check_number("temperature", lambda v: v >= 0, ">= 0")
@@ -41,6 +44,7 @@ class SamplingParams:
         self._check_int("top_k", lambda v: v == -1 or v >= 0, "0 or -1 (off) or >= 1")
         self._check_int("max_tokens", lambda v: v >= 1, ">= 1")
         self._check_int("min_tokens", lambda v: 0 <= v <= self.max_tokens, "in [0, max_tokens]")
+        self._check_int("num_output_tokens_before", lambda v: 0 <= v < self.max_tokens, "in [0, max_tokens)")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if self.logprobs is not None:
@@ -72,7 +76,8 @@ class SamplingParams:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        """The user-settable fields."""
+        return tuple(f.name for f in fields(cls) if not f.metadata.get("is_internal"))
 
     def _check_number(self, name: str, is_valid, expected: str) -> None:
         value = getattr(self, name)

@@ -2,6 +2,13 @@
 
     token_ids:  [ prompt tokens ............ | output tokens ...... ]
                  0 .. num_prompt_tokens-1     .. num_tokens-1
+
+A resumed request (moved to another worker mid-stream) is sent its earlier outputs at the end of its
+prompt: they count as prompt for positions and KV, and as outputs for sampling and stopping.
+
+    token_ids:  [ prompt tokens ... | earlier outputs | output tokens ... ]
+                 <------- num_prompt_tokens -------->
+                                     <-- num_output_tokens_before -->...  = num_output_tokens
     KV written for positions 0 .. num_computed_tokens-1; the rest is computed by the next step(s).
 
 While decoding, num_computed_tokens == num_tokens - 1: the newest token is fed to the next step,
@@ -45,7 +52,11 @@ class Sequence:
     ):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
-        self.num_prompt_tokens = len(self.token_ids)
+        self.num_prompt_tokens = len(self.token_ids)  # as sent: a resumed request's earlier outputs too
+        self.num_output_tokens_before = sampling_params.num_output_tokens_before
+        if self.num_output_tokens_before >= self.num_prompt_tokens:
+            raise ValueError(f"num_output_tokens_before must be < the {self.num_prompt_tokens} prompt tokens "
+                             f"that end with them, got {self.num_output_tokens_before}")
         self.sampling_params = sampling_params
         self.block_table: list[int] = []  # KV block ids, in position order
         self.num_computed_tokens = 0  # tokens whose KV is in `block_table`
@@ -61,15 +72,17 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Tokens generated so far (a resumed request's earlier outputs included): the next output index."""
+        return len(self.token_ids) - self.num_prompt_tokens + self.num_output_tokens_before
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        """The request's own prompt (without a resumed request's earlier outputs), for penalties."""
+        return self.token_ids[: self.num_prompt_tokens - self.num_output_tokens_before]
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens - self.num_output_tokens_before :]
 
     @property
     def last_token_id(self) -> int:

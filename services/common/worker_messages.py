@@ -35,6 +35,7 @@ def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
         min_tokens=params.min_tokens,
+        num_output_tokens_before=params.num_output_tokens_before,
     )
     if params.seed is not None:
         pb.seed = params.seed
@@ -43,8 +44,12 @@ def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
     return pb
 
 
-def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
-    """Raises ValueError naming the field (`sampling.<field>: ...`, the engine's validation) on bad values."""
+def sampling_from_pb(pb: worker_pb2.SamplingParams, num_prompt_tokens: int | None = None) -> SamplingParams:
+    """Raises ValueError naming the field (`sampling.<field>: ...`, the engine's validation) on bad values;
+    with `num_prompt_tokens`, also when the earlier outputs would not fit in the prompt that ends with them."""
+    if num_prompt_tokens is not None and not 0 <= pb.num_output_tokens_before < num_prompt_tokens:
+        raise ValueError(f"sampling.num_output_tokens_before must be in [0, {num_prompt_tokens}) (the prompt "
+                         f"ends with them), got {pb.num_output_tokens_before}")
     try:
         return SamplingParams(
             max_tokens=pb.max_tokens,
@@ -60,6 +65,7 @@ def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingParams:
             ignore_eos=pb.ignore_eos,
             min_tokens=pb.min_tokens,
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+            num_output_tokens_before=pb.num_output_tokens_before,
         )
     except ValueError as exc:
         raise ValueError(f"sampling.{exc}") from exc

@@ -41,7 +41,7 @@ def job_from_pb(request: worker_pb2.DecodeRequest, vocab_size: int, max_model_le
         request_id=request.request_id,
         prompt_token_ids=prompt_token_ids,
         first_token_id=request.first_token_id,
-        sampling=sampling_from_pb(request.sampling),  # ValueError "sampling.<field>: ..."
+        sampling=sampling_from_pb(request.sampling, len(prompt_token_ids)),  # ValueError "sampling.<field>: ..."
         handle=handle,
     )
 

@@ -9,11 +9,18 @@ the request's part of the DecodeStream has its own `.../DecodeWorker/Decode` CLI
 Whatever ends the stream early (a stop string, client cancel, deadline, Abort, an error) closes the
 generator; its `finally` sends Abort to both workers, so every block on every worker is freed. The
 aborts run as background tasks: they must not be cancelled with the request.
+
+Migration: when the decode worker is lost mid-stream (UNAVAILABLE), the request runs again as a new
+attempt, up to `migration_limit` times: Prefill of prompt + every token already sent, with
+`num_output_tokens_before` set so seeds, penalties and max_tokens go on where they were, then decode on
+a healthy worker. The new prefill's token #1 is the stream's next token, so the caller sees one
+seamless stream (nothing repeated, nothing lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -54,8 +61,13 @@ class WorkerStreamError(ServiceError):
 
 
 class Relay:
-    def __init__(self, router: Router, tracing_handle: tracing.TracingHandle | None = None):
+    def __init__(self, router: Router, tracing_handle: tracing.TracingHandle | None = None,
+                 migration_limit: int = 3):
+        """`migration_limit`: how many times one request may move off a lost decode worker (0 = never)."""
+        if migration_limit < 0:
+            raise ValueError(f"migration_limit: must be >= 0, got {migration_limit}")
         self._router = router
+        self._migration_limit = migration_limit
         self._tracing = tracing_handle or tracing.init_tracing("frontend", "")
         self._background: set[asyncio.Task] = set()  # abort calls in flight (kept referenced)
         self._decode_streams: dict[str, DecodeStreamClient] = {}  # by decode worker address
@@ -67,63 +79,104 @@ class Relay:
         sampling: SamplingParams,
         time_remaining: Callable[[], float | None],
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Yields token #1 (from Prefill), the decoded tokens, then one FinishEvent."""
-        prefill = self._route(request_id, "prefill", self._router.pick_prefill)
+        """Yields token #1 (from Prefill), the decoded tokens, then one FinishEvent; moves the request to
+        other workers when its decode worker is lost mid-stream (see `_can_migrate`)."""
         sampling_pb = sampling_to_pb(sampling)
         touched: list[WorkerHandle] = []  # workers that may hold state for this request
-        updates: RequestUpdates | None = None
+        sent_token_ids: list[int] = []  # every token passed on so far, over all attempts
+        num_migrations = 0
         is_finished = False
         try:
-            touched.append(prefill)
-            with self._router.track(prefill, len(prompt_token_ids)):
-                response = await self._call(
-                    prefill,
-                    prefill.stub.Prefill(
-                        worker_pb2.PrefillRequest(
-                            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling_pb
-                        ),
-                        timeout=time_remaining(),
-                    ),
-                )
-            first_logprobs = [logprobs_from_pb(response.first_logprobs)] if response.HasField("first_logprobs") else None
-            yield TokenEvent([response.first_token_id], first_logprobs)
-            if response.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
-                is_finished = True
-                yield _finish_event(response.finish_reason, [response.first_token_id])
-                return
-            # picked now: its load is known best after the prefill
-            decode = self._route(request_id, "decode", self._router.pick_decode)
-            touched.append(decode)
-            # The request's own span for its part of the worker's shared DecodeStream; a detached span,
-            # since a current one could not be kept across this generator's yields.
-            decode_span = self._tracing.tracer.start_span(DECODE_RPC_SPAN, kind=trace.SpanKind.CLIENT,
-                                                          attributes={Attr.REQUEST_ID: request_id})
-            try:
-                with self._router.track(decode):
-                    updates = await self._start_decode(decode, worker_pb2.DecodeRequest(
-                        request_id=request_id,
-                        prompt_token_ids=prompt_token_ids,
-                        first_token_id=response.first_token_id,
-                        sampling=sampling_pb,
-                        kv_handle=response.kv_handle,
-                        trace_context=tracing.inject_context(trace.set_span_in_context(decode_span)),
-                    ))
-                    async for event in self._relay_updates(decode, updates, time_remaining):
-                        is_finished = isinstance(event, FinishEvent)
-                        yield event
-                        if is_finished:
-                            return
-            except Exception as error:
-                tracing.set_error(decode_span, error)
-                raise
-            finally:
-                decode_span.end()
-                if updates is not None:
-                    updates.forget()
+            while True:
+                try:
+                    # An attempt's prompt ends with the tokens sent so far; its token #1 is the next one.
+                    attempt = self._attempt(request_id, prompt_token_ids + sent_token_ids, sampling_pb,
+                                            time_remaining, touched)
+                    async with contextlib.aclosing(attempt):
+                        async for event in attempt:
+                            is_finished = isinstance(event, FinishEvent)
+                            if not is_finished:
+                                sent_token_ids += event.token_ids
+                            yield event
+                    return
+                except WorkerRequestError as error:
+                    if not self._can_migrate(error, num_migrations):
+                        raise
+                    num_migrations += 1
+                    logger.warning("request %s: %s; migrating it after %d tokens (migration %d of at most %d)",
+                                   request_id, error, len(sent_token_ids), num_migrations, self._migration_limit)
+                # Frees what the lost attempt holds (the prefill's KV lease) before its id is reused.
+                if touched:
+                    await asyncio.wait([self._abort_in_background(worker, request_id) for worker in touched])
+                touched.clear()
+                if len(sent_token_ids) >= sampling.max_tokens:  # only the final was lost
+                    is_finished = True
+                    yield FinishEvent("length")
+                    return
+                sampling_pb = _resumed(sampling_pb, len(sent_token_ids))
         finally:
             if not is_finished:
                 for worker in touched:
                     self._abort_in_background(worker, request_id)
+
+    def _can_migrate(self, error: WorkerRequestError, num_migrations: int) -> bool:
+        """Only a lost decode worker (UNAVAILABLE: stream broken, worker gone or draining) moves a request;
+        bad input and overload go to the client as they are."""
+        return error.code == grpc.StatusCode.UNAVAILABLE and num_migrations < self._migration_limit
+
+    async def _attempt(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_pb: worker_pb2.SamplingParams,
+        time_remaining: Callable[[], float | None],
+        touched: list[WorkerHandle],
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """One prefill -> decode pass; appends each worker it reaches to `touched` (the caller aborts them)."""
+        prefill = self._route(request_id, "prefill", self._router.pick_prefill)
+        touched.append(prefill)
+        with self._router.track(prefill, len(prompt_token_ids)):
+            response = await self._call(
+                prefill,
+                prefill.stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling_pb
+                    ),
+                    timeout=time_remaining(),
+                ),
+            )
+        first_logprobs = [logprobs_from_pb(response.first_logprobs)] if response.HasField("first_logprobs") else None
+        yield TokenEvent([response.first_token_id], first_logprobs)
+        if response.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
+            yield _finish_event(response.finish_reason, [response.first_token_id])
+            return
+        # picked now: its load is known best after the prefill
+        decode = self._route(request_id, "decode", self._router.pick_decode)
+        touched.append(decode)
+        # The request's own span for its part of the worker's shared DecodeStream; a detached span,
+        # since a current one could not be kept across this generator's yields.
+        decode_span = self._tracing.tracer.start_span(DECODE_RPC_SPAN, kind=trace.SpanKind.CLIENT,
+                                                      attributes={Attr.REQUEST_ID: request_id})
+        updates: RequestUpdates | None = None
+        try:
+            with self._router.track(decode):
+                updates = await self._start_decode(decode, worker_pb2.DecodeRequest(
+                    request_id=request_id,
+                    prompt_token_ids=prompt_token_ids,
+                    first_token_id=response.first_token_id,
+                    sampling=sampling_pb,
+                    kv_handle=response.kv_handle,
+                    trace_context=tracing.inject_context(trace.set_span_in_context(decode_span)),
+                ))
+                async for event in self._relay_updates(decode, updates, time_remaining):
+                    yield event
+        except Exception as error:
+            tracing.set_error(decode_span, error)
+            raise
+        finally:
+            decode_span.end()
+            if updates is not None:
+                updates.forget()
 
     def _route(self, request_id: str, role: str, pick: Callable[[], WorkerHandle]) -> WorkerHandle:
         """One worker pick as a `route` span (ERROR when no worker of that kind is ready)."""
@@ -200,7 +253,7 @@ class Relay:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             self._router.mark_unhealthy(worker)
 
-    def _abort_in_background(self, worker: WorkerHandle, request_id: str) -> None:
+    def _abort_in_background(self, worker: WorkerHandle, request_id: str) -> asyncio.Task:
         async def abort() -> None:
             try:
                 await worker.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=_ABORT_TIMEOUT_SECONDS)
@@ -210,6 +263,7 @@ class Relay:
         task = asyncio.get_running_loop().create_task(abort())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         """Waits for abort calls still in flight, then closes the decode streams (shutdown)."""
@@ -226,3 +280,12 @@ def _finish_event(reason_pb: int, last_token_ids: list[int], stop_token_id: int 
     if reason == "stop" and stop_token_id is None and last_token_ids:
         stop_token_id = last_token_ids[-1]
     return FinishEvent(reason, stop_token_id)
+
+
+def _resumed(sampling_pb: worker_pb2.SamplingParams, num_output_tokens: int) -> worker_pb2.SamplingParams:
+    """The same settings for a request that already generated `num_output_tokens` (seeds, penalties and
+    max_tokens then go on from there on the workers)."""
+    resumed = worker_pb2.SamplingParams()
+    resumed.CopyFrom(sampling_pb)
+    resumed.num_output_tokens_before = num_output_tokens
+    return resumed

@@ -37,7 +37,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         check_request_id(request.request_id)
         check_prompt("prompt_token_ids", request.prompt_token_ids, worker.vocab_size, worker.max_model_len)
         prompt_token_ids = list(request.prompt_token_ids)
-        sampling = sampling_from_pb(request.sampling)  # ValueError "sampling.<field>: ..."
+        sampling = sampling_from_pb(request.sampling, len(prompt_token_ids))  # ValueError "sampling.<field>: ..."
         result = await worker.prefill(request.request_id, prompt_token_ids, sampling)
         response = worker_pb2.PrefillResponse(
             request_id=request.request_id,
