@@ -44,6 +44,7 @@ class FrontendConfig:
     model: str | None = None  # for the tokenizer; None = the embedded SmolLM2
     max_num_requests: int = 1024  # open Generate streams before RESOURCE_EXHAUSTED
     stats_refresh_seconds: float = 0.5  # how often workers' GetStats is polled
+    migration_limit: int = 3  # times a request may move off a lost decode worker mid-stream; 0 = never
 
     def __post_init__(self) -> None:
         if not self.prefill_addresses:
@@ -60,6 +61,8 @@ class FrontendConfig:
             raise ValueError(f"max_num_requests: must be >= 1, got {self.max_num_requests}")
         if self.stats_refresh_seconds <= 0:
             raise ValueError(f"stats_refresh_seconds: must be > 0, got {self.stats_refresh_seconds}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit: must be >= 0, got {self.migration_limit}")
 
 
 class _ActiveRequest:
@@ -89,7 +92,7 @@ class FrontendApp:
         self.metrics = self.obs.metrics  # the OpenAI HTTP layer serves this registry and records nothing more
         self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
                              self.obs.tracing.client_interceptors())
-        self.relay = Relay(self.router, self.obs.tracing)
+        self.relay = Relay(self.router, self.obs.tracing, config.migration_limit)
         self._active: dict[str, _ActiveRequest] = {}
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
