@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default=_env("LOAD_FORMAT", "auto"))
     parser.add_argument("--max-num-requests", type=int, default=int(_env("MAX_NUM_REQUESTS", "1024")))
     parser.add_argument("--stats-refresh-seconds", type=float, default=float(_env("STATS_REFRESH_SECONDS", "0.5")))
+    parser.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", "3")),
+                        help="times a request may move to other workers when its decode worker is lost "
+                             "mid-stream (env TANDEM_MIGRATION_LIMIT; 0 = off)")
     parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000")),
                         help="OpenAI-compatible HTTP API port (env TANDEM_HTTP_PORT; 0 = any free port, -1 = off)")
     parser.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
@@ -101,6 +104,7 @@ def main(argv: list[str]) -> int:
             decode_addresses=_addresses(args.decode_addresses),
             host=args.host, port=args.port, model=args.model,
             max_num_requests=args.max_num_requests, stats_refresh_seconds=args.stats_refresh_seconds,
+            migration_limit=args.migration_limit,
         )
     except ValueError as exc:
         print(f"tandem frontend: {exc}")
