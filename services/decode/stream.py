@@ -26,7 +26,7 @@ from opentelemetry import trace
 from common import tracing
 from protos import worker_pb2
 from services.common.engine_thread import Mailbox
-from services.common.errors import InvalidRequest, status_for
+from services.common.errors import InvalidRequest, Unavailable, status_for
 from services.decode.jobs import DecodeFinal, DecodeJob, TokenBatch
 from services.decode.worker import DecodeWorker
 
@@ -69,6 +69,8 @@ class DecodeStreamSession:
                     job = self._live.get(message.abort.request_id)
                     if job is not None:
                         self._worker.cancel(job)
+        except Exception as error:  # noqa: BLE001 - the caller's side broke: the stream ends, requests are freed
+            logger.debug("DecodeStream caller went away: %r", error)
         finally:
             self._is_reading = False
             self._wakeup.set()
@@ -96,6 +98,8 @@ class DecodeStreamSession:
         span = self._worker.obs.tracing.tracer.start_span(DECODE_SPAN_NAME, context=parent,
                                                           kind=trace.SpanKind.SERVER)
         try:
+            if not self._worker.is_alive:
+                raise Unavailable("decode worker's engine has stopped")
             if request_id in self._live:
                 raise InvalidRequest("request_id", f"{request_id!r} is already in use on this stream")
             job = self._job_from_pb(request)

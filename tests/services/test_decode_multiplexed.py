@@ -122,3 +122,18 @@ def test_closing_the_stream_frees_every_open_request(system):
         call.cancel()
         threading.Thread(target=caller.close).start()
     assert_idle(system)
+
+
+def test_a_stream_to_a_dead_engine_fails_each_request_unavailable(system):
+    with grpc.insecure_channel(system.prefill_address) as pc, grpc.insecure_channel(system.decode_address) as dc:
+        prefill, decode = worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc)
+        answer = _prefill(prefill, "late", PROMPT)
+        caller = _Caller()
+        call = decode.DecodeStream(iter(caller), timeout=60)
+        system.decode_worker.thread.stop()  # the engine thread is gone, the stream's server is not
+        caller.send(decode=_decode_request("late", PROMPT, answer))
+        caller.close()
+        by_request, _ = _collect(call)
+        prefill.Abort(worker_pb2.AbortRequest(request_id="late"), timeout=10)
+    (update,) = by_request["late"]
+    assert update.error.code == grpc.StatusCode.UNAVAILABLE.value[0]  # the frontend may migrate it
