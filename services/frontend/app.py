@@ -7,7 +7,18 @@ Spans (children of the root `generate {model}`): tokenize, route (x2, in the rel
 and one detokenize span recorded when the stream ends.
 
 Active requests are kept by id so `Abort(request_id)` can cancel them; the cancelled stream ends with
-CANCELLED and the relay frees the request on every worker.
+CANCELLED and the relay frees the request on every worker. Ids stay unique across callers (they are the
+workers' ids too), but each request remembers who started it: `abort(request_id, caller)` only reaches a
+request of the same caller (a gRPC connection, `servicer.caller_of`), so one client cannot stop
+another's stream by guessing or reading its id. HTTP requests belong to no gRPC caller.
+
+Admission: a request holds a slot (`admission.py`) from before its first await to its end, so at most
+`max_num_requests` are open however fast they arrive.
+
+The root span is never the current span across a `yield`: a consumer may close this generator from
+another context (gRPC finalizes a cancelled stream's generator in a task of its own), and an OTel
+context token must be detached in the context that attached it. It is made current around each step
+instead.
 """
 
 from __future__ import annotations
@@ -20,12 +31,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from common import tracing
 from common.tokenizer import TokenizerError, apply_chat_template, encode_prompt
 from common.tracing import Attr, SpanName
 from protos import generation_pb2
-from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
+from services.common.errors import Cancelled, InvalidRequest, Unavailable
 from services.common.observability import Observability
+from services.frontend.admission import Admission, Slot
 from services.frontend.convert import Chunk, Finish
 from services.frontend.relay import Relay, TokenEvent
 from services.frontend.router import Router
@@ -42,9 +57,14 @@ class FrontendConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     model: str | None = None  # for the tokenizer; None = the embedded SmolLM2
-    max_num_requests: int = 1024  # open Generate streams before RESOURCE_EXHAUSTED
+    max_num_requests: int = 1024  # open requests (an HTTP request: one per choice) before RESOURCE_EXHAUSTED
     stats_refresh_seconds: float = 0.5  # how often workers' GetStats is polled
     migration_limit: int = 3  # times a request may move off a lost decode worker mid-stream; 0 = never
+    api_key: str | None = None  # when set, every Generation RPC and /v1 call must carry "Bearer <api_key>"
+    max_request_bytes: int = 4 * 1024 * 1024  # HTTP request body, refused with 413 before it is parsed
+    max_prompt_chars: int = 1_000_000  # text / chat characters (or prompt token ids), before tokenization
+    max_n: int = 8  # choices per prompt of an HTTP request (vLLM-like)
+    max_output_tokens: int | None = None  # largest max_tokens a request may ask for; None = max_model_len
 
     def __post_init__(self) -> None:
         if not self.prefill_addresses:
@@ -63,11 +83,22 @@ class FrontendConfig:
             raise ValueError(f"stats_refresh_seconds: must be > 0, got {self.stats_refresh_seconds}")
         if self.migration_limit < 0:
             raise ValueError(f"migration_limit: must be >= 0, got {self.migration_limit}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key: must not be empty (leave it unset for no key)")
+        for name in ("max_request_bytes", "max_prompt_chars", "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError(f"max_output_tokens: must be >= 1, got {self.max_output_tokens}")
+
+
+HTTP_CALLER = "http"  # the caller of HTTP requests: no gRPC Abort reaches them
 
 
 class _ActiveRequest:
-    def __init__(self, task: asyncio.Task):
+    def __init__(self, task: asyncio.Task, caller: str):
         self.task = task
+        self.caller = caller  # who may abort it
         self.is_aborted = False
 
 
@@ -94,6 +125,7 @@ class FrontendApp:
                              self.obs.tracing.client_interceptors())
         self.relay = Relay(self.router, self.obs.tracing, config.migration_limit)
         self._active: dict[str, _ActiveRequest] = {}
+        self.admission = Admission(config.max_num_requests)
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
     async def start(self) -> None:
@@ -129,32 +161,66 @@ class FrontendApp:
         time_remaining: Callable[[], float | None],
         metadata=None,
         to_output: Callable[[str, Chunk | Finish], Any] | None = None,
+        caller: str = HTTP_CALLER,
+        slot: Slot | None = None,
     ) -> AsyncIterator[Any]:
         """Streams one completion: Chunk* then one Finish, or what `to_output(request_id, item)` makes of
         each (the gRPC servicer makes GenerateResponses). `metadata` (gRPC invocation metadata) may carry
-        a caller's traceparent. Each Chunk holds every token that arrived since the previous one."""
+        a caller's traceparent; `caller` is who may abort it; `slot` is the admission slot taken for it
+        (None: one is taken here, before the first await). Each Chunk holds every token that arrived
+        since the previous one."""
+        if slot is None:
+            slot = self.admission.take()[0]  # RequestsExhausted, before anything else is done
         record = _RequestRecord()
-        with self.obs.tracing.start_request_span(self.model_name, metadata) as root:
-            self._num_open += 1
-            self.metrics.set_queue_sizes(self._num_open, 0)
+        parent = tracing.extract_context(metadata) if metadata is not None else None
+        root = self.obs.tracing.tracer.start_span(
+            tracing.root_span_name(self.model_name), context=parent, kind=trace.SpanKind.SERVER,
+            attributes={Attr.REQUEST_MODEL: self.model_name})
+        root_context = trace.set_span_in_context(root, parent)
+        self._num_open += 1
+        self.metrics.set_queue_sizes(self._num_open, 0)
+        items = self._generate(request_pb, time_remaining, record, caller)
+        try:
+            while True:
+                token = otel_context.attach(root_context)  # current for this step only (see the docstring)
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    otel_context.detach(token)
+                self._observe(record, item, root)
+                yield item if to_output is None else to_output(record.request_id, item)
+        except (asyncio.CancelledError, GeneratorExit, Cancelled):  # client gone, or Abort
+            record.finish_reason = "abort"
+            raise
+        except Exception as exc:
+            tracing.set_error(root, exc)
+            raise
+        finally:
+            token = otel_context.attach(root_context)
             try:
-                items = self._generate(request_pb, time_remaining, record)
-                async with contextlib.aclosing(items):
-                    async for item in items:
-                        self._observe(record, item, root)
-                        yield item if to_output is None else to_output(record.request_id, item)
-            except (asyncio.CancelledError, Cancelled):
-                record.finish_reason = "abort"
-                raise
+                await self._close_quietly(items)
             finally:
-                self._num_open -= 1
-                self.metrics.set_queue_sizes(self._num_open, 0)
-                if record.request_id is not None:
-                    root.set_attribute(Attr.REQUEST_ID, record.request_id)
-                if record.is_accepted:
-                    self.metrics.observe_request_finished(record.finish_reason, time.monotonic() - record.start)
-                    tracing.set_usage(root, record.num_prompt_tokens, record.num_completion_tokens,
-                                      [record.finish_reason])
+                otel_context.detach(token)
+            slot.release()
+            self._num_open -= 1
+            self.metrics.set_queue_sizes(self._num_open, 0)
+            if record.request_id is not None:
+                root.set_attribute(Attr.REQUEST_ID, record.request_id)
+            if record.is_accepted:
+                self.metrics.observe_request_finished(record.finish_reason, time.monotonic() - record.start)
+                tracing.set_usage(root, record.num_prompt_tokens, record.num_completion_tokens,
+                                  [record.finish_reason])
+            root.end()
+
+    @staticmethod
+    async def _close_quietly(items: AsyncIterator) -> None:
+        """Closes the inner generator (aborting the request on its workers) wherever this one ends."""
+        try:
+            await items.aclose()
+        except (asyncio.CancelledError, Cancelled):
+            pass
 
     def _observe(self, record: _RequestRecord, item: Chunk | Finish, root) -> None:
         if type(item) is Finish:
@@ -171,29 +237,31 @@ class FrontendApp:
             self.metrics.observe_inter_token_latency((now - record.last_token) / len(item.token_ids))
         record.last_token = now
 
-    async def _accept(self, request_pb: generation_pb2.GenerateRequest,
-                      record: _RequestRecord) -> tuple[GenerateInput, list[int]]:
-        """Validates and tokenizes; raises InvalidRequest / Overloaded / Unavailable."""
+    async def _accept(self, request_pb: generation_pb2.GenerateRequest, record: _RequestRecord,
+                      caller: str) -> tuple[GenerateInput, list[int], _ActiveRequest]:
+        """Validates, registers (for Abort) and tokenizes; raises InvalidRequest / Unavailable."""
         limits = self.router.model_limits()  # Unavailable until workers answered
-        request = parse_generate_request(request_pb, limits.vocab_size)
+        request = parse_generate_request(request_pb, limits.vocab_size, self.config.max_prompt_chars,
+                                         self.config.max_output_tokens or limits.max_model_len)
         record.request_id = request.request_id
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
-        if len(self._active) >= self.config.max_num_requests:
-            raise Overloaded(f"{len(self._active)} requests open (max_num_requests={self.config.max_num_requests})")
-        with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
-            prompt_token_ids = await self.prompt_token_ids(request)
-        fit_to_context(request, len(prompt_token_ids), limits.max_model_len)
+        active = self._active[request.request_id] = _ActiveRequest(asyncio.current_task(), caller)  # no await yet
+        try:
+            with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
+                prompt_token_ids = await self.prompt_token_ids(request)
+            fit_to_context(request, len(prompt_token_ids), limits.max_model_len)
+        except BaseException:
+            self._forget(request.request_id, active)
+            raise
         record.is_accepted, record.num_prompt_tokens = True, len(prompt_token_ids)
-        return request, prompt_token_ids
+        return request, prompt_token_ids, active
 
     async def _generate(
         self, request_pb: generation_pb2.GenerateRequest, time_remaining: Callable[[], float | None],
-        record: _RequestRecord,
+        record: _RequestRecord, caller: str,
     ) -> AsyncIterator[Chunk | Finish]:
-        request, prompt_token_ids = await self._accept(request_pb, record)
-        active = _ActiveRequest(asyncio.current_task())
-        self._active[request.request_id] = active
+        request, prompt_token_ids, active = await self._accept(request_pb, record, caller)
         text_stream = TextStream(self.tokenizer, prompt_token_ids, request.sampling, request.stop)
         events = self.relay.run(request.request_id, prompt_token_ids, request.sampling, time_remaining)
         try:
@@ -213,8 +281,13 @@ class FrontendApp:
                 raise Cancelled(f"request {request.request_id} was aborted") from None
             raise
         finally:
-            self._active.pop(request.request_id, None)
+            self._forget(request.request_id, active)
             self._record_detokenize(request.request_id, text_stream)
+
+    def _forget(self, request_id: str, active: _ActiveRequest) -> None:
+        """Drops this request's Abort entry (never another's: a duplicate id is refused, not registered)."""
+        if self._active.get(request_id) is active:
+            del self._active[request_id]
 
     def _record_detokenize(self, request_id: str, text_stream: TextStream) -> None:
         """One `detokenize` span per request: first to last detokenization, busy time as an attribute."""
@@ -226,10 +299,11 @@ class FrontendApp:
                         Attr.DETOKENIZE_BUSY_SECONDS: text_stream.detokenize_busy_ns / 1e9},
         )
 
-    def abort(self, request_id: str) -> bool:
-        """Cancels a running Generate; its stream ends with CANCELLED. False when not running."""
+    def abort(self, request_id: str, caller: str) -> bool:
+        """Cancels a running Generate started by `caller`; its stream ends with CANCELLED. False when no
+        request of that caller runs under this id (another caller's request is left alone, unnamed)."""
         active = self._active.get(request_id)
-        if active is None:
+        if active is None or active.caller != caller:
             return False
         active.is_aborted = True
         active.task.cancel()

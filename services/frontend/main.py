@@ -15,13 +15,12 @@ import os
 
 from common.model.registry import resolve_model
 from common.tokenizer import load_tokenizer
-from protos import generation_pb2_grpc
 from common import tracing
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.openai.server import start_http_server
-from services.frontend.servicer import GenerationServicer
+from services.frontend.servicer import GenerationServicer, add_generation_servicer
 
 logger = logging.getLogger("tandem.frontend")
 
@@ -54,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000")),
                         help="OpenAI-compatible HTTP API port (env TANDEM_HTTP_PORT; 0 = any free port, -1 = off)")
     parser.add_argument("--no-http", action="store_true", help="do not serve the OpenAI-compatible HTTP API")
+    parser.add_argument("--api-key", default=_env("API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on HTTP and gRPC (env TANDEM_API_KEY); "
+                             "health checks stay open")
+    parser.add_argument("--max-request-bytes", type=int, default=int(_env("MAX_REQUEST_BYTES", str(4 * 1024 * 1024))),
+                        help="largest HTTP request body; larger ones get 413 (env TANDEM_MAX_REQUEST_BYTES)")
+    parser.add_argument("--max-prompt-chars", type=int, default=int(_env("MAX_PROMPT_CHARS", "1000000")),
+                        help="longest prompt in characters (or token ids), refused before tokenization")
+    parser.add_argument("--max-n", type=int, default=int(_env("MAX_N", "8")), help="most choices per prompt (HTTP n)")
+    parser.add_argument("--max-output-tokens", type=int, default=_env("MAX_OUTPUT_TOKENS"),
+                        help="largest max_tokens a request may ask for (default: max_model_len)")
     add_observability_args(parser)
     parser.add_argument("--ready-file", default=None, help="write {port, http_port} as JSON here once serving")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
@@ -67,7 +76,7 @@ async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int
     obs = Observability.start(tracing_handle, "frontend", resolved.name, args.metrics_port)
     app = FrontendApp(config, tokenizer, resolved.name, obs)
     running = await start_server(
-        lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(app), server),
+        lambda server: add_generation_servicer(GenerationServicer(app), server),
         [SERVICE_NAME], config.host, config.port,
     )
     http = None
@@ -105,6 +114,9 @@ def main(argv: list[str]) -> int:
             host=args.host, port=args.port, model=args.model,
             max_num_requests=args.max_num_requests, stats_refresh_seconds=args.stats_refresh_seconds,
             migration_limit=args.migration_limit,
+            api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
+            max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
+            max_output_tokens=int(args.max_output_tokens) if args.max_output_tokens else None,
         )
     except ValueError as exc:
         print(f"tandem frontend: {exc}")

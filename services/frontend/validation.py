@@ -21,7 +21,9 @@ from services.common.errors import InvalidRequest
 CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024  # each stop string (the matcher holds back up to this much text)
 MAX_REQUEST_ID_LENGTH = 256
+DEFAULT_MAX_PROMPT_CHARS = 1_000_000  # the frontend's --max-prompt-chars default
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,25 @@ def reject_unknown_fields(message: Message, path: str = "") -> None:
             reject_unknown_fields(value, child)
 
 
-def parse_prompt(request: generation_pb2.GenerateRequest, vocab_size: int) -> PromptInput:
+def _check_prompt_size(request: generation_pb2.GenerateRequest, kind: str, max_prompt_chars: int) -> None:
+    """Refuses prompts over `max_prompt_chars` characters (token ids: that many ids) before any tokenization."""
+    if kind == "text":
+        size, what = len(request.text), "characters"
+    elif kind == "chat":
+        size, what = sum(len(message.content) for message in request.chat.messages), "characters in all messages"
+    else:
+        size, what = len(request.token_ids.ids), "token ids"
+    if size > max_prompt_chars:
+        field_name = {"text": "text", "chat": "chat.messages", "token_ids": "token_ids.ids"}[kind]
+        raise InvalidRequest(field_name, f"prompt is {size} {what}, more than this server accepts ({max_prompt_chars})")
+
+
+def parse_prompt(request: generation_pb2.GenerateRequest, vocab_size: int,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> PromptInput:
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("prompt", "one of text, chat or token_ids is required")
+    _check_prompt_size(request, kind, max_prompt_chars)
     if kind == "text":
         if not request.text.strip():
             raise InvalidRequest("text", "prompt must not be empty")
@@ -104,11 +121,15 @@ def _check_finite(pb: generation_pb2.SamplingParams) -> None:
             raise InvalidRequest(f"sampling.{name}", f"must be a finite number, got {getattr(pb, name)}")
 
 
-def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int) -> tuple[SamplingParams, list[str]]:
-    """-> (engine SamplingParams, stop strings)."""
+def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int,
+                   max_tokens_limit: int | None = None) -> tuple[SamplingParams, list[str]]:
+    """-> (engine SamplingParams, stop strings). `max_tokens_limit`: the most a request may ask for."""
     _check_finite(pb)
     if pb.HasField("max_tokens") and pb.max_tokens < 1:
         raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {pb.max_tokens}")
+    if pb.HasField("max_tokens") and max_tokens_limit is not None and pb.max_tokens > max_tokens_limit:
+        raise InvalidRequest("sampling.max_tokens", f"must be <= {max_tokens_limit} (this server's limit), "
+                                                    f"got {pb.max_tokens}")
     if pb.HasField("logprobs") and not 0 <= pb.logprobs <= MAX_LOGPROBS:
         raise InvalidRequest("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {pb.logprobs}")
     for index, token_id in enumerate(pb.stop_token_ids):
@@ -119,6 +140,9 @@ def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int) -> tuple[
     for index, stop in enumerate(pb.stop):
         if not stop:
             raise InvalidRequest(f"sampling.stop[{index}]", "stop strings must not be empty")
+        if len(stop) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequest(f"sampling.stop[{index}]", f"at most {MAX_STOP_STRING_CHARS} characters, "
+                                                            f"got {len(stop)}")
     values = {
         name: getattr(pb, name)
         for name in (
@@ -138,14 +162,17 @@ def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int) -> tuple[
     return sampling, list(pb.stop)
 
 
-def parse_generate_request(request: generation_pb2.GenerateRequest, vocab_size: int) -> GenerateInput:
-    """Validates everything that can be checked before tokenization."""
+def parse_generate_request(request: generation_pb2.GenerateRequest, vocab_size: int,
+                           max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+                           max_tokens_limit: int | None = None) -> GenerateInput:
+    """Validates everything that can be checked before tokenization (sizes first: nothing large is
+    walked before it is known to be within the limits)."""
     reject_unknown_fields(request)
     request_id = request.request_id if request.HasField("request_id") else ""
     if len(request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LENGTH} characters")
-    prompt = parse_prompt(request, vocab_size)
-    sampling, stop = parse_sampling(request.sampling, vocab_size)
+    prompt = parse_prompt(request, vocab_size, max_prompt_chars)
+    sampling, stop = parse_sampling(request.sampling, vocab_size, max_tokens_limit)
     return GenerateInput(request_id or uuid.uuid4().hex, prompt, sampling, stop)
 
 

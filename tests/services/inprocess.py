@@ -19,14 +19,14 @@ from common import tracing
 from common.engine.config import EngineConfig
 from common.engine.llm_engine import LLMEngine
 from common.tokenizer import load_tokenizer
-from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+from protos import worker_pb2, worker_pb2_grpc
 from services.common.observability import Observability
 from services.common.server import start_server
 from services.common.worker_setup import create_receiver, create_sender, kv_layout
 from services.decode.servicer import DecodeServicer
 from services.decode.worker import DecodeLimits, DecodeWorker
 from services.frontend.app import FrontendApp, FrontendConfig
-from services.frontend.servicer import GenerationServicer
+from services.frontend.servicer import GenerationServicer, add_generation_servicer
 from services.prefill.servicer import PrefillServicer
 from services.prefill.worker import PrefillWorker
 
@@ -37,14 +37,16 @@ ENGINE_SETTINGS = dict(device="cpu", num_kv_blocks=64, max_model_len=128, block_
 class InProcessSystem:
     def __init__(self, folder, model, model_config, prefill_overrides=None, decode_overrides=None,
                  lease_seconds: float = 30.0, decode_limits: DecodeLimits | None = None,
-                 otlp_endpoint: str | None = None):
-        """`otlp_endpoint`: export every service's spans there (tracing is off without it)."""
+                 otlp_endpoint: str | None = None, frontend_overrides: dict | None = None):
+        """`otlp_endpoint`: export every service's spans there (tracing is off without it);
+        `frontend_overrides`: FrontendConfig fields (api_key, max_num_requests, ...)."""
         self._folder = folder
         self._model, self._model_config = model, model_config
         self._prefill_overrides = prefill_overrides or {}
         self._decode_overrides = decode_overrides or {}
         self._lease_seconds = lease_seconds
         self._decode_limits = decode_limits or DecodeLimits()
+        self._frontend_overrides = frontend_overrides or {}
         self._otlp_endpoint = otlp_endpoint or ""  # "" forces tracing off whatever the environment says
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-services", daemon=True)
@@ -91,10 +93,11 @@ class InProcessSystem:
             self._cleanups.append((server, worker))
         self.prefill_address = f"127.0.0.1:{prefill_server.port}"
         self.decode_address = f"127.0.0.1:{decode_server.port}"
-        config = FrontendConfig([self.prefill_address], [self.decode_address], stats_refresh_seconds=0.1)
+        config = FrontendConfig([self.prefill_address], [self.decode_address], stats_refresh_seconds=0.1,
+                                **self._frontend_overrides)
         self.app = FrontendApp(config, load_tokenizer(self._folder), "tiny", self.observability["frontend"])
         frontend_server = await start_server(
-            lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.app), s),
+            lambda s: add_generation_servicer(GenerationServicer(self.app), s),
             ["tandem.v1.Generation"], "127.0.0.1", 0)
         await self.app.start()
         while not self.app.router.is_ready():
