@@ -20,6 +20,7 @@ import pydantic
 from fastapi.responses import JSONResponse
 
 from services.common.errors import InvalidRequest, status_for
+from services.frontend.admission import RETRY_AFTER_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,14 @@ class OpenAIError(Exception):
         self.error_type = error_type
         self.param = param
         self.code = code
+        self.retry_after_seconds: int | None = None  # sent as Retry-After (429: the server is full)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after_seconds)} if self.retry_after_seconds is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def bad_request(param: str | None, problem: str) -> OpenAIError:
@@ -72,7 +75,10 @@ def from_exception(exc: BaseException, public_param: Callable[[str], str | None]
     status, error_type = _HTTP_STATUS.get(code, (500, "internal_error"))
     if code not in _HTTP_STATUS:
         logger.error("OpenAI API request failed (%s)", code.name, exc_info=exc)
-    return OpenAIError(status, message, error_type, code=code.name.lower())
+    error = OpenAIError(status, message, error_type, code=code.name.lower())
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        error.retry_after_seconds = getattr(exc, "retry_after_seconds", RETRY_AFTER_SECONDS)
+    return error
 
 
 def _loc_to_param(loc: tuple) -> tuple[str, int]:

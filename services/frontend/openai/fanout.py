@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from protos import generation_pb2
+from services.frontend.admission import Slot
 from services.frontend.app import FrontendApp
 from services.frontend.convert import Chunk, Finish
 from services.frontend.openai.convert import ChoiceRequest
@@ -38,19 +39,29 @@ class ChoiceFailed(Exception):
 
 
 class FanOut:
-    def __init__(self, app: FrontendApp, choices: list[ChoiceRequest]):
+    def __init__(self, app: FrontendApp, choices: list[ChoiceRequest], slots: list[Slot] | None = None):
+        """`slots`: the admission slots taken for the choices, one each (given back as each ends)."""
         self._app = app
         self._choices = choices
+        self._slots = slots
         # (choice index, output | None when the choice ended, exception | None)
         self._queue: asyncio.Queue[tuple[int, Chunk | Finish | None, BaseException | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(c.index, c.request)) for c in self._choices]
+        self._tasks = [asyncio.create_task(self._run(c.index, c.request, self._slot(i)))
+                       for i, c in enumerate(self._choices)]
+        for task, slot in zip(self._tasks, self._slots or ()):
+            task.add_done_callback(lambda _, slot=slot: slot.release())  # also when cancelled before it ran
 
-    async def _run(self, index: int, request: generation_pb2.GenerateRequest) -> None:
+    def _slot(self, position: int) -> Slot | None:
+        return self._slots[position] if self._slots is not None else None
+
+    async def _run(self, index: int, request: generation_pb2.GenerateRequest, slot: Slot | None) -> None:
         try:
-            async for item in self._app.generate(request, _no_deadline):
+            items = self._app.generate(request, _no_deadline) if slot is None else self._app.generate(
+                request, _no_deadline, slot=slot)
+            async for item in items:
                 self._queue.put_nowait((index, item, None))
         except asyncio.CancelledError:
             raise
@@ -90,3 +101,6 @@ class FanOut:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
+        if not self._tasks:  # never started: nothing else gives the slots back
+            for slot in self._slots or ():
+                slot.release()

@@ -21,7 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.common.errors import Overloaded
 from services.frontend.app import FrontendApp
+from services.frontend.openai.auth import OPEN_PATHS, RequireApiKey
 from services.frontend.openai.convert import chat_requests, check_model, completion_requests
 from services.frontend.openai.errors import OpenAIError, bad_request, from_exception, from_validation_error
 from services.frontend.openai.fanout import FanOut
@@ -33,14 +35,42 @@ from services.frontend.openai.responses import ResponseBuilder, TokenTexts
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `max_bytes` (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise OpenAIError(413, f"the request body is {declared} bytes, more than this server accepts ({max_bytes})",
+                          code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise OpenAIError(413, f"the request body is more than this server accepts ({max_bytes} bytes)",
+                              code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request, max_bytes: int) -> dict:
+    raw = await _read_body(request, max_bytes)
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise bad_request(None, "the request body is not valid JSON: nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(None, f"the request body is not valid JSON: {exc}") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise bad_request(None, f"the request body holds a value out of range: {exc}") from exc
     if not isinstance(body, dict):
         raise bad_request(None, f"the request body must be a JSON object, got {type(body).__name__}")
+    try:  # lone UTF-16 surrogates ("\\udfff") are valid JSON escapes but not Unicode text
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise bad_request(None, f"the request body holds a lone UTF-16 surrogate ({bad}), which is not valid "
+                                "Unicode text") from None
+    except RecursionError:
+        raise bad_request(None, "the request body is not valid JSON: nested too deeply") from None
     return body
 
 
@@ -91,20 +121,27 @@ class OpenAIRoutes:
         body = (ChatCompletionRequest if is_chat else CompletionRequest).model_validate(raw)
         check_model(body.model, self.frontend.model_name)
         response_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+        limits = self.frontend.config
+        if body.n > limits.max_n:
+            raise bad_request("n", f"must be <= {limits.max_n} (this server's limit), got {body.n}")
         choices = chat_requests(body, response_id) if is_chat else completion_requests(body, response_id)
         is_logprobs = body.logprobs if is_chat else body.logprobs is not None
         builder = ResponseBuilder(is_chat, response_id, self.frontend.model_name, int(time.time()),
                                   self.token_texts, [c.prompt_index for c in choices], is_logprobs,
                                   include_usage=body.include_usage)
-        return GenerationCall(self.frontend, body, choices, builder, FanOut(self.frontend, choices), self.metrics)
+        slots = self.frontend.admission.take(len(choices))  # all the choices or none: 429 when full
+        return GenerationCall(self.frontend, body, choices, builder, FanOut(self.frontend, choices, slots),
+                              self.metrics)
 
     async def _generate(self, request: Request, is_chat: bool) -> Response:
         try:
-            call = self._prepare(await _json_body(request), is_chat)
+            call = self._prepare(await _json_body(request, self.frontend.config.max_request_bytes), is_chat)
         except pydantic.ValidationError as exc:
             return from_validation_error(exc).response()
         except OpenAIError as exc:
             return exc.response()
+        except Overloaded as exc:
+            return from_exception(exc).response()
         try:
             if not call.body.stream:
                 return JSONResponse(await call.collect(request))
@@ -119,8 +156,11 @@ class OpenAIRoutes:
 def create_app(frontend: FrontendApp, is_ready: Callable[[], bool]) -> FastAPI:
     """The FastAPI app serving `frontend`'s model over OpenAI's HTTP API."""
     routes = OpenAIRoutes(frontend, is_ready)
-    api = FastAPI(title="Tandem OpenAI-compatible API", version="1")
+    # No /docs, /redoc or /openapi.json: they would describe the server to anyone who asks.
+    api = FastAPI(title="Tandem OpenAI-compatible API", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     api.state.routes = routes
+    if frontend.config.api_key is not None:
+        api.add_middleware(RequireApiKey, api_key=frontend.config.api_key, open_paths=OPEN_PATHS)
     api.add_api_route("/health", routes.health, methods=["GET"])
     api.add_api_route("/metrics", routes.metrics_text, methods=["GET"])
     api.add_api_route("/v1/models", routes.list_models, methods=["GET"])
