@@ -6,6 +6,11 @@
 
 Generation requests are converted to `GenerateRequest`s and run through `FrontendApp.generate`, so
 validation, routing, stop strings and aborts are the gRPC API's. Every error answers in OpenAI's body.
+
+Before anything is tokenized: the body is read up to `max_request_bytes` (413 past it), parsed (400 for
+JSON nested too deeply, integers beyond Python's digit limit, lone UTF-16 surrogates), `n` is checked
+against `max_n`, and one admission slot per choice is taken, all or none (429 with Retry-After).
+With `api_key` set every path but /health needs `Authorization: Bearer <key>` (`openai/auth.py`).
 """
 
 from __future__ import annotations
