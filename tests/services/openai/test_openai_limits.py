@@ -54,6 +54,10 @@ def _chat(content: str = "hi", **fields) -> dict:
     (b'{"messages": [{"role": "user", "content": "x\\udfff"}]}', "surrogate"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "out of range"),
     (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 4000 + b"}", "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": ' + b"9" * 4000 + b"}", "n:"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -' + b"9" * 4000 + b"}", "top_k"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}', "temperature"),
 ])
 def test_hostile_json_is_400_with_a_clear_message(serve, raw, words):
     status, body, _ = _call(serve() + CHAT, raw)
