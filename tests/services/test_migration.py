@@ -157,3 +157,17 @@ def test_migration_limit_0_sends_unavailable_to_the_caller(lost_worker):
     prefill, _ = system.wait_until_idle()
     assert _is_idle(lost_address)
     assert prefill.num_held_leases == 0 and prefill.num_free_blocks == prefill.num_total_blocks
+
+
+@pytest.mark.parametrize("num_before, prompt, max_tokens", [(3, [5, 6, 7], 8), (8, [5, 6, 7, 8, 9, 10, 11, 12, 13], 8),
+                                                           (-1, [5, 6, 7], 8)])
+def test_workers_refuse_earlier_outputs_that_do_not_fit(make_system, num_before, prompt, max_tokens):
+    system = make_system()
+    sampling = worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, top_p=1.0, repetition_penalty=1.0,
+                                         num_output_tokens_before=num_before)
+    with grpc.insecure_channel(system.prefill_address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(
+                worker_pb2.PrefillRequest(request_id="r", prompt_token_ids=prompt, sampling=sampling), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.num_output_tokens_before" in info.value.details()
