@@ -109,11 +109,13 @@ def test_a_burst_is_admitted_up_to_the_limit_and_no_further(system, tokenizer):
         admitted = num_tokenizing
         release.set()
         outcomes = await asyncio.gather(*tasks)
+        num_still_taken = app.admission.num_taken
         await app.close()
-        return admitted, sum(o == "InvalidRequest" for o in outcomes), len(outcomes) - outcomes.count("InvalidRequest")
+        return admitted, outcomes.count("InvalidRequest"), outcomes.count("RequestsExhausted"), num_still_taken
 
-    admitted, num_tokenized, num_refused = system.run(burst())
-    assert admitted == 50 and num_tokenized == 50 and num_refused == 150
+    admitted, num_tokenized, num_refused, num_still_taken = system.run(burst())
+    assert (admitted, num_tokenized, num_refused) == (50, 50, 150)
+    assert num_still_taken == 0  # every slot came back
 
 
 def test_overload_is_resource_exhausted_with_a_retry_hint(make_system):
