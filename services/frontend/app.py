@@ -192,7 +192,8 @@ class FrontendApp:
                 self._observe(record, item, root)
                 yield item if to_output is None else to_output(record.request_id, item)
         except (asyncio.CancelledError, GeneratorExit, Cancelled):  # client gone, or Abort
-            record.finish_reason = "abort"
+            if record.finish_reason == "error":  # not yet finished (a Finish already sent stands)
+                record.finish_reason = "abort"
             raise
         except Exception as exc:
             tracing.set_error(root, exc)
