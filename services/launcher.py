@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="workers' gRPC and /metrics bind address, and the address their KV is pulled from")
     parser.add_argument("--model", default=None, help="model for every service; default: the embedded SmolLM2")
     parser.add_argument("--kv-lease-seconds", type=float, default=None, help="prefill workers' KV lease")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on the frontend's gRPC and HTTP APIs (handed to "
+                             "the frontend in TANDEM_API_KEY, never on a command line)")
     parser.add_argument("--otlp-traces-endpoint", default=None,
                         help="OTLP/gRPC collector for every service, frontend included (one trace per request)")
     parser.add_argument("--threads-per-service", type=int, default=1, help="torch threads in each service")
@@ -249,6 +252,11 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"tandem serve: {exc}", file=sys.stderr)
         return 2
+    if args.api_key is not None:
+        if not args.api_key:
+            print("tandem serve: --api-key must not be empty", file=sys.stderr)
+            return 2
+        os.environ["TANDEM_API_KEY"] = args.api_key  # the services inherit it; only the frontend reads it
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     launcher = Launcher(log_dir, args.threads_per_service, ready_timeout_seconds=args.ready_timeout)

@@ -1,5 +1,6 @@
 """`tandem serve`'s placement: which device and GPU share each worker gets, and the flags it passes."""
 
+import os
 import signal
 from pathlib import Path
 
@@ -156,3 +157,12 @@ def test_serve_rejects_bad_flags_before_starting_anything(serve, capsys, argv, m
     assert (code, argvs) == (2, {})
     err = capsys.readouterr().err
     assert err.startswith("tandem serve: ") and message in err and err.count("\n") == 1
+
+
+def test_serve_hands_the_api_key_to_the_services_by_environment_only(serve, monkeypatch):
+    monkeypatch.delenv("TANDEM_API_KEY", raising=False)
+    code, argvs = serve("--api-key", "s3cret", "--model", "dummy:tiny")
+    assert code == 1 and argvs
+    assert os.environ["TANDEM_API_KEY"] == "s3cret"  # Launcher copies the environment for each service
+    assert not any("s3cret" in arg for argv in argvs.values() for arg in argv)
+    assert serve("--api-key", "", "--model", "dummy:tiny")[0] == 2
