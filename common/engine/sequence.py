@@ -2,14 +2,15 @@
 
     token_ids:  [ prompt tokens ............ | output tokens ...... ]
                  0 .. num_prompt_tokens-1     .. num_tokens-1
+    KV written for positions 0 .. num_computed_tokens-1; the rest is computed by the next step(s).
 
-A resumed request (moved to another worker mid-stream) is sent its earlier outputs at the end of its
+A resumed request (moved to other workers mid-stream) is sent its earlier outputs at the end of its
 prompt: they count as prompt for positions and KV, and as outputs for sampling and stopping.
 
     token_ids:  [ prompt tokens ... | earlier outputs | output tokens ... ]
                  <------- num_prompt_tokens -------->
-                                     <-- num_output_tokens_before -->...  = num_output_tokens
-    KV written for positions 0 .. num_computed_tokens-1; the rest is computed by the next step(s).
+                                    <------------ num_output_tokens ------------>
+                                    (num_output_tokens_before)
 
 While decoding, num_computed_tokens == num_tokens - 1: the newest token is fed to the next step,
 which writes its KV and samples the token after it. Preemption resets num_computed_tokens to 0 and
