@@ -160,7 +160,8 @@ def test_serve_rejects_bad_flags_before_starting_anything(serve, capsys, argv, m
 
 
 def test_serve_hands_the_api_key_to_the_services_by_environment_only(serve, monkeypatch):
-    monkeypatch.delenv("TANDEM_API_KEY", raising=False)
+    monkeypatch.setenv("TANDEM_API_KEY", "")  # so monkeypatch restores the variable after serve sets it
+    monkeypatch.delenv("TANDEM_API_KEY")
     code, argvs = serve("--api-key", "s3cret", "--model", "dummy:tiny")
     assert code == 1 and argvs
     assert os.environ["TANDEM_API_KEY"] == "s3cret"  # Launcher copies the environment for each service
