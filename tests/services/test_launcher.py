@@ -90,7 +90,7 @@ class RecordingLauncher:
     def __init__(self, log_dir: Path, threads_per_service: int, ready_timeout_seconds: float = 600.0):
         self.log_dir = log_dir
         self.argvs: dict[str, list[str]] = {}
-        RecordingLauncher.instances.append(self)
+        type(self).instances.append(self)
 
     def start(self, name: str, argv: list[str], is_restartable: bool = False):
         self.argvs[name] = argv

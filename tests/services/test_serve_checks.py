@@ -14,30 +14,19 @@ from services.decode.main import build_parser as decode_parser
 from services.decode.main import parse_kv_senders
 from services.prefill.main import build_parser as prefill_parser
 from services.supervisor import Backoff, Launcher
+from tests.services.test_launcher import RecordingLauncher
 
 
-class FakeLauncher:
+class FakeLauncher(RecordingLauncher):
     """Stands in for `launcher.Launcher`: workers are 'ready' at once; the frontend's wait stops `main`."""
 
     instances: list["FakeLauncher"] = []
-
-    def __init__(self, log_dir: Path, threads_per_service: int, ready_timeout_seconds: float = 600.0):
-        self.log_dir = log_dir
-        self.argvs: dict[str, list[str]] = {}
-        FakeLauncher.instances.append(self)
-
-    def start(self, name: str, argv: list[str], is_restartable: bool = False):
-        self.argvs[name] = argv
-        return launcher.Service(name, None, self.log_dir / f"{name}.ready.json", self.log_dir / f"{name}.log")
 
     def wait_ready(self, services, timeout_seconds):
         for index, service in enumerate(services):
             if service.name == "frontend":
                 raise RuntimeError("stopped at the frontend")
             service.address = f"127.0.0.1:{60000 + len(self.argvs) + index}"
-
-    def stop_all(self):
-        pass
 
 
 @pytest.fixture
