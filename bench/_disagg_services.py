@@ -28,6 +28,7 @@ import grpc
 
 from common.model.config import ModelConfig
 from protos import worker_pb2, worker_pb2_grpc
+from services.supervisor import stop_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -207,16 +208,7 @@ class Services:
 
     def stop(self, grace_seconds: float = 20.0) -> None:
         """SIGTERM, frontend first; SIGKILL whatever outlives the grace period."""
-        for service in reversed(self.started):
-            if service.popen.poll() is None:
-                service.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_seconds
-        for service in reversed(self.started):
-            try:
-                service.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                service.popen.kill()
-                service.popen.wait()
+        stop_processes([service.popen for service in reversed(self.started)], grace_seconds)
 
 
 def engine_argv(args, model: dict, device: str) -> list[str]:

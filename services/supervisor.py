@@ -201,13 +201,18 @@ class Launcher:
 
     def stop_all(self) -> None:
         """SIGTERM in reverse start order (frontend first), SIGKILL whatever outlives the grace period."""
-        for service in reversed(self.services):
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for service in reversed(self.services):
-            try:
-                service.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
+        stop_processes([service.process for service in reversed(self.services)], STOP_GRACE_SECONDS)
+
+
+def stop_processes(processes: list[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM each (in the order given), then SIGKILL whatever outlives the grace period."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
