@@ -2,11 +2,14 @@
 this frontend sends there, demultiplexed into one queue per request.
 
     Relay ──start(DecodeRequest)──► DecodeStreamClient ──write──► decode worker (one gRPC stream)
-    Relay ◄──take queued updates── per-request queue ◄── reader task ◄── DecodeStreamResponse(updates)
+    Relay ◄──take queued items── per-request queue ◄── reader task ◄── DecodeStreamResponse(columns, updates)
 
 A worker's message carries a whole engine step (every request's new tokens), so the frontend reads one
-message per step per worker instead of one per request. The relay takes all of a request's queued
-updates at once, so a request whose client (or the event loop) fell behind sends them as one message.
+message per step per worker instead of one per request. Tokens without logprobs come in the message's
+token columns and are queued as plain ints (no sub-message to parse per request and step); a request's
+column tokens are queued before its DecodeUpdates of the same message, as the proto's layout says. The
+relay takes all of a request's queued items at once, so a request whose client (or the event loop) fell
+behind sends them as one message.
 A request's error comes back as a `RequestError` in its own update and is raised as
 `WorkerRequestError` with the worker's status code; the stream itself failing (worker gone) fails every
 request on it with that status, and the next request opens a new stream.
@@ -47,10 +50,11 @@ class RequestUpdates:
 
     request_id: str
     registry: dict  # the stream's open requests, this one included until it ends or is forgotten
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # DecodeUpdate | WorkerRequestError
+    # int (a new token id without logprobs) | DecodeUpdate | WorkerRequestError
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
-    async def take(self, timeout_seconds: float | None) -> list[worker_pb2.DecodeUpdate | WorkerRequestError]:
-        """Every update queued since the last take, in order, waiting for one if none is; raises
+    async def take(self, timeout_seconds: float | None) -> list[int | worker_pb2.DecodeUpdate | WorkerRequestError]:
+        """Every item queued since the last take, in order, waiting for one if none is; raises
         asyncio.TimeoutError past the timeout. A stream failure is the last item (raised by the caller)."""
         items = []
         if self.queue.empty() and timeout_seconds is None:  # no deadline (HTTP): no timer to arm
@@ -114,13 +118,13 @@ class DecodeStreamClient:
         failure = WorkerRequestError(grpc.StatusCode.UNAVAILABLE, f"decode stream to {self.address} closed")
         try:
             async for response in stream.call:
-                for update in response.updates:
-                    updates = stream.requests.get(update.request_id)
-                    if updates is None:
-                        continue  # a request the caller already let go of
-                    if update.WhichOneof("kind") != "tokens":
-                        del stream.requests[update.request_id]
-                    updates.queue.put_nowait(update)
+                if len(response.token_request_ids) != len(response.token_ids):
+                    stream.call.cancel()
+                    failure = WorkerRequestError(grpc.StatusCode.INTERNAL, (
+                        f"decode worker {self.address} sent {len(response.token_ids)} column token ids for "
+                        f"{len(response.token_request_ids)} request ids"))
+                    return
+                _dispatch(response, stream.requests)
             failure = WorkerRequestError(grpc.StatusCode.UNAVAILABLE, f"decode stream to {self.address} ended")
         except grpc.aio.AioRpcError as error:
             failure = WorkerRequestError(error.code(), f"decode stream to {self.address} failed: "
@@ -131,3 +135,21 @@ class DecodeStreamClient:
             for updates in list(stream.requests.values()):
                 updates.queue.put_nowait(failure)
             stream.requests.clear()
+
+
+def _dispatch(response: worker_pb2.DecodeStreamResponse, requests: dict[str, RequestUpdates]) -> None:
+    """Queues a message's items on their requests: column tokens first, then updates (see the proto);
+    a final or error ends its request. Requests the caller already let go of are skipped."""
+    if response.token_ids:
+        get = requests.get
+        for request_id, token_id in zip(response.token_request_ids, response.token_ids):
+            updates = get(request_id)
+            if updates is not None:
+                updates.queue.put_nowait(token_id)
+    for update in response.updates:
+        updates = requests.get(update.request_id)
+        if updates is None:
+            continue
+        if update.WhichOneof("kind") != "tokens":
+            del requests[update.request_id]
+        updates.queue.put_nowait(update)

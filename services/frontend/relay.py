@@ -214,6 +214,9 @@ class Relay:
             logprobs: list[TokenLogprobs] = []
             end = None  # the update (final) or error that ends the request
             for item in items:
+                if type(item) is int:  # a column token: no logprobs, nothing to unwrap
+                    token_ids.append(item)
+                    continue
                 if isinstance(item, WorkerRequestError) or item.WhichOneof("kind") != "tokens":
                     end = item
                     break
