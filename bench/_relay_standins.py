@@ -5,8 +5,8 @@
 Prefill returns token #1 and a KV handle at once. A decode stand-in steps every `step_ms`: each step makes
 one token for every open request, which leaves the way the decode worker sends it, on both of its RPCs:
 `Decode` (a call per request; what queued while the call's writer was behind goes out as one TokenBatch)
-and `DecodeStream` (a call per frontend; one message per step with one update per request, the steps that
-queued while its writer was behind in one message). Output tokens continue the benchmark text from a
+and `DecodeStream` (a call per frontend; one message per step with each request's token in the message's
+token columns and finals as updates, the steps that queued while its writer was behind in one message). Output tokens continue the benchmark text from a
 character boundary, so the frontend detokenizes real text, multi-byte characters split across tokens
 included. Each stand-in writes its counters (messages, tokens, CPU seconds) to STATS.json 4 times a second.
 """
@@ -131,7 +131,8 @@ class _StreamSession:
 class DecodeStandIn(worker_pb2_grpc.DecodeWorkerServicer):
     """Both ways the decode worker streams: `Decode` (a call per request, what queued while its writer
     was behind merged into one TokenBatch) and `DecodeStream` (a call per frontend, one message per
-    step holding one update per request per step; what queued while its writer was behind in one)."""
+    step holding one column entry per request per step and a final update per ending request; what
+    queued while its writer was behind in one)."""
 
     def __init__(self, script: Script, facts: dict, step_seconds: float):
         self.script, self.facts, self.step_seconds = script, facts, step_seconds
@@ -204,20 +205,20 @@ class DecodeStandIn(worker_pb2_grpc.DecodeWorkerServicer):
             while True:
                 await session.wakeup.wait()
                 session.wakeup.clear()
-                updates = []
+                token_request_ids, token_ids, updates = [], [], []  # a request's column tokens before its final
                 for stream in session.dirty.values():
-                    updates += [worker_pb2.DecodeUpdate(request_id=stream.request_id, tokens=worker_pb2.TokenBatch(
-                        token_ids=[token_id])) for token_id in self.script.output(stream.start, stream.num_sent,
-                                                                                   stream.num_made)]
+                    token_ids += self.script.output(stream.start, stream.num_sent, stream.num_made)
+                    token_request_ids += [stream.request_id] * (stream.num_made - stream.num_sent)
                     self.counters["num_tokens"] += stream.num_made - stream.num_sent
                     stream.num_sent = stream.num_made
                     if stream.num_sent == stream.num_total and streams.pop(stream.request_id, None) is not None:
                         updates.append(worker_pb2.DecodeUpdate(request_id=stream.request_id, final=_final(stream)))
                         self._close(stream)
                 session.dirty.clear()
-                if updates:
+                if token_ids or updates:
                     self.counters["num_messages"] += 1
-                    yield worker_pb2.DecodeStreamResponse(updates=updates)
+                    yield worker_pb2.DecodeStreamResponse(token_request_ids=token_request_ids, token_ids=token_ids,
+                                                          updates=updates)
         finally:
             reader.cancel()
             for stream in streams.values():

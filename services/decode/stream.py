@@ -1,12 +1,14 @@
 """One `DecodeStream`: many requests of one caller (a frontend) multiplexed over a single gRPC stream.
 
-    caller ──DecodeStreamRequest(decode | abort)──►  read_requests ──► DecodeWorker.submit / cancel
-    caller ◄──DecodeStreamResponse(updates=[...])──  responses     ◄── deliver ◄── engine mailbox
+    caller ──DecodeStreamRequest(decode | abort)─────►  read_requests ──► DecodeWorker.submit / cancel
+    caller ◄──DecodeStreamResponse(columns, updates)──  responses     ◄── deliver ◄── engine mailbox
 
-The engine thread hands a whole step's tokens to the loop at once (its mailbox); `deliver` turns each
-item into a `DecodeUpdate` in `_pending`, and `responses` sends everything pending as ONE message. At
-512 running streams that is one gRPC write per step instead of 512: per-token Python work in the
-decode worker's event loop is what limited the per-request `Decode` calls.
+The engine thread hands a whole step's tokens to the loop at once (its mailbox); `deliver` adds each
+item to the `_Outbox`, and `responses` sends everything pending as ONE message. At 512 running streams
+that is one gRPC write per step instead of 512: per-token Python work in the decode worker's event
+loop is what limited the per-request `Decode` calls. For the same reason the common item, new tokens
+without logprobs, costs two list appends (the message's token columns), not a `DecodeUpdate` each;
+tokens with logprobs, finals and errors are `DecodeUpdate`s (layout in protos/worker.proto).
 
 Each request still gets its own `/tandem.worker.v1.DecodeWorker/Decode` SERVER span, parented on the
 trace context its DecodeRequest carries, so a request is one trace whichever call brought it. When the
@@ -45,6 +47,48 @@ class _StreamSink:
         self._mailbox.post(self._loop, self._deliver, (self._job, item))
 
 
+class _Outbox:
+    """The next DecodeStreamResponse, filled item by item. A request's tokens go in the token columns
+    until the request has a DecodeUpdate in this message, as DecodeUpdates after that: the reader takes
+    a request's column tokens before its updates, so each request's order is kept."""
+
+    def __init__(self):
+        self._clear()
+
+    def _clear(self) -> None:
+        self.token_request_ids: list[str] = []  # [num_column_tokens]
+        self.token_ids: list[int] = []  # [num_column_tokens]
+        self.updates: list[worker_pb2.DecodeUpdate] = []
+        self._requests_in_updates: set[str] = set()
+
+    def add_column_tokens(self, request_id: str, token_ids: list[int]) -> bool:
+        """Adds new token ids (no logprobs) to the columns; False when the request already has a
+        DecodeUpdate in this message (its tokens must then follow as a DecodeUpdate)."""
+        if request_id in self._requests_in_updates:
+            return False
+        if len(token_ids) == 1:  # the common case: one token per request per step
+            self.token_request_ids.append(request_id)
+            self.token_ids.append(token_ids[0])
+        else:
+            self.token_request_ids += [request_id] * len(token_ids)
+            self.token_ids += token_ids
+        return True
+
+    def add_update(self, update: worker_pb2.DecodeUpdate) -> None:
+        self.updates.append(update)
+        self._requests_in_updates.add(update.request_id)
+
+    def is_empty(self) -> bool:
+        return not (self.token_ids or self.updates)
+
+    def take(self) -> worker_pb2.DecodeStreamResponse:
+        """Everything added since the last take, as one message; the outbox is empty afterwards."""
+        message = worker_pb2.DecodeStreamResponse(updates=self.updates, token_request_ids=self.token_request_ids,
+                                                  token_ids=self.token_ids)
+        self._clear()
+        return message
+
+
 class DecodeStreamSession:
     def __init__(self, worker: DecodeWorker, job_from_pb, to_pb):
         """`job_from_pb(DecodeRequest) -> DecodeJob` checks every field; `to_pb(item)` builds a
@@ -55,7 +99,7 @@ class DecodeStreamSession:
         self._loop = asyncio.get_running_loop()
         self._live: dict[str, DecodeJob] = {}  # requests of this stream not yet ended
         self._spans: dict[str, trace.Span] = {}
-        self._pending: list[worker_pb2.DecodeUpdate] = []
+        self._outbox = _Outbox()
         self._wakeup = asyncio.Event()
         self._is_reading = True
 
@@ -78,12 +122,11 @@ class DecodeStreamSession:
     async def responses(self) -> AsyncIterator[worker_pb2.DecodeStreamResponse]:
         """One message per wake-up with every update since the last; ends once the caller stopped sending
         and no request is open."""
-        while self._is_reading or self._live or self._pending:
+        while self._is_reading or self._live or not self._outbox.is_empty():
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self._pending:
-                updates, self._pending = self._pending, []
-                yield worker_pb2.DecodeStreamResponse(updates=updates)
+            if not self._outbox.is_empty():
+                yield self._outbox.take()
 
     def close(self) -> None:
         """The stream ended: free every request still open on it."""
@@ -125,7 +168,10 @@ class DecodeStreamSession:
         if self._live.get(job.request_id) is not job:
             return  # ended already (aborted, or the stream closed)
         if isinstance(item, TokenBatch):
-            self._push(worker_pb2.DecodeUpdate(request_id=job.request_id, tokens=self._to_pb(item)))
+            if not item.logprobs and self._outbox.add_column_tokens(job.request_id, item.token_ids):
+                self._wakeup.set()
+            else:
+                self._push(worker_pb2.DecodeUpdate(request_id=job.request_id, tokens=self._to_pb(item)))
             return
         if isinstance(item, DecodeFinal):
             self._push(worker_pb2.DecodeUpdate(request_id=job.request_id, final=self._to_pb(item)))
@@ -153,5 +199,5 @@ class DecodeStreamSession:
             span.end()
 
     def _push(self, update: worker_pb2.DecodeUpdate) -> None:
-        self._pending.append(update)
+        self._outbox.add_update(update)
         self._wakeup.set()

@@ -1,6 +1,6 @@
 """DecodeStream: many requests over one stream to a decode worker. Each step's tokens for all of them come
-in one message; one request's bad input or abort fails that request alone; the stream closing frees every
-request still open on it."""
+in one message (in its token columns unless logprobs were asked for); one request's bad input or abort
+fails that request alone; the stream closing frees every request still open on it."""
 
 import queue
 import threading
@@ -43,12 +43,20 @@ class _Caller:
             yield message
 
 
+def _in_order(response: worker_pb2.DecodeStreamResponse) -> list[worker_pb2.DecodeUpdate]:
+    """A message's items as the proto says to read them: column tokens (one update each here), then
+    the DecodeUpdates."""
+    columns = [worker_pb2.DecodeUpdate(request_id=request_id, tokens=worker_pb2.TokenBatch(token_ids=[token_id]))
+               for request_id, token_id in zip(response.token_request_ids, response.token_ids, strict=True)]
+    return columns + list(response.updates)
+
+
 def _collect(responses) -> tuple[dict[str, list], list[worker_pb2.DecodeStreamResponse]]:
     by_request: dict[str, list] = {}
     messages = []
     for response in responses:
         messages.append(response)
-        for update in response.updates:
+        for update in _in_order(response):
             by_request.setdefault(update.request_id, []).append(update)
     return by_request, messages
 
@@ -77,9 +85,34 @@ def test_one_stream_carries_every_request_in_step_sized_messages(system):
         assert _tokens(updates) == expected[rid], rid  # greedy: the same tokens as alone
         assert len(_tokens(updates)) == MAX_TOKENS - 1  # token #1 came from prefill
         assert updates[-1].WhichOneof("kind") == "final" and updates[-1].final.num_generated_tokens == MAX_TOKENS
-    num_updates = sum(len(m.updates) for m in messages)
-    assert len(messages) < num_updates / 2  # a message carries a step of every running request, not one
-    assert max(len({u.request_id for u in m.updates}) for m in messages) >= 4
+    assert all(u.WhichOneof("kind") == "final" for m in messages for u in m.updates)  # tokens: columns only
+    num_items = sum(len(_in_order(m)) for m in messages)
+    assert len(messages) < num_items / 2  # a message carries a step of every running request, not one
+    assert max(len(set(m.token_request_ids)) for m in messages) >= 4
+    assert_idle(system)
+
+
+def test_requests_with_and_without_logprobs_share_the_stream(system):
+    scored_sampling = _sampling()
+    scored_sampling.logprobs = 2
+    with grpc.insecure_channel(system.prefill_address) as pc, grpc.insecure_channel(system.decode_address) as dc:
+        prefill, decode = worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc)
+        plain = _prefill(prefill, "plain", PROMPT)
+        scored = prefill.Prefill(worker_pb2.PrefillRequest(request_id="scored", prompt_token_ids=PROMPT,
+                                                           sampling=scored_sampling), timeout=30)
+        caller = _Caller()
+        caller.send(decode=_decode_request("plain", PROMPT, plain))
+        caller.send(decode=_decode_request("scored", PROMPT, scored, sampling=scored_sampling))
+        caller.close()
+        by_request, messages = _collect(decode.DecodeStream(iter(caller), timeout=60))
+    scored_tokens = [u for m in messages for u in m.updates if u.WhichOneof("kind") == "tokens"]
+    assert {u.request_id for u in scored_tokens} == {"scored"} and "scored" not in {
+        rid for m in messages for rid in m.token_request_ids}  # logprobs: DecodeUpdates; the rest: columns
+    assert [lp.token_id for u in scored_tokens for lp in u.tokens.logprobs] == _tokens(by_request["scored"])
+    assert _tokens(by_request["scored"]) == _tokens(by_request["plain"])  # greedy, the same prompt
+    assert len(_tokens(by_request["plain"])) == MAX_TOKENS - 1
+    assert by_request["plain"][-1].WhichOneof("kind") == by_request["scored"][-1].WhichOneof("kind") == "final"
+    assert any(m.token_request_ids and m.updates for m in messages)  # both kinds in one message
     assert_idle(system)
 
 
@@ -116,7 +149,7 @@ def test_closing_the_stream_frees_every_open_request(system):
         call = decode.DecodeStream(iter(caller), timeout=60)
         seen: set[str] = set()
         for response in call:  # every request is decoding: then the caller goes away
-            seen |= {u.request_id for u in response.updates}
+            seen |= {u.request_id for u in _in_order(response)}
             if seen == {"a", "b", "c"}:
                 break
         call.cancel()
