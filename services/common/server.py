@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.tls import ClientTLS, ServerTLS
 from services.common.errors import StatusInterceptor
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,13 @@ async def start_server(
     host: str,
     port: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tls: ServerTLS | None = None,
 ) -> RunningServer:
     """Starts a grpc.aio server with Tandem's servicers, health (NOT_SERVING) and reflection; OSError
     (one line naming the port) when `host:port` cannot be bound, e.g. another server holds it.
 
     `interceptors` (tracing) run outside the status mapping, so their spans see the final status.
+    `tls`: serve TLS only (health and reflection included); plaintext without it.
     """
     server = grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=_SERVER_OPTIONS)
     add_servicers(server)
@@ -120,14 +123,18 @@ async def start_server(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        bound_port = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound_port = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound_port = server.add_secure_port(f"{host}:{port}", tls.grpc_credentials())
     except RuntimeError:  # grpc's own message only points at GRPC_VERBOSITY
         bound_port = 0
     if bound_port == 0:
         raise OSError(f"cannot listen on {host}:{port}: port {port} is in use (or {host} is not an address "
                       f"of this machine)")
     await server.start()
-    logger.info("listening on %s:%d (%s)", host, bound_port, ", ".join(service_names))
+    logger.info("listening on %s:%d (%s%s)", host, bound_port, ", ".join(service_names),
+                "" if tls is None else f"; TLS{', client certificates required' if tls.is_mutual else ''}")
     running = RunningServer(server, health_servicer, list(service_names), bound_port, asyncio.get_running_loop())
     _running_servers.add(running)
     return running
@@ -156,9 +163,14 @@ def write_ready_file(path: str | None, **fields) -> None:
     os.replace(tmp_path, path)
 
 
-def channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
-    """An insecure client channel with Tandem's message size limits (and tracing interceptors)."""
-    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=list(interceptors) or None)
+def channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = (), tls: ClientTLS | None = None,
+            options: Sequence[tuple[str, object]] = tuple(_CHANNEL_OPTIONS)) -> grpc.aio.Channel:
+    """A client channel with Tandem's message size limits (and tracing interceptors): TLS with `tls`,
+    plaintext without. `options` replace the default ones (keep the size limits among them)."""
+    interceptors = list(interceptors) or None
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.grpc_credentials(), options=list(options), interceptors=interceptors)
 
 
 def configure_logging(level: str = "INFO") -> None:

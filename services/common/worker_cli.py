@@ -7,6 +7,8 @@
     ─► SIGINT/SIGTERM ─► stop the server, the worker, the transport, observability (in that order)
 
 Flags fall back to TANDEM_* environment variables, read here only when the parser is built.
+--ssl-certfile/--ssl-keyfile serve gRPC over TLS only (--ssl-cert-reqs 2 + --ssl-ca-certs: mutual TLS,
+the frontend must present a certificate); the KV hand-off over UCX is not TLS (docs/architecture.md).
 `check_worker_argv` runs the same parsing and validation without starting anything (`tandem serve`
 checks every worker's flags with it before it starts one).
 """
@@ -25,6 +27,7 @@ from typing import Any, Callable
 from common import tracing
 from common.engine.args import add_engine_args, engine_config_from_args
 from common.engine.config import EngineConfig
+from common.tls import ServerTLS, add_server_tls_args, server_tls_from_args
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.common.worker_setup import TRANSFER_BACKENDS, load_engine, warm_up_kernels
@@ -45,6 +48,7 @@ def add_worker_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                         help="host other workers use to reach this worker's UCX listener")
     parser.add_argument("--ready-file", default=None, help="write {port, kv_address} as JSON here once serving")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    add_server_tls_args(parser, "gRPC")
 
 
 @dataclass(frozen=True)
@@ -87,26 +91,35 @@ def _raise_flag_error(message: str) -> None:
     raise ValueError(message)
 
 
-def parse_worker_argv(role: WorkerRole, argv: list[str],
-                      is_dry_run: bool = False) -> tuple[argparse.Namespace, EngineConfig, StartWorker]:
-    """The worker's flags, its engine config and its start; ValueError (one line) on a bad value.
+@dataclass(frozen=True)
+class WorkerCommand:
+    """A worker's parsed and validated command line."""
+
+    args: argparse.Namespace
+    engine_config: EngineConfig
+    tls: ServerTLS | None  # the gRPC listener's TLS; None = plaintext
+    start: StartWorker
+
+
+def parse_worker_argv(role: WorkerRole, argv: list[str], is_dry_run: bool = False) -> WorkerCommand:
+    """The worker's flags, its engine config, its TLS and its start; ValueError (one line) on a bad value.
     `is_dry_run`: a bad or unknown flag raises ValueError too, instead of printing usage and exiting."""
     parser = build_worker_parser(role)
     if is_dry_run:
         parser.error = _raise_flag_error  # argparse would print the worker's usage and exit
     args = parser.parse_args(argv)
-    return args, engine_config_from_args(args), role.prepare(args)
+    return WorkerCommand(args, engine_config_from_args(args), server_tls_from_args(args), role.prepare(args))
 
 
 def check_worker_argv(role: WorkerRole, argv: list[str]) -> argparse.Namespace:
     """Parses and validates a worker's command line as `run_worker` would, starting nothing;
     ValueError (one line, naming the flag) if the worker would refuse it."""
-    return parse_worker_argv(role, argv, is_dry_run=True)[0]
+    return parse_worker_argv(role, argv, is_dry_run=True).args
 
 
-async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config: EngineConfig,
-                       start: StartWorker) -> int:
+async def serve_worker(role: WorkerRole, command: WorkerCommand) -> int:
     """Serves until SIGINT/SIGTERM (0), or 1 when the gRPC port cannot be bound."""
+    args = command.args
     logger = logging.getLogger(f"tandem.{role.name}")
     servicer = role.servicer_type()
     tracing_handle = tracing.init_tracing(role.name, args.otlp_traces_endpoint)
@@ -114,6 +127,7 @@ async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config
         running = await start_server(
             lambda server: role.add_servicer(servicer, server),
             [role.service_name], args.host, args.port, interceptors=tracing_handle.server_interceptors(),
+            tls=command.tls,
         )
     except OSError as exc:  # the port is taken: one line, no traceback
         print(f"tandem {role.name}: {exc}", file=sys.stderr)
@@ -122,12 +136,12 @@ async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config
     shutdown = asyncio.ensure_future(wait_for_shutdown())
     with contextlib.ExitStack() as cleanup:  # closes after the server stops, last opened first
         try:
-            engine = await load_engine(engine_config)
+            engine = await load_engine(command.engine_config)
             await asyncio.to_thread(warm_up_kernels, engine)  # no Triton compile once SERVING
             obs = Observability.start(tracing_handle, role.name, engine.model_name, args.metrics_port,
                                       metrics_host=args.host)
             cleanup.callback(obs.close)
-            parts = start(engine, obs, cleanup)
+            parts = command.start(engine, obs, cleanup)
             cleanup.callback(parts.worker.stop)
             parts.worker.start()
             servicer.worker = parts.worker
@@ -146,9 +160,9 @@ async def serve_worker(role: WorkerRole, args: argparse.Namespace, engine_config
 def run_worker(role: WorkerRole, argv: list[str]) -> int:
     """`main` of a worker subcommand: 0 after a clean shutdown, 2 on a bad flag, 1 on a taken port."""
     try:
-        args, engine_config, start = parse_worker_argv(role, argv)
+        command = parse_worker_argv(role, argv)
     except ValueError as exc:
         print(f"tandem {role.name}: {exc}", file=sys.stderr)
         return 2
-    configure_process(args.log_level)
-    return asyncio.run(serve_worker(role, args, engine_config, start))
+    configure_process(command.args.log_level)
+    return asyncio.run(serve_worker(role, command))

@@ -35,6 +35,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from common import tracing
+from common.tls import ClientTLS, ServerTLS
 from common.tokenizer import TokenizerError, apply_chat_template, encode_prompt
 from common.tracing import Attr, SpanName
 from protos import generation_pb2
@@ -65,6 +66,8 @@ class FrontendConfig:
     max_prompt_chars: int = 1_000_000  # text / chat characters (or prompt token ids), before tokenization
     max_n: int = 8  # choices per prompt of an HTTP request (vLLM-like)
     max_output_tokens: int | None = None  # largest max_tokens a request may ask for; None = max_model_len
+    tls: ServerTLS | None = None  # the gRPC and HTTP listeners' TLS; None = plaintext
+    worker_tls: ClientTLS | None = None  # how worker channels are dialed; None = plaintext
 
     def __post_init__(self) -> None:
         if not self.prefill_addresses:
@@ -122,7 +125,7 @@ class FrontendApp:
         self.obs = observability or Observability.disabled("frontend", model_name)
         self.metrics = self.obs.metrics  # the OpenAI HTTP layer serves this registry and records nothing more
         self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
-                             self.obs.tracing.client_interceptors())
+                             self.obs.tracing.client_interceptors(), config.worker_tls)
         self.relay = Relay(self.router, self.obs.tracing, config.migration_limit)
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)

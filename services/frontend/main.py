@@ -4,6 +4,10 @@
 
 Every flag falls back to a TANDEM_* environment variable (e.g. TANDEM_PREFILL_ADDRESSES), which is
 what compose files set. Health turns SERVING once at least one prefill and one decode worker answer.
+
+TLS: --ssl-certfile/--ssl-keyfile serve gRPC and HTTP over TLS (--ssl-cert-reqs 2 + --ssl-ca-certs:
+mutual TLS), and the frontend then dials its workers over TLS too, trusting --ssl-ca-certs and
+presenting its own certificate to workers that require one; --worker-ssl-* override those two.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 from common.model.registry import resolve_model
 from common.tokenizer import load_tokenizer
 from common import tracing
+from common.tls import ClientTLS, add_server_tls_args, server_tls_from_args, with_flag_names
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
@@ -63,10 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-n", type=int, default=int(_env("MAX_N", "8")), help="most choices per prompt (HTTP n)")
     parser.add_argument("--max-output-tokens", type=int, default=_env("MAX_OUTPUT_TOKENS"),
                         help="largest max_tokens a request may ask for (default: max_model_len)")
+    add_server_tls_args(parser, "gRPC and HTTP")
+    parser.add_argument("--worker-ssl-ca-certs", default=_env("WORKER_SSL_CA_CERTS"), metavar="PEM",
+                        help="CA bundle the workers' certificates must chain to (default: --ssl-ca-certs; "
+                             "env TANDEM_WORKER_SSL_CA_CERTS)")
+    parser.add_argument("--worker-ssl-certfile", default=_env("WORKER_SSL_CERTFILE"), metavar="PEM",
+                        help="client certificate for workers that require one (default: --ssl-certfile; "
+                             "env TANDEM_WORKER_SSL_CERTFILE)")
+    parser.add_argument("--worker-ssl-keyfile", default=_env("WORKER_SSL_KEYFILE"), metavar="PEM",
+                        help="its private key (default: --ssl-keyfile; env TANDEM_WORKER_SSL_KEYFILE)")
     add_observability_args(parser)
     parser.add_argument("--ready-file", default=None, help="write {port, http_port} as JSON here once serving")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
+
+
+def worker_tls_from_args(args: argparse.Namespace) -> ClientTLS | None:
+    """How the frontend dials its workers: over TLS when it serves TLS (--ssl-certfile) or any --worker-ssl-*
+    flag is given, else plaintext. Each --worker-ssl-* flag defaults to its --ssl-* twin (one CA and one
+    certificate for the whole system); ValueError (one line, naming the flag) on a bad value."""
+    has_own_identity = bool(args.worker_ssl_certfile or args.worker_ssl_keyfile)
+    if not (args.ssl_certfile or args.worker_ssl_ca_certs or has_own_identity):
+        return None
+    certfile, keyfile = ((args.worker_ssl_certfile, args.worker_ssl_keyfile) if has_own_identity
+                         else (args.ssl_certfile, args.ssl_keyfile))
+    return with_flag_names("--worker-ssl-", lambda: ClientTLS(args.worker_ssl_ca_certs or args.ssl_ca_certs or None,
+                                                              certfile or None, keyfile or None))
 
 
 async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int = -1) -> None:
@@ -77,12 +104,12 @@ async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int
     app = FrontendApp(config, tokenizer, resolved.name, obs)
     running = await start_server(
         lambda server: add_generation_servicer(GenerationServicer(app), server),
-        [SERVICE_NAME], config.host, config.port,
+        [SERVICE_NAME], config.host, config.port, tls=config.tls,
     )
     http = None
     try:
         if http_port >= 0:
-            http = await start_http_server(app, config.host, http_port)
+            http = await start_http_server(app, config.host, http_port, config.tls)
         await app.start()
         shutdown = asyncio.ensure_future(wait_for_shutdown())
         while not app.router.is_ready() and not shutdown.done():
@@ -117,6 +144,7 @@ def main(argv: list[str]) -> int:
             api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
             max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
             max_output_tokens=int(args.max_output_tokens) if args.max_output_tokens else None,
+            tls=server_tls_from_args(args), worker_tls=worker_tls_from_args(args),
         )
     except ValueError as exc:
         print(f"tandem frontend: {exc}")

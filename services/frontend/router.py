@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common.tls import ClientTLS
 from protos import worker_pb2, worker_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.server import channel
@@ -60,11 +61,13 @@ class WorkerHandle:
 
 class Router:
     def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], refresh_seconds: float = 0.5,
-                 interceptors: list | None = None):
-        """`interceptors`: client interceptors (tracing) for every worker channel."""
+                 interceptors: list | None = None, tls: ClientTLS | None = None):
+        """`interceptors`: client interceptors (tracing) for every worker channel; `tls`: dial every worker
+        over TLS (its unary calls, GetStats and the DecodeStream all share the one channel)."""
         if not prefill_addresses or not decode_addresses:
             raise ValueError("at least one prefill and one decode address are required")
         self._interceptors = list(interceptors or [])
+        self._tls = tls
         self.prefill_workers = [self._connect(a, "prefill") for a in prefill_addresses]
         self.decode_workers = [self._connect(a, "decode") for a in decode_addresses]
         self._refresh_seconds = refresh_seconds
@@ -74,10 +77,9 @@ class Router:
 
     def _connect(self, address: str, role: str) -> WorkerHandle:
         if role == "decode":
-            ch = grpc.aio.insecure_channel(address, options=_DECODE_CHANNEL_OPTIONS,
-                                           interceptors=self._interceptors or None)
+            ch = channel(address, self._interceptors, self._tls, options=_DECODE_CHANNEL_OPTIONS)
         else:
-            ch = channel(address, self._interceptors)
+            ch = channel(address, self._interceptors, self._tls)
         stub_type = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         return WorkerHandle(address, role, stub_type(ch), ch)
 

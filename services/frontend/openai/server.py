@@ -1,6 +1,7 @@
 """Runs the HTTP API with uvicorn inside the frontend's asyncio loop, next to the grpc.aio server.
 
     http = await start_http_server(app, host, port)   # port 0 = any free port; http.port is the bound one
+    http = await start_http_server(app, host, port, tls=ServerTLS(...))   # HTTPS only
     http.mark_ready()                                  # /health answers 200 from now on
     await http.stop()
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from common.tls import ServerTLS
 from services.frontend.app import FrontendApp
 from services.frontend.openai.routes import create_app
 
@@ -67,8 +69,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_http_server(app: FrontendApp, host: str, port: int) -> HttpServer:
-    """Binds host:port and serves the OpenAI-compatible API for `app` in the running loop."""
+async def start_http_server(app: FrontendApp, host: str, port: int, tls: ServerTLS | None = None) -> HttpServer:
+    """Binds host:port and serves the OpenAI-compatible API for `app` in the running loop (HTTPS only
+    with `tls`, requiring client certificates when it says so)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"http_port: must be in [0, 65535], got {port}")
     sock = _bind(host, port)
@@ -76,7 +79,7 @@ async def start_http_server(app: FrontendApp, host: str, port: int) -> HttpServe
     ready = [False]
     api = create_app(app, is_ready=lambda: ready[0])
     config = uvicorn.Config(api, lifespan="off", log_config=None, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, **(tls.uvicorn_kwargs() if tls else {}))
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     deadline = asyncio.get_running_loop().time() + _START_TIMEOUT_SECONDS
@@ -88,5 +91,5 @@ async def start_http_server(app: FrontendApp, host: str, port: int) -> HttpServe
             task.cancel()
             raise RuntimeError(f"the HTTP server did not start within {_START_TIMEOUT_SECONDS:.0f}s")
         await asyncio.sleep(0.01)
-    logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", host, bound_port)
+    logger.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "http" if tls is None else "https", host, bound_port)
     return HttpServer(bound_port, server, task, ready)
