@@ -3,6 +3,7 @@
     tandem generate "What is the capital of France?"            # chat template, greedy, streamed text
     tandem generate --raw --max-tokens 32 --temperature 0.8 --seed 1 "Once upon a time"
     tandem generate --json "Hi"                                 # token ids, finish reason, usage as JSON
+    tandem generate --ssl-ca-certs ca.pem [--ssl-certfile c.pem --ssl-keyfile c.key] "Hi"   # TLS (mutual)
 
 Ctrl-C cancels the call; the frontend then frees the request on every worker.
 """
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
+from common.tls import add_client_tls_args, client_tls_from_args, dial
 from protos import generation_pb2, generation_pb2_grpc
 
 FINISH_REASON_NAMES = {
@@ -87,12 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-id", default=None)
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument("--json", action="store_true", help="print token ids, finish reason and usage as JSON")
+    add_client_tls_args(parser)
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
+    try:
+        tls = client_tls_from_args(args)
+    except ValueError as exc:
+        print(f"tandem generate: {exc}", file=sys.stderr)
+        return 2
+    with dial(args.address, tls) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         on_text = None if args.json else (lambda text: print(text, end="", flush=True))
         try:

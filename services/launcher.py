@@ -4,6 +4,7 @@
                  [--device cuda:0 | --prefill-devices 0 --decode-devices 1]
                  [--prefill-gpu-memory-utilization X] [--decode-gpu-memory-utilization Y]
                  [--worker-host 127.0.0.1] [--otlp-traces-endpoint URL] [--log-dir DIR]
+                 [--ssl-certfile C --ssl-keyfile K [--ssl-ca-certs CA] [--ssl-cert-reqs 2]]
 
 Checks every flag before it starts anything: its own, the placement (`services.placement`: which GPU,
 what share of it), and each worker's whole command line, parsed by the worker's own parser and built
@@ -17,6 +18,13 @@ serving (`services.supervisor`). The frontend is not restarted: if it dies, ever
 `tandem serve` exits 1, for whatever runs it (systemd, a container runtime) to restart. Ctrl-C or
 SIGTERM stops every service, frontend first. Services log to files under --log-dir; without it, to a
 temporary folder removed at exit.
+
+With --ssl-certfile and --ssl-keyfile every service serves TLS only and gets the same four --ssl-*
+flags: the frontend's gRPC and HTTP APIs, and the workers' gRPC, which the frontend dials over TLS
+presenting that same certificate (so with --ssl-cert-reqs 2 it needs both the serverAuth and the
+clientAuth extended key usage, or none). Health checks here dial over TLS too. The certificate must
+name `localhost` and the --worker-host address (127.0.0.1 by default). KV still moves over UCX,
+without TLS, between these workers only (--allowed-kv-senders).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.tls import ClientTLS, ServerTLS, add_server_tls_args, server_tls_from_args
 from services.placement import PlacementFlags, WorkerPlacement, describe, place_workers
 from services.supervisor import Launcher, Service, dial_address
 
@@ -75,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on the frontend's gRPC and HTTP APIs (handed to "
                              "the frontend in TANDEM_API_KEY, never on a command line)")
+    add_server_tls_args(parser, "every service's gRPC and the HTTP API")
     parser.add_argument("--otlp-traces-endpoint", default=None,
                         help="OTLP/gRPC collector for every service, frontend included (one trace per request)")
     parser.add_argument("--threads-per-service", type=int, default=1, help="torch threads in each service")
@@ -102,6 +112,16 @@ def kv_host(args: argparse.Namespace) -> str:
     return "127.0.0.1" if args.worker_host in ("", "0.0.0.0", "::") else args.worker_host
 
 
+def tls_argv(args: argparse.Namespace) -> list[str]:
+    """The --ssl-* flags every service gets, as given to tandem serve (absolute paths)."""
+    argv = []
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certs"):
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path:
+            argv += [flag, os.path.abspath(path)]
+    return [*argv, "--ssl-cert-reqs", str(args.ssl_cert_reqs)] if argv else []
+
+
 def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_argv: list[str],
                 kv_ports: dict[str, int]) -> list[str]:
     """The `tandem prefill|decode` command line of one worker; `kv_ports`: prefill worker name -> KV port."""
@@ -116,7 +136,7 @@ def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_arg
         argv += ["--allowed-kv-senders", ",".join(f"{kv_host(args)}:{port}" for port in kv_ports.values())]
     if args.otlp_traces_endpoint:
         argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
-    return [*argv, *placement.argv(), *engine_argv]
+    return [*argv, *tls_argv(args), *placement.argv(), *engine_argv]
 
 
 def frontend_argv(args: argparse.Namespace, prefill_addresses: list[str], decode_addresses: list[str]) -> list[str]:
@@ -125,6 +145,7 @@ def frontend_argv(args: argparse.Namespace, prefill_addresses: list[str], decode
         argv += ["--model", args.model]
     if args.otlp_traces_endpoint:
         argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
+    argv += tls_argv(args)
     return [*argv, "--prefill-addresses", ",".join(prefill_addresses),
             "--decode-addresses", ",".join(decode_addresses)]
 
@@ -141,6 +162,7 @@ def _check_own_flags(args: argparse.Namespace, engine_argv: list[str]) -> None:
         raise ValueError(f"--threads-per-service must be >= 1, got {args.threads_per_service}")
     if not args.ready_timeout > 0:
         raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout:g}")
+    server_tls_from_args(args)  # ValueError naming the --ssl-* flag
 
 
 def check_flags(args: argparse.Namespace, engine_argv: list[str], placements: list[WorkerPlacement],
@@ -226,7 +248,8 @@ def _start_system(launcher: Launcher, args: argparse.Namespace, placements: list
                                                         [s.address for s in decodes]))
     launcher.wait_ready([frontend], args.ready_timeout)
     http_port = json.loads(frontend.ready_file.read_text()).get("http_port")
-    frontend.http_url = f"http://{dial_address(args.host, http_port)}/v1" if http_port is not None else ""
+    scheme = "https" if args.ssl_certfile else "http"
+    frontend.http_url = f"{scheme}://{dial_address(args.host, http_port)}/v1" if http_port is not None else ""
     return frontend, prefills, decodes
 
 
@@ -241,6 +264,19 @@ def _write_ready_file(path: str | None, launcher: Launcher, frontend: Service, p
             "decode": [s.address for s in decodes],
             "pids": {s.name: s.process.pid for s in launcher.services},
         }))
+
+
+def health_tls(tls: ServerTLS | None) -> ClientTLS | None:
+    """How this launcher dials services that serve `tls`: trusting its CA, presenting its certificate."""
+    return None if tls is None else ClientTLS(tls.ca_certs, tls.certfile, tls.keyfile)
+
+
+def _client_tls_hint(tls: ServerTLS | None) -> str:
+    """The TLS flags `tandem generate` needs to reach the frontend, e.g. " --ssl-ca-certs ca.pem"."""
+    if tls is None:
+        return ""
+    hint = f" --ssl-ca-certs {tls.ca_certs}" if tls.ca_certs else " --tls"
+    return hint + (" --ssl-certfile CERT --ssl-keyfile KEY" if tls.is_mutual else "")
 
 
 def main(argv: list[str]) -> int:
@@ -260,6 +296,8 @@ def main(argv: list[str]) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="tandem-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     launcher = Launcher(log_dir, args.threads_per_service, ready_timeout_seconds=args.ready_timeout)
+    tls = server_tls_from_args(args)
+    launcher.health_tls = health_tls(tls)
     stop_requested: list[str] = []
 
     def request_stop(signum, _frame) -> None:
@@ -272,7 +310,8 @@ def main(argv: list[str]) -> int:
         frontend, prefills, decodes = _start_system(launcher, args, placements, argvs)
         _write_ready_file(args.ready_file, launcher, frontend, prefills, decodes)
         print(f"Tandem is serving on {frontend.address} (tandem.v1.Generation; Ctrl-C stops it)")
-        print(f'try:  tandem generate --address {frontend.address} "What is the capital of France?"', flush=True)
+        print(f"try:  tandem generate --address {frontend.address}{_client_tls_hint(tls)} "
+              '"What is the capital of France?"', flush=True)
         if frontend.http_url:
             print(f"OpenAI-compatible HTTP API: {frontend.http_url} (curl {frontend.http_url}/models)", flush=True)
         while True:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.healthcheck import check_health
+from common.tls import ClientTLS
 
 STOP_GRACE_SECONDS = 15.0
 
@@ -105,15 +106,17 @@ def dial_address(host: str | None, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def is_serving(address: str) -> bool:
+def is_serving(address: str, tls: ClientTLS | None = None) -> bool:
     try:
-        return check_health(address, timeout_s=2.0) == "SERVING"
+        return check_health(address, timeout_s=2.0, tls=tls) == "SERVING"
     except Exception:  # noqa: BLE001 - not up (yet)
         return False
 
 
 class Launcher:
     """Starts services, waits for them, restarts dead workers, stops everything."""
+
+    health_tls: ClientTLS | None = None  # how health checks dial services that serve TLS (set by tandem serve)
 
     def __init__(self, log_dir: Path, threads_per_service: int, ready_timeout_seconds: float = 600.0):
         self.log_dir = log_dir
@@ -159,7 +162,7 @@ class Launcher:
         if not service.is_ready and service.ready_file.exists():
             port = json.loads(service.ready_file.read_text())["port"]
             service.address = dial_address(service.flag("--host"), port)
-            if is_serving(service.address):
+            if is_serving(service.address, self.health_tls):
                 service.ready_at = time.monotonic()
                 if service.is_restartable:
                     service.pin_port(port)
