@@ -26,6 +26,7 @@ from services.prefill.main import ROLE as PREFILL
 from tests.helpers.tls_certs import Certs, make_certs
 from tests.services import inprocess
 from tests.services.inprocess import InProcessSystem
+from tests.services.test_serve_checks import FakeLauncher, serve  # noqa: F401 (serve: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def https_port(mtls_system, certs):
     http = mtls_system.run(start_http_server(mtls_system.app, "127.0.0.1", 0, tls))
     http.mark_ready()
     yield http.port
-    mtls_system.run(http.stop(0))
+    mtls_system.run(http.stop(1))
 
 
 def test_the_http_api_serves_https_to_a_client_with_a_certificate(https_port, certs):
@@ -191,3 +192,22 @@ def test_the_frontend_dials_workers_with_its_own_certificate_unless_told_otherwi
     assert worker_tls("--worker-ssl-ca-certs", str(certs.ca)) == ClientTLS(str(certs.ca))  # plaintext API, TLS workers
     with pytest.raises(ValueError, match="^--worker-ssl-keyfile: a client certificate needs its private key"):
         worker_tls("--worker-ssl-certfile", str(certs.client_cert))
+
+
+def test_serve_hands_its_tls_flags_to_every_service(serve, certs):
+    tls_argv = ["--ssl-certfile", str(certs.server_cert), "--ssl-keyfile", str(certs.server_key),
+                "--ssl-ca-certs", str(certs.ca), "--ssl-cert-reqs", "2"]
+    code, argvs = serve("--model", "dummy:tiny", *tls_argv)
+    assert code == 1 and set(argvs) == {"prefill-0", "decode-0", "frontend"}  # stopped at the frontend's wait
+    for argv in argvs.values():
+        start = argv.index("--ssl-certfile")
+        assert argv[start:start + len(tls_argv)] == tls_argv
+    assert FakeLauncher.instances[-1].health_tls == ClientTLS(str(certs.ca), str(certs.server_cert),
+                                                              str(certs.server_key))
+
+
+def test_serve_checks_its_tls_flags_before_starting_anything(serve, certs, capsys):
+    code, argvs = serve("--model", "dummy:tiny", "--ssl-certfile", str(certs.server_cert))
+    err = capsys.readouterr().err
+    assert (code, argvs) == (2, None)
+    assert err == "tandem serve: --ssl-keyfile: a TLS server needs its certificate's private key\n"
