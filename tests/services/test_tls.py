@@ -63,7 +63,8 @@ def mtls_system(tiny_folder, tiny_model, certs):
 
 
 def _generate(address: str, tls: ClientTLS | None, max_tokens: int = 3) -> list[generation_pb2.GenerateResponse]:
-    request = generation_pb2.GenerateRequest(text="Hello", sampling=generation_pb2.SamplingParams(max_tokens=max_tokens))
+    sampling = generation_pb2.SamplingParams(max_tokens=max_tokens)
+    request = generation_pb2.GenerateRequest(text="Hello", sampling=sampling)
     with dial(address, tls) as channel:
         return list(generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=30))
 
@@ -163,7 +164,8 @@ def test_the_http_api_serves_https_to_a_client_with_a_certificate(https_port, ce
 def test_the_https_api_refuses_plaintext_and_clients_without_a_certificate(https_port, certs, scheme):
     context = _https_context(certs) if scheme == "https" else None  # https: trusts the CA, has no certificate
     with pytest.raises(OSError):  # the server closes the connection (TLS 1.3 refuses after the client's finish)
-        with urllib.request.urlopen(f"{scheme}://localhost:{https_port}/health", context=context, timeout=10) as response:
+        url = f"{scheme}://localhost:{https_port}/health"
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
             response.read()
 
 
