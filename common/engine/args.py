@@ -57,6 +57,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--cuda-graph-max-batch-size", "--max-cudagraph-capture-size",
                        dest="cuda_graph_max_batch_size", type=int, default=defaults.cuda_graph_max_batch_size,
                        help="largest decode batch captured in a CUDA graph; larger batches run eagerly")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=defaults.async_scheduling,
+                       help="plan and launch each decode step while the previous one runs on the device, "
+                            "so the host's per-step work hides behind it")
     return parser
 
 
@@ -80,4 +84,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        async_scheduling=args.async_scheduling,
     )

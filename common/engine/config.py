@@ -39,6 +39,8 @@ class EngineConfig:
     seed: int = 0  # seeds the generator shared by requests without a seed of their own
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying CUDA graphs
     cuda_graph_max_batch_size: int = 512  # largest decode batch captured in a CUDA graph (bigger: eager)
+    # plan and launch decode step N+1 while step N runs on the device (the host's work hides behind it)
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         self._check_choice("load_format", LOAD_FORMATS)
@@ -67,6 +69,8 @@ class EngineConfig:
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         self._check_positive("cuda_graph_max_batch_size")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

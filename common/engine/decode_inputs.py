@@ -16,6 +16,13 @@ The per-step fields go through one host buffer of 5 x num_rows int64 and one non
 Rows num_seqs .. num_rows-1 are padding for a CUDA graph captured at B rows: token 0 at position 0,
 KV written to slot 0 of the scratch block, context length 1 read from that same block. They never
 touch a block a sequence owns, and their outputs are dropped.
+
+With asynchronous scheduling a sequence's input token may still be in flight (sampled by the step
+before, on the device, not yet on the host). Its row names where that token is instead, and a gather
+on the device fills it in before the forward runs:
+
+    source_rows [num_seqs] (after the five fields): -1 = input_ids holds the token;
+                                                    r  = the token is row r of the previous step's samples
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.engine.sequence import Sequence
+from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence
 
 NUM_FIELDS = 5  # input_ids, positions, slot_mapping, context_lens, table_rows
 
@@ -69,13 +76,18 @@ class DecodeInputBuffers:
         self.pad_row = max_num_seqs
         self.pad_values = (0, 0, scratch_block_id * block_size, 1, self.pad_row)  # one per field
         is_cuda = device.type == "cuda"
-        self._host = torch.zeros(NUM_FIELDS * max_num_seqs, dtype=torch.int64, pin_memory=is_cuda)
-        self._host_np = self._host.numpy()
-        self.flat = torch.zeros_like(self._host, device=device) if is_cuda else self._host
+        # The five fields, then source_rows: NUM_FIELDS * num_rows + num_seqs entries at most. On CUDA,
+        # two staging buffers taken in turn: step N+1 is prepared while step N's copy may still be queued
+        # (asynchronous scheduling), but never before step N-1 completed.
+        size = (NUM_FIELDS + 1) * max_num_seqs
+        num_staging = 2 if is_cuda else 1
+        self._staging = [torch.zeros(size, dtype=torch.int64, pin_memory=is_cuda) for _ in range(num_staging)]
+        self._num_prepared = 0
+        self.flat = torch.zeros(size, dtype=torch.int64, device=device) if is_cuda else self._staging[0]
         self.tables = torch.full((max_num_seqs + 1, max_blocks_per_seq), scratch_block_id, dtype=torch.int32,
                                  device=device)
-        self._updates_host = torch.empty(0, dtype=torch.int64)
-        self._updates_device = self._updates_host
+        self._updates_staging = [torch.empty(0, dtype=torch.int64)] * num_staging
+        self._updates_device = torch.empty(0, dtype=torch.int64, device=device)
         # Row bookkeeping (host only): which sequence owns each row, and how much of which list is synced.
         self._row_of: dict[Sequence, int] = {}
         self._synced_table: list[list[int] | None] = [None] * max_num_seqs
@@ -86,44 +98,85 @@ class DecodeInputBuffers:
     def num_owned_rows(self) -> int:
         return len(self._row_of)
 
-    def prepare(self, seqs: list[Sequence], num_rows: int) -> DecodeBatch:
-        """Fills the buffers for one token per sequence, padded to `num_rows`; ships them to the device."""
+    def prepare(
+        self,
+        seqs: list[Sequence],
+        num_rows: int,
+        previous_rows: dict[Sequence, int] | None = None,
+        previous_tokens: torch.Tensor | None = None,
+    ) -> DecodeBatch:
+        """Fills the buffers for one token per sequence, padded to `num_rows`; ships them to the device.
+
+        A sequence whose input token is still a placeholder takes row `previous_rows[seq]` of
+        `previous_tokens` ([previous num_seqs] int64, on the device: the step before's samples).
+        """
         num_seqs = len(seqs)
         if not 0 < num_seqs <= num_rows <= self.max_num_seqs:
             raise ValueError(f"need 0 < num_seqs ({num_seqs}) <= num_rows ({num_rows}) <= max_num_seqs "
                              f"({self.max_num_seqs})")
         block_size = self.block_size
-        input_ids, positions, slots, context_lens, rows = [], [], [], [], []
+        input_ids, positions, slots, context_lens, rows, source_rows = [], [], [], [], [], []
         update_index: list[int] = []
         update_values: list[int] = []
+        num_in_flight = 0
         for seq in seqs:
             position = seq.num_computed_tokens
             table = seq.block_table
             row = self._sync_row(seq, table, seqs, update_index, update_values)
-            input_ids.append(seq.token_ids[position])
+            token_id = seq.token_ids[position]
+            if token_id == PLACEHOLDER_TOKEN_ID:
+                if previous_rows is None or seq not in previous_rows:
+                    raise ValueError(f"the input token of {seq.request_id!r} is in flight, but not in the "
+                                     f"previous step")
+                source_rows.append(previous_rows[seq])
+                input_ids.append(0)
+                num_in_flight += 1
+            else:
+                source_rows.append(-1)
+                input_ids.append(token_id)
             positions.append(position)
             slots.append(table[position // block_size] * block_size + position % block_size)
             context_lens.append(position + 1)
             rows.append(row)
-        host = self._host_np
+        staging_index = self._num_prepared % len(self._staging)
+        self._num_prepared += 1
+        staging = self._staging[staging_index]
+        host = staging.numpy()
         for field, (values, pad) in enumerate(zip((input_ids, positions, slots, context_lens, rows), self.pad_values)):
             start = field * num_rows
             host[start : start + num_seqs] = values
             host[start + num_seqs : start + num_rows] = pad
-        if self.flat is not self._host:
-            self.flat[: NUM_FIELDS * num_rows].copy_(self._host[: NUM_FIELDS * num_rows], non_blocking=True)
+        num_staged = NUM_FIELDS * num_rows
+        if num_in_flight:
+            host[num_staged : num_staged + num_seqs] = source_rows
+            num_staged += num_seqs
+        if self.flat is not staging:
+            self.flat[:num_staged].copy_(staging[:num_staged], non_blocking=True)
         if update_index:
-            self._apply_table_updates(update_index, update_values)
+            self._apply_table_updates(update_index, update_values, staging_index)
         views = field_views(self.flat, num_rows)
+        if num_in_flight:
+            if previous_tokens is None:
+                raise ValueError("previous_tokens is required when input tokens are in flight")
+            self._fill_in_flight_tokens(views[0][:num_seqs], self.flat[NUM_FIELDS * num_rows : num_staged],
+                                        previous_tokens)
         return DecodeBatch(num_seqs, num_rows, max(context_lens), *views)
+
+    @staticmethod
+    def _fill_in_flight_tokens(input_ids: torch.Tensor, source_rows: torch.Tensor,
+                               previous_tokens: torch.Tensor) -> None:
+        """input_ids[i] = previous_tokens[source_rows[i]] where source_rows[i] >= 0 (on the device)."""
+        gathered = previous_tokens.index_select(0, source_rows.clamp(min=0))  # [num_seqs]
+        input_ids.copy_(torch.where(source_rows >= 0, gathered, input_ids))
 
     def fill_padding(self, num_rows: int) -> DecodeBatch:
         """Every row padding (graph warm-up and capture run on these harmless inputs)."""
-        host = self._host_np
+        staging = self._staging[0]  # a blocking copy: nothing else is in flight (warm-up and capture)
+        host = staging.numpy()
         for field, pad in enumerate(self.pad_values):
             host[field * num_rows : (field + 1) * num_rows] = pad
-        if self.flat is not self._host:
-            self.flat[: NUM_FIELDS * num_rows].copy_(self._host[: NUM_FIELDS * num_rows])
+        if self.flat is not staging:
+            self.flat[: NUM_FIELDS * num_rows].copy_(staging[: NUM_FIELDS * num_rows])
         return DecodeBatch(0, num_rows, 1, *field_views(self.flat, num_rows))
 
     def _sync_row(self, seq, table, seqs, update_index, update_values) -> int:
@@ -157,20 +210,25 @@ class DecodeInputBuffers:
             self._synced_table[row] = None
             self._free_rows.append(row)
 
-    def _apply_table_updates(self, index: list[int], values: list[int]) -> None:
+    def _apply_table_updates(self, index: list[int], values: list[int], staging_index: int) -> None:
         """tables.flat[index] = values, through one (pinned) staging buffer and one copy."""
         count = len(index)
-        if self._updates_host.numel() < 2 * count:
-            capacity = 2 * max(count, 1024, self._updates_host.numel())
-            is_cuda = self.device.type == "cuda"
-            self._updates_host = torch.empty(capacity, dtype=torch.int64, pin_memory=is_cuda)
-            self._updates_device = torch.empty_like(self._updates_host, device=self.device) if is_cuda \
-                else self._updates_host
-        staged = self._updates_host.numpy()
+        is_cuda = self.device.type == "cuda"
+        staging = self._updates_staging[staging_index]
+        if staging.numel() < 2 * count:
+            capacity = 2 * max(count, 1024, staging.numel())
+            staging = self._updates_staging[staging_index] = torch.empty(capacity, dtype=torch.int64,
+                                                                         pin_memory=is_cuda)
+        staged = staging.numpy()
         staged[:count] = index
         staged[count : 2 * count] = values
-        if self._updates_device is not self._updates_host:
-            self._updates_device[: 2 * count].copy_(self._updates_host[: 2 * count], non_blocking=True)
-        device_index = self._updates_device[:count]
-        device_values = self._updates_device[count : 2 * count].to(torch.int32)
+        if is_cuda:
+            if self._updates_device.numel() < 2 * count:
+                self._updates_device = torch.empty(staging.numel(), dtype=torch.int64, device=self.device)
+            self._updates_device[: 2 * count].copy_(staging[: 2 * count], non_blocking=True)
+            device_updates = self._updates_device
+        else:
+            device_updates = staging
+        device_index = device_updates[:count]
+        device_values = device_updates[count : 2 * count].to(torch.int32)
         self.tables.view(-1).index_copy_(0, device_index, device_values)

@@ -8,6 +8,18 @@ Single-threaded and synchronous (services run it on a thread of their own). Wher
 
 `abort_request` frees a request wherever it is; its final output (finish_reason "abort") comes
 from the next `step()`.
+
+Asynchronous scheduling (`async_scheduling`, the default): a decode step that needs nothing from the
+host's token lists is launched and `step()` returns without waiting for it; the next `step()` plans
+and launches the step after it, then waits for the first and returns its outputs. The host's work
+(outputs, stop checks, planning, inputs) runs while the device computes:
+
+    step() k:    launch N+1 (inputs: N's tokens, on the device) ─► wait for N ─► outputs of N
+    device:      ... N ][ N+1 ][ N+2 ...    (no gap while the host keeps up)
+
+Tokens therefore come out one `step()` later, and a request that stops at step N (EOS, a stop token)
+still has its row computed in step N+1, dropped. Prefill steps, logprobs and penalties wait for
+their tokens as before; blocks freed while a step is in flight are fenced until it completes.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ import torch
 
 from common.attention import get_attention_backend
 from common.engine.config import EngineConfig
-from common.engine.model_runner import ModelRunner, decode_uses_cuda_graphs, determine_num_kv_blocks
+from common.engine.model_runner import InFlightDecode, ModelRunner, decode_uses_cuda_graphs, determine_num_kv_blocks
 from common.engine.outputs import EngineStats, RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
@@ -69,6 +81,8 @@ class LLMEngine:
         self._held: dict[str, Sequence] = {}  # prefill-only, finished, blocks held until release_kv
         self._reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for a KV hand-off
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, returned by the next step
+        self._in_flight: InFlightDecode | None = None  # a launched decode step whose tokens are not read yet
+        self._num_launched = 0  # launched steps so far: the allocator's fence ids
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._finished_reasons: dict[str, int] = {}
@@ -92,10 +106,18 @@ class LLMEngine:
         self.scheduler.add(self._new_sequence(request_id, prompt_token_ids, sampling_params))
 
     def step(self) -> list[RequestOutput]:
-        """One batched forward pass (if anything can run); outputs for every sequence that sampled."""
+        """One batched forward pass (if anything can run); outputs for every sequence that sampled.
+
+        With asynchronous scheduling a decode step's outputs come from the next call (module docstring).
+        """
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._in_flight is not None:
+            return self._step_ahead(outputs)
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            return outputs
+        if self.config.async_scheduling and self.model_runner.can_launch(plan):
+            self._launch(plan, previous=None)
             return outputs
         samples = self.model_runner.run(plan)
         finished = self.scheduler.postprocess(plan, samples)
@@ -109,6 +131,40 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 self._count_finish(seq.finish_reason)
         return outputs
+
+    def _step_ahead(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Launches the next decode step if it can go without the tokens in flight, then completes the
+        step in flight: its outputs join `outputs`."""
+        in_flight = self._in_flight
+        plan = self.scheduler.schedule_decode_ahead()
+        if plan is not None and self.model_runner.can_launch(plan):
+            self._launch(plan, previous=in_flight)
+        else:
+            # Nothing to launch, or rows need their tokens on the host: the next step() plans again
+            # (blocks an unlaunched plan took stay with their sequences, which need them anyway).
+            self._in_flight = None
+        token_ids = self.model_runner.finish_decode(in_flight)
+        self.allocator.release_fence(in_flight.fence_id)
+        if self._in_flight is None:
+            self.allocator.set_fence(None)
+        counted = self.scheduler.complete(in_flight.plan, token_ids)
+        for seq, index, token_id in zip(counted, in_flight.plan.token_indices, token_ids):
+            if seq is None:
+                continue
+            outputs.append(self._sampled_output(seq, SampledToken(token_id, None),
+                                                num_output_tokens=seq.num_output_tokens_at(index + 1)))
+            if seq.is_finished:
+                del self._requests[seq.request_id]
+                self._count_finish(seq.finish_reason)
+        return outputs
+
+    def _launch(self, plan, previous: InFlightDecode | None) -> None:
+        self._num_launched += 1
+        self.allocator.set_fence(self._num_launched)
+        step = self.model_runner.launch_decode(plan, previous)
+        step.fence_id = self._num_launched
+        self.scheduler.launched(plan)
+        self._in_flight = step
 
     def abort_request(self, request_id: str) -> None:
         """Stops a request wherever it is and frees its blocks; unknown or finished ids are ignored."""
@@ -124,7 +180,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while `step()` has work (held KV blocks do not count: they need no steps)."""
-        return bool(self._requests or self._pending_outputs)
+        return bool(self._requests or self._pending_outputs or self._in_flight is not None)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -232,7 +288,8 @@ class LLMEngine:
             if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
                 raise ValueError(f"{name} has token id {token_id!r} outside [0, {vocab_size})")
 
-    def _sampled_output(self, seq: Sequence, sample: SampledToken) -> RequestOutput:
+    def _sampled_output(self, seq: Sequence, sample: SampledToken, num_output_tokens: int | None = None
+                        ) -> RequestOutput:
         self._generation_tokens_total += 1
         if not seq.is_prompt_counted:
             seq.is_prompt_counted = True
@@ -244,7 +301,7 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=seq.num_output_tokens if num_output_tokens is None else num_output_tokens,
             kv_block_ids=list(seq.block_table) if seq.is_prefill_only else None,
         )
 

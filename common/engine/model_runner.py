@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +36,17 @@ from common.engine.sequence import Sequence
 from common.kv.kv_pool import KVLayout, KVPool
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlightDecode:
+    """A decode step launched without waiting for its tokens (asynchronous scheduling)."""
+
+    plan: SchedulerPlan
+    token_ids: torch.Tensor  # [num_seqs] int64 on the device: what the next step reads as inputs
+    host_token_ids: torch.Tensor  # [num_seqs] int64 on the host, valid once `done` has completed
+    done: torch.cuda.Event | None  # recorded after the copy to the host; None on CPU (already done)
+    fence_id: int = 0  # the engine's id for it: blocks freed while it is in flight wait for it
 
 
 class ModelRunner:
@@ -63,6 +75,10 @@ class ModelRunner:
             max_num_seqs, -(-max_model_len // self.block_size), self.block_size, scratch_block_id, device
         )
         self.decode_forward = DecodeForward(model, kv_pool.kv, self.decode_buffers, model.config.vocab_size)
+        # Launched steps copy their tokens here, in turn: at most two steps are in flight.
+        self._token_staging = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+            if device.type == "cuda" else []
+        self._num_launched = 0
         self.graph_runner: CUDAGraphRunner | None = None
         if use_cuda_graphs:
             if capture_graphs and device.type != "cuda":
@@ -108,15 +124,60 @@ class ModelRunner:
         return results
 
     def _run_decode(self, seqs: list[Sequence]) -> list[SampledToken]:
-        """One token per sequence: a graph replay at the padded batch size, else the same forward eagerly."""
+        return self._sample(self._decode_logits(seqs), seqs)
+
+    def _decode_logits(self, seqs: list[Sequence], previous: InFlightDecode | None = None) -> torch.Tensor:
+        """One token per sequence: a graph replay at the padded batch size, else the same forward eagerly.
+        Input tokens still in flight come from `previous`'s samples on the device. -> [N, V] fp32"""
         num_seqs = len(seqs)
         num_rows = self.graph_runner.padded_size(num_seqs) if self.graph_runner is not None else None
-        batch = self.decode_buffers.prepare(seqs, num_rows or num_seqs)
+        previous_rows = previous_tokens = None
+        if previous is not None:
+            previous_rows = {seq: row for row, seq in enumerate(previous.plan.seqs)}
+            previous_tokens = previous.token_ids
+        batch = self.decode_buffers.prepare(seqs, num_rows or num_seqs, previous_rows, previous_tokens)
         if num_rows is not None:
-            logits = self.graph_runner.replay(batch)[:num_seqs]  # [N, V] fp32
-        else:
-            logits = self.decode_forward(num_seqs, batch.max_context_len)
-        return self._sample(logits, seqs)
+            return self.graph_runner.replay(batch)[:num_seqs]
+        return self.decode_forward(num_seqs, batch.max_context_len)
+
+    @staticmethod
+    def can_launch(plan: SchedulerPlan) -> bool:
+        """Whether a step can run without waiting for its tokens on the host: a decode step whose rows
+        need neither logprobs nor penalties (those read the host's token lists)."""
+        if plan.is_prefill:
+            return False
+        for seq in plan.seqs:
+            params = seq.sampling_params
+            if params.logprobs is not None or params.has_penalties:
+                return False
+        return True
+
+    @torch.inference_mode()
+    def launch_decode(self, plan: SchedulerPlan, previous: InFlightDecode | None) -> InFlightDecode:
+        """Queues a decode step (forward, sampling, copy of the tokens to the host) and returns without
+        waiting for it; `finish_decode` waits. `previous`: the step still in flight, if any."""
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            seqs = plan.seqs
+            logits = self._decode_logits(seqs, previous)  # [N, V] fp32
+            if all(seq.sampling_params.is_plain_greedy for seq in seqs):
+                token_ids = logits.argmax(dim=-1)  # [N] int64
+            else:
+                token_ids = self.sampler.choose(logits, [_sampling_row(seq) for seq in seqs])
+            if self.device.type != "cuda":
+                return InFlightDecode(plan, token_ids, token_ids, None)
+            host = self._token_staging[self._num_launched % len(self._token_staging)][: len(seqs)]
+            self._num_launched += 1
+            host.copy_(token_ids, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return InFlightDecode(plan, token_ids, host, done)
+
+    @staticmethod
+    def finish_decode(step: InFlightDecode) -> list[int]:
+        """Waits for a launched step; its token ids, one per `step.plan.seqs`."""
+        if step.done is not None:
+            step.done.synchronize()
+        return step.host_token_ids.tolist()
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         """logits [N, V] fp32, one row per sequence."""

@@ -116,13 +116,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [N, V] fp32, one row per entry of `rows` -> (token ids, logprobs or None) per row."""
         raw_logits = logits
-        if any(r.params.has_penalties for r in rows):
-            logits = apply_penalties(logits, rows)
-        is_greedy = [r.params.is_greedy for r in rows]
-        if all(is_greedy):
-            token_ids = logits.argmax(dim=-1)  # [N]
-        else:
-            token_ids = self._draw(logits, rows, is_greedy)
+        token_ids = self.choose(logits, rows)
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if wants_logprobs:
@@ -131,6 +125,16 @@ class Sampler:
             for i, lp in zip(wants_logprobs, compute_logprobs(raw_logits[index], token_ids[index], num_top)):
                 logprobs[i] = lp
         return token_ids.tolist(), logprobs
+
+    @torch.inference_mode()
+    def choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The chosen token of each row, left on the device: logits [N, V] fp32 -> [N] int64."""
+        if any(r.params.has_penalties for r in rows):
+            logits = apply_penalties(logits, rows)
+        is_greedy = [r.params.is_greedy for r in rows]
+        if all(is_greedy):
+            return logits.argmax(dim=-1)
+        return self._draw(logits, rows, is_greedy)
 
     def _draw(self, logits: torch.Tensor, rows: list[SamplingRow], is_greedy: list[bool]) -> torch.Tensor:
         device = logits.device

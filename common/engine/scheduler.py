@@ -17,6 +17,17 @@ leaves `running` in `postprocess`, before the next plan is made.
 
 When a decoding sequence needs a new block and none is free, the most recently started sequence is
 preempted (its blocks freed; it goes back to the head of `waiting`); the count is in `num_preemptions`.
+
+Asynchronous scheduling (the engine's overlap of host work with the device) plans decode step N+1
+while step N runs, before N's tokens are known:
+
+    schedule() ─► launched(N) ─► schedule_decode_ahead() ─► launched(N+1) ─► complete(N) ─► ...
+
+`launched` counts each sequence's token as computed and appends a placeholder for it; `complete`
+writes the real tokens in and decides who finished. A sequence that stops at step N is already in
+step N+1: that token is dropped. Lengths are known ahead, so a sequence whose in-flight token is its
+last by `max_tokens` is left out of the next step. The ahead plan never preempts and never follows
+waiting prompts: those steps wait for the tokens in flight and take the ordinary path.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.engine.sequence import Sequence, SequenceStatus, TokenLogprobs, check_finish
+from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceStatus, TokenLogprobs, check_finish
 from common.kv.block_allocator import BlockAllocator
 
 
@@ -44,6 +55,7 @@ class SchedulerPlan:
     is_sampled: list[bool] = field(default_factory=list)  # False: a prompt chunk with more chunks to come
     preempted_request_ids: list[str] = field(default_factory=list)  # preempted while making this plan
     num_batched_tokens: int = 0  # sum(query_lens)
+    token_indices: list[int] = field(default_factory=list)  # launched decode steps: where each token goes
 
     @property
     def is_empty(self) -> bool:
@@ -110,6 +122,58 @@ class Scheduler:
             plan.is_prefill = False
             self._schedule_decode(plan)
         return plan
+
+    def schedule_decode_ahead(self) -> SchedulerPlan | None:
+        """The next decode step, planned while the launched one is still on the device; None when the
+        next step must wait for its tokens (prompts are waiting, or there are not enough free blocks
+        without preempting) or has nothing to run."""
+        if self.waiting:
+            return None
+        self._start_prefilled()
+        seqs = [seq for seq in self.running if not self._stops_by_length(seq)]
+        block_size = self.config.block_size
+        num_new_blocks = [seq.num_blocks_needed(seq.num_tokens, block_size) for seq in seqs]
+        if not seqs or not self.allocator.can_allocate(sum(num_new_blocks)):
+            return None
+        plan = SchedulerPlan(is_prefill=False)
+        for seq, count in zip(seqs, num_new_blocks):
+            if count:
+                seq.block_table += self.allocator.allocate(count)
+            plan.add(seq, 1, is_sampled=True)
+        return plan
+
+    def _stops_by_length(self, seq: Sequence) -> bool:
+        """True when the newest token (known or in flight) is the sequence's last whatever its value."""
+        return (seq.num_output_tokens >= seq.sampling_params.max_tokens
+                or seq.num_tokens >= self.config.max_model_len)
+
+    def launched(self, plan: SchedulerPlan) -> None:
+        """A decode step's forward is on the device: its tokens count as computed, their values to come."""
+        token_indices = plan.token_indices
+        for seq in plan.seqs:
+            seq.num_computed_tokens += 1
+            token_indices.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+
+    def complete(self, plan: SchedulerPlan, token_ids: list[int]) -> list[Sequence | None]:
+        """Writes a launched step's tokens in; returns, per `plan.seqs`, the sequence if its token counts
+        (None where it had already stopped: aborted, or finished by the step before). Sequences that
+        finish leave `running` and free their blocks (the allocator fences them while steps are in flight).
+        """
+        counted: list[Sequence | None] = []
+        for seq, index, token_id in zip(plan.seqs, plan.token_indices, token_ids):
+            if seq.is_finished:
+                counted.append(None)
+                continue
+            seq.token_ids[index] = token_id
+            reason = check_finish(seq, self.eos_token_ids, self.config.max_model_len, index + 1)
+            if reason is not None:
+                del seq.token_ids[index + 1 :]  # a token computed past the end is dropped
+                seq.num_computed_tokens = index
+                seq.finish_reason = reason
+                self._finish(seq, keep_blocks=False)
+            counted.append(seq)
+        return counted
 
     def _start_prefilled(self) -> None:
         """Hand-offs join the running batch in arrival order while it has room."""

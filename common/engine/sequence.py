@@ -15,6 +15,12 @@ prompt: they count as prompt for positions and KV, and as outputs for sampling a
 While decoding, num_computed_tokens == num_tokens - 1: the newest token is fed to the next step,
 which writes its KV and samples the token after it. Preemption resets num_computed_tokens to 0 and
 drops the block table, so the request later re-prefills prompt + output tokens in one go.
+
+With asynchronous scheduling the next decode step is launched before the current one's tokens reach
+the host: a launched step appends PLACEHOLDER_TOKEN_ID, which the step's result overwrites (the next
+step reads the real token on the device). At most the newest two tokens are placeholders:
+
+    token_ids:  [ ... known tokens ... | step N (in flight) | step N+1 (in flight) ]
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import enum
 from dataclasses import dataclass
 
 from common.engine.sampling_params import SamplingParams
+
+PLACEHOLDER_TOKEN_ID = -1  # a token sampled by a step still in flight (never a vocabulary id)
 
 
 class SequenceStatus(enum.Enum):
@@ -74,7 +82,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         """Tokens generated so far (a resumed request's earlier outputs included): the next output index."""
-        return len(self.token_ids) - self.num_prompt_tokens + self.num_output_tokens_before
+        return self.num_output_tokens_at(len(self.token_ids))
+
+    def num_output_tokens_at(self, num_tokens: int) -> int:
+        """Output tokens among the first `num_tokens` tokens (earlier outputs of a resumed request included)."""
+        return num_tokens - self.num_prompt_tokens + self.num_output_tokens_before
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -113,16 +125,20 @@ class Sequence:
         )
 
 
-def check_finish(seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int) -> str | None:
-    """Why `seq` should stop after its newest token ("stop" / "length"), or None to go on."""
+def check_finish(
+    seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int, num_tokens: int | None = None
+) -> str | None:
+    """Why `seq` should stop after its token at `num_tokens - 1` (default: its newest) ("stop" /
+    "length"), or None to go on. Tokens past that one, if any, are still in flight."""
     params = seq.sampling_params
-    num_output = seq.num_output_tokens
+    num_tokens = seq.num_tokens if num_tokens is None else num_tokens
+    num_output = seq.num_output_tokens_at(num_tokens)
     if num_output >= params.min_tokens:
-        token_id = seq.last_token_id
+        token_id = seq.token_ids[num_tokens - 1]
         if token_id in params.stop_token_ids:
             return "stop"
         if not params.ignore_eos and token_id in eos_token_ids:
             return "stop"
-    if num_output >= params.max_tokens or seq.num_tokens >= max_model_len:
+    if num_output >= params.max_tokens or num_tokens >= max_model_len:
         return "length"
     return None

@@ -6,6 +6,13 @@ padded with 0, but attention only reads a table below each sequence's context le
 
 Blocks are reference-counted so that prefix sharing can come later: `fork` adds a holder, `free`
 drops one, and a block returns to the free list when its last holder lets go.
+
+A block may be freed while a step that writes it is still running on the device (asynchronous
+scheduling launches step N+1 before step N's tokens are known, so a request that stops at step N
+still writes its KV in step N+1). While a fence is set, such blocks wait beside the free list until
+that step has completed; only then can another request, or a KV transfer on another stream, get them:
+
+    free(b) with fence = step 7 ──► fenced [(7, b)] ──release_fence(7)──► free list
 """
 
 from __future__ import annotations
@@ -32,10 +39,17 @@ class BlockAllocator:
         # Freed blocks go to the back and are handed out from the front, so reuse is spread evenly.
         self._free_block_ids: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self._fence: int | None = None  # the newest step in flight: blocks freed now wait for it
+        self._fenced: deque[tuple[int, int]] = deque()  # (step id, block id), step ids ascending
 
     @property
     def num_free_blocks(self) -> int:
         return len(self._free_block_ids)
+
+    @property
+    def num_fenced_blocks(self) -> int:
+        """Blocks nobody holds that wait for a step in flight to complete (not yet allocatable)."""
+        return len(self._fenced)
 
     @property
     def num_used_blocks(self) -> int:
@@ -85,10 +99,27 @@ class BlockAllocator:
         for block_id, num_drops in drops.items():
             if self._ref_counts[block_id] < num_drops:
                 raise ValueError(f"double free of KV block {block_id}")
+        fence = self._fence
         for block_id in block_ids:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free_block_ids.append(block_id)
+                if fence is None:
+                    self._free_block_ids.append(block_id)
+                else:
+                    self._fenced.append((fence, block_id))
+
+    def set_fence(self, step_id: int | None) -> None:
+        """Blocks freed from now on wait until `release_fence(step_id)`: step `step_id` is in flight and
+        may still write them. None: freed blocks go straight back to the free list."""
+        if step_id is not None and self._fence is not None and step_id < self._fence:
+            raise ValueError(f"fence step ids must not go backwards: {step_id} after {self._fence}")
+        self._fence = step_id
+
+    def release_fence(self, step_id: int) -> None:
+        """Step `step_id` and every step before it have completed: the blocks they fenced are free."""
+        fenced = self._fenced
+        while fenced and fenced[0][0] <= step_id:
+            self._free_block_ids.append(fenced.popleft()[1])
 
     def _check_id(self, block_id: int) -> None:
         if not 0 <= block_id < self.num_blocks:

@@ -48,7 +48,8 @@ def test_growing_tables_ship_only_new_blocks_and_new_lists_rewrite_the_row():
     a, b = decoding_seq("a", 3, [7]), decoding_seq("b", 2, [5])
     shipped = []
     apply = buffers._apply_table_updates
-    buffers._apply_table_updates = lambda index, values: (shipped.append(list(values)), apply(index, values))
+    buffers._apply_table_updates = lambda index, values, staging: (shipped.append(list(values)),
+                                                                  apply(index, values, staging))
     buffers.prepare([a, b], 2)
     assert shipped == [[7, 5]]
     for seq in (a, b):  # the next token, same blocks: nothing to ship

@@ -51,7 +51,7 @@ def record_plans(engine):
 
 
 def test_join_at_next_step_and_leave_at_once(make_engine):
-    engine = make_engine()
+    engine = make_engine(async_scheduling=False)  # step by step; the overlapped engine: test_async_scheduling
     plans = record_plans(engine)
     prompts = random_prompts(3, seed=1)
     engine.add_request("a", prompts[0], SamplingParams(max_tokens=8, **GREEDY))
