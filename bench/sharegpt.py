@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="launch each decode step while the previous one runs (the engine's default)")
     parser.add_argument("--baselines", default="static,cb", help="static, cb (comma separated) or none")
     parser.add_argument("--no-tandem", action="store_true", help="run only the baselines")
     parser.add_argument("--static-requests", type=int, default=256)
@@ -98,6 +100,7 @@ def build_engine(args, model, model_config):
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
         max_model_len=args.max_input_len + args.max_output_len, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, kv_cache_memory_bytes=None if args.device.startswith("cuda") else 1 << 28,
+        async_scheduling=args.async_scheduling,
     )
     return LLMEngine(config, model=model, model_config=model_config)
 
