@@ -256,7 +256,10 @@ def _call_worker(channels: WorkerChannels, call: WorkerCall) -> tuple[set[str], 
             stub.GetStats(w.GetStatsRequest(), timeout=30)
         return set(), ""
     channel = channels.prefill_channel if "Prefill" in call.raw_method else channels.decode_channel
-    if call.raw_method.endswith("/Decode"):
+    if call.raw_method.endswith("/DecodeStream"):  # a garbage message on the stream, after a valid one
+        messages = [w.DecodeStreamRequest(abort=w.AbortRequest(request_id="x")).SerializeToString(), call.payload]
+        list(channel.stream_stream(call.raw_method)(iter(messages), timeout=30))
+    elif call.raw_method.endswith("/Decode"):
         list(channel.unary_stream(call.raw_method)(call.payload, timeout=30))
     else:
         channel.unary_unary(call.raw_method)(call.payload, timeout=30)

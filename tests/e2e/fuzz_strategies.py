@@ -349,12 +349,15 @@ tampers = st.one_of(st.just({}), st.fixed_dictionaries({"first_token_id": edge_i
                     st.fixed_dictionaries({"request_id": worker_request_ids}))
 RAW_METHODS = ["/tandem.worker.v1.PrefillWorker/Prefill", "/tandem.worker.v1.PrefillWorker/Abort",
                "/tandem.worker.v1.PrefillWorker/GetStats", "/tandem.worker.v1.DecodeWorker/Decode",
-               "/tandem.worker.v1.DecodeWorker/Abort", "/tandem.worker.v1.DecodeWorker/GetStats"]
+               "/tandem.worker.v1.DecodeWorker/Abort", "/tandem.worker.v1.DecodeWorker/GetStats",
+               "/tandem.worker.v1.DecodeWorker/DecodeStream"]
 raw_worker_payloads = st.one_of(st.binary(max_size=100), st.builds(lambda bad: wire_field(1, bad), invalid_utf8),
                                 st.builds(lambda n: _varint(n << 3 | 0) + b"\x01", st.integers(1, 2**29 - 1)))
 
 
 def worker_calls() -> st.SearchStrategy[WorkerCall]:
+    raw_calls = st.builds(WorkerCall, kind=st.just("raw"), raw_method=st.sampled_from(RAW_METHODS),
+                          payload=raw_worker_payloads)
     valid_prefill = st.builds(w.PrefillRequest, request_id=st.builds(lambda n: f"fuzz-{n}", st.integers(0, 10**9)),
                               prompt_token_ids=st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=1, max_size=24),
                               sampling=st.builds(w.SamplingParams, max_tokens=st.integers(2, 6), top_p=st.just(1.0),
@@ -369,6 +372,5 @@ def worker_calls() -> st.SearchStrategy[WorkerCall]:
                   num_stream_requests=st.integers(1, 3), abort_first=st.booleans(), deadline_seconds=deadlines),
         st.builds(WorkerCall, kind=st.just("abort"), abort_id=st.text(max_size=300)),
         st.builds(WorkerCall, kind=st.just("stats")),
-        st.builds(WorkerCall, kind=st.just("raw"), raw_method=st.sampled_from(RAW_METHODS),
-                  payload=raw_worker_payloads),
+        raw_calls, raw_calls,
     )
