@@ -1,6 +1,7 @@
 """The long fuzz run: tests/e2e/test_fuzz.py with many examples and a seed, reported as JSON.
 
     nice -n 19 .venv/bin/python bench/fuzz.py --examples 10000 --seed 1 --output docs/results/fuzz-cpu.json
+    nice -n 19 .venv/bin/python bench/fuzz.py --examples 10000 --seconds 2400 ...   # at most ~40 min of fuzzing
 
 Runs the fuzz tests in a pytest subprocess (one real `tandem serve` on a tiny model, started once) with
 TANDEM_FUZZ_EXAMPLES / TANDEM_FUZZ_SEED, and TANDEM_FUZZ_KEEP_GOING=1 so that a violation is recorded and
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=10_000, help="hypothesis examples over all targets")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="time budget for the fuzzing (split over the targets like the examples); default none")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before the run is stopped")
     parser.add_argument("--output", default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
         report_path = Path(folder) / "report.json"
         env = dict(os.environ, TANDEM_FUZZ_EXAMPLES=str(args.examples), TANDEM_FUZZ_SEED=str(args.seed),
                    TANDEM_FUZZ_KEEP_GOING="1", TANDEM_FUZZ_REPORT=str(report_path), OMP_NUM_THREADS="1")
+        if args.seconds is not None:
+            env["TANDEM_FUZZ_SECONDS"] = str(args.seconds)
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST_FILE]
         started = time.monotonic()
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -63,7 +68,8 @@ def main(argv=None) -> int:
         report["pytest_output_tail"] = result.stdout[-6000:]
     for key, count in report.get("counts", {}).items():
         print(f"{count:7d}  {key}")
-    print(f"{report.get('num_calls', 0)} calls from {args.examples} examples (seed {args.seed}) in {wall_seconds:.0f}s; "
+    num_examples = sum(report.get("num_examples", {}).values())
+    print(f"{report.get('num_calls', 0)} calls from {num_examples} examples (seed {args.seed}) in {wall_seconds:.0f}s; "
           f"{len(report.get('violations', []))} violations; pytest: {summary}")
     write_json(args.output, report)
     return 0 if result.returncode == 0 else 1

@@ -39,6 +39,7 @@ class Outcome:
     status: str  # gRPC status name, HTTP status, or "hang"
     problem: str = ""  # empty: every property held
     call_repr: str = ""
+    seconds: float = 0.0  # the call's wall time
 
 
 def token_ids(responses) -> list[int]:
@@ -50,7 +51,7 @@ def _judge(kind: str, status: str, allowed: set[str], elapsed: float, deadline: 
         problem = f"status {status} (allowed here: {sorted(allowed)})"
     if not problem and elapsed > deadline + HANG_SLACK_SECONDS:
         problem = f"took {elapsed:.1f}s under a {deadline:.3g}s deadline"
-    return Outcome(kind, status, problem, repr(call) if problem else "")
+    return Outcome(kind, status, problem, repr(call) if problem else "", elapsed)
 
 
 # ---- frontend gRPC -------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def run_http_call(base_url: str, call: HttpCall) -> Outcome:
     finally:
         connection.close()
     problem = f"HTTP {status}: {body[:500]!r}" if status >= 500 else _check_http_body(call, status, body)
-    return Outcome(kind, str(status), problem, repr(call)[:2000] if problem else "")
+    return Outcome(kind, str(status), problem, repr(call)[:2000] if problem else "", time.monotonic() - started)
 
 
 # ---- workers -------------------------------------------------------------------------------------

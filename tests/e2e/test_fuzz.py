@@ -11,15 +11,18 @@ SERVING, and a greedy request gives the same tokens as before the fuzzing.
     TANDEM_FUZZ_EXAMPLES=3000 TANDEM_FUZZ_SEED=7 .venv/bin/pytest ... tests/e2e/test_fuzz.py
     .venv/bin/python bench/fuzz.py --examples 3000 --seed 7 --output fuzz.json     # the same, with a report
 
-TANDEM_FUZZ_EXAMPLES is split over the three targets (gRPC 40%, HTTP 35%, workers 25%); with
-TANDEM_FUZZ_KEEP_GOING=1 a violation is recorded and fuzzing goes on (the test fails at its end), and
-TANDEM_FUZZ_REPORT=<path> writes the counts of every outcome and each violation as JSON.
+TANDEM_FUZZ_EXAMPLES is split over the three targets (gRPC 40%, HTTP 35%, workers 25%), and so is
+TANDEM_FUZZ_SECONDS, an optional time budget (a target whose share ran out skips its remaining examples);
+with TANDEM_FUZZ_KEEP_GOING=1 a violation is recorded and fuzzing goes on (the test fails at its end), and
+TANDEM_FUZZ_REPORT=<path> gets the counts of every outcome and each violation as JSON (rewritten after
+each target, so a stopped run leaves what it did).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +40,7 @@ from tests.helpers.tiny_models import make_tiny_hf_model
 NUM_EXAMPLES = int(os.environ.get("TANDEM_FUZZ_EXAMPLES", "90"))
 SEED = int(os.environ.get("TANDEM_FUZZ_SEED", "0"))
 IS_KEEP_GOING = os.environ.get("TANDEM_FUZZ_KEEP_GOING", "") == "1"
+BUDGET_SECONDS = float(os.environ["TANDEM_FUZZ_SECONDS"]) if os.environ.get("TANDEM_FUZZ_SECONDS") else None
 LEASE_SECONDS = 5.0
 SHARES = {"grpc": 0.40, "http": 0.35, "workers": 0.25}
 REFERENCE = g.GenerateRequest(text="The lighthouse keeper", sampling=g.SamplingParams(
@@ -63,10 +67,35 @@ class Outcomes:
         self.counts: Counter[str] = Counter()
         self.num_calls = 0
         self.violations: list[dict] = []
+        self.num_examples: Counter[str] = Counter()  # examples that ran, by target
+        self.call_seconds: Counter[str] = Counter()  # wall time of the calls, by target and kind
+        self.seconds: dict[str, float] = {}  # by target
+        self._started: dict[str, float] = {}
+
+    def start(self, target: str) -> None:
+        self._started[target] = time.monotonic()
+
+    def is_out_of_time(self, target: str) -> bool:
+        """Counts the example when there is time for it (always, without a budget)."""
+        if BUDGET_SECONDS is not None and time.monotonic() - self._started[target] > BUDGET_SECONDS * SHARES[target]:
+            return True
+        self.num_examples[target] += 1
+        return False
+
+    def finish(self, target: str) -> None:
+        self.seconds[target] = time.monotonic() - self._started[target]
+        self.save()
+
+    def save(self) -> None:
+        path = os.environ.get("TANDEM_FUZZ_REPORT")
+        if path:
+            with open(path, "w") as report:
+                json.dump(self.report(), report, indent=1)
 
     def record(self, target: str, outcome: fuzz_calls.Outcome) -> None:
         self.num_calls += 1
         self.counts[f"{target} {outcome.kind} {outcome.status}"] += 1
+        self.call_seconds[f"{target} {outcome.kind}"] += outcome.seconds
         if outcome.problem:
             violation = {"target": target, "kind": outcome.kind, "status": outcome.status,
                          "problem": outcome.problem, "input": outcome.call_repr[:2000]}
@@ -75,7 +104,9 @@ class Outcomes:
                 raise AssertionError(json.dumps(violation, indent=1))
 
     def report(self) -> dict:
-        return {"num_examples_setting": NUM_EXAMPLES, "seed": SEED, "num_calls": self.num_calls,
+        return {"num_examples_setting": NUM_EXAMPLES, "budget_seconds": BUDGET_SECONDS, "seed": SEED,
+                "num_examples": dict(self.num_examples), "seconds": self.seconds, "num_calls": self.num_calls,
+                "call_seconds": {k: round(v, 2) for k, v in sorted(self.call_seconds.items())},
                 "counts": dict(sorted(self.counts.items())), "violations": self.violations}
 
 
@@ -100,10 +131,7 @@ def fuzz_system(tmp_path_factory):
 def outcomes():
     outcomes = Outcomes()
     yield outcomes
-    path = os.environ.get("TANDEM_FUZZ_REPORT")
-    if path:
-        with open(path, "w") as report:
-            json.dump(outcomes.report(), report, indent=1)
+    outcomes.save()
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +157,14 @@ def test_frontend_grpc(fuzz_system, outcomes, reference_tokens):
         @_settings("grpc")
         @given(batch=grpc_batches())
         def fuzz(batch):
+            if outcomes.is_out_of_time("grpc"):
+                return
             for outcome in pool.map(lambda call: fuzz_calls.run_grpc_call(channel, call, batch), batch):
                 outcomes.record("grpc", outcome)
 
+        outcomes.start("grpc")
         fuzz()
+    outcomes.finish("grpc")
     assert_whole(fuzz_system, reference_tokens)
 
 
@@ -140,9 +172,13 @@ def test_frontend_http(fuzz_system, outcomes, reference_tokens):
     @_settings("http")
     @given(call=http_calls())
     def fuzz(call):
+        if outcomes.is_out_of_time("http"):
+            return
         outcomes.record("http", fuzz_calls.run_http_call(fuzz_system.http, call))
 
+    outcomes.start("http")
     fuzz()
+    outcomes.finish("http")
     assert_whole(fuzz_system, reference_tokens)
 
 
@@ -151,10 +187,14 @@ def test_workers_direct(fuzz_system, outcomes, reference_tokens):
         @_settings("workers")
         @given(call=worker_calls())
         def fuzz(call):
+            if outcomes.is_out_of_time("workers"):
+                return
             for outcome in fuzz_calls.run_worker_call(channels, call):
                 outcomes.record("workers", outcome)
 
+        outcomes.start("workers")
         fuzz()
+    outcomes.finish("workers")
     assert_whole(fuzz_system, reference_tokens)
 
 
@@ -169,7 +209,9 @@ def test_undecodable_worker_request_is_invalid_argument(fuzz_system, method):
 
 def test_no_violations_and_the_system_is_whole(fuzz_system, outcomes, reference_tokens):
     assert not outcomes.violations, json.dumps(outcomes.violations[:5], indent=1)
-    assert outcomes.num_calls >= NUM_EXAMPLES
+    assert outcomes.num_calls >= sum(outcomes.num_examples.values()) > 0
+    if BUDGET_SECONDS is None:
+        assert sum(outcomes.num_examples.values()) >= NUM_EXAMPLES
     assert_whole(fuzz_system, reference_tokens)
     for name in ("frontend", "prefill-0", "decode-0"):  # bugs are logged with their traceback
         log = (fuzz_system.log_dir / f"{name}.log").read_text(errors="replace")
