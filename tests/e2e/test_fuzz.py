@@ -49,9 +49,12 @@ REFERENCE = g.GenerateRequest(text="The lighthouse keeper", sampling=g.SamplingP
 pytestmark = pytest.mark.slow
 
 
+def _num_examples(target: str) -> int:
+    return max(1, round(NUM_EXAMPLES * SHARES[target]))
+
+
 def _settings(target: str):
-    num_examples = max(1, round(NUM_EXAMPLES * SHARES[target]))
-    fuzz_settings = settings(max_examples=num_examples, deadline=None, database=None, print_blob=True,
+    fuzz_settings = settings(max_examples=_num_examples(target), deadline=None, database=None, print_blob=True,
                              suppress_health_check=list(HealthCheck))
 
     def decorate(test):
@@ -211,7 +214,7 @@ def test_no_violations_and_the_system_is_whole(fuzz_system, outcomes, reference_
     assert not outcomes.violations, json.dumps(outcomes.violations[:5], indent=1)
     assert outcomes.num_calls >= sum(outcomes.num_examples.values()) > 0
     if BUDGET_SECONDS is None:
-        assert sum(outcomes.num_examples.values()) >= NUM_EXAMPLES
+        assert outcomes.num_examples == {target: _num_examples(target) for target in SHARES}
     assert_whole(fuzz_system, reference_tokens)
     for name in ("frontend", "prefill-0", "decode-0"):  # bugs are logged with their traceback
         log = (fuzz_system.log_dir / f"{name}.log").read_text(errors="replace")
