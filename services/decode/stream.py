@@ -1,6 +1,6 @@
 """One `DecodeStream`: many requests of one caller (a frontend) multiplexed over a single gRPC stream.
 
-    caller ──DecodeStreamRequest(decode | abort)─────►  read_requests ──► DecodeWorker.submit / cancel
+    caller ──DecodeStreamRequest(decode(s) | abort)───►  read_requests ──► DecodeWorker.submit / cancel
     caller ◄──DecodeStreamResponse(columns, updates)──  responses     ◄── deliver ◄── engine mailbox
 
 The engine thread hands a whole step's tokens to the loop at once (its mailbox); `deliver` adds each
@@ -109,6 +109,9 @@ class DecodeStreamSession:
                 kind = message.WhichOneof("kind")
                 if kind == "decode":
                     self._start(message.decode)
+                elif kind == "decodes":
+                    for request in message.decodes.requests:
+                        self._start(request)
                 elif kind == "abort":
                     job = self._live.get(message.abort.request_id)
                     if job is not None:

@@ -1,9 +1,13 @@
 """The frontend's end of `DecodeStream`: one long-lived stream per decode worker, shared by every request
 this frontend sends there, demultiplexed into one queue per request.
 
-    Relay ──start(DecodeRequest)──► DecodeStreamClient ──write──► decode worker (one gRPC stream)
+    Relay ──start(DecodeRequest)──► DecodeStreamClient ──writer task──► decode worker (one gRPC stream)
     Relay ◄──take queued items── per-request queue ◄── reader task ◄── DecodeStreamResponse(columns, updates)
 
+Requests go out the same way, batched: `start` queues a request and returns; one writer task per stream
+sends everything queued while its previous write was in flight as one message (`decodes`). A prefill
+step hands off many requests at once, and a write per request, each waiting its turn on a busy event
+loop, delayed the last of them by hundreds of milliseconds.
 A worker's message carries a whole engine step (every request's new tokens), so the frontend reads one
 message per step per worker instead of one per request. Tokens without logprobs come in the message's
 token columns and are queued as plain ints (no sub-message to parse per request and step); a request's
@@ -79,6 +83,9 @@ class _Stream:
         self.call = call
         self.requests: dict[str, RequestUpdates] = {}
         self.reader: asyncio.Task | None = None
+        self.unsent: list[worker_pb2.DecodeRequest] = []  # started, for the writer's next message
+        self.writer: asyncio.Task | None = None  # running while anything is unsent or being written
+        self.is_broken = False  # a write failed: no more writes, the next request opens a new stream
 
 
 class DecodeStreamClient:
@@ -86,22 +93,47 @@ class DecodeStreamClient:
         self._stub = stub
         self.address = address
         self._stream: _Stream | None = None
-        self._write_lock = asyncio.Lock()  # grpc.aio allows one write in flight per call
 
     async def start(self, request: worker_pb2.DecodeRequest) -> RequestUpdates:
-        """Sends `request` on the stream (opening it if needed); its updates arrive on the result."""
-        async with self._write_lock:
-            stream = self._open()
-            if request.request_id in stream.requests:
-                raise WorkerRequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                         f"request_id: {request.request_id!r} is already in use")
-            updates = stream.requests[request.request_id] = RequestUpdates(request.request_id, stream.requests)
-            try:
-                await stream.call.write(worker_pb2.DecodeStreamRequest(decode=request))
-            except BaseException:
-                updates.forget()
-                raise
+        """Queues `request` for the stream (opening it if needed); its updates, or the stream's failure
+        should the write fail, arrive on the result."""
+        stream = self._open()
+        if request.request_id in stream.requests:
+            raise WorkerRequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"request_id: {request.request_id!r} is already in use")
+        updates = stream.requests[request.request_id] = RequestUpdates(request.request_id, stream.requests)
+        stream.unsent.append(request)
+        if stream.writer is None:
+            stream.writer = asyncio.get_running_loop().create_task(self._write(stream))
         return updates
+
+    async def _write(self, stream: _Stream) -> None:
+        """Sends what is unsent, one message per write (grpc.aio allows one write in flight per call),
+        until nothing is left; a failed write fails the requests it carried and every later one."""
+        try:
+            while stream.unsent:
+                batch, stream.unsent = stream.unsent, []
+                message = (worker_pb2.DecodeStreamRequest(decode=batch[0]) if len(batch) == 1 else
+                           worker_pb2.DecodeStreamRequest(decodes=worker_pb2.DecodeRequestBatch(requests=batch)))
+                try:
+                    await stream.call.write(message)
+                except BaseException as error:  # the call ended or broke (the reader sees it too)
+                    stream.is_broken = True
+                    stream.call.cancel()  # ends its reader too
+                    if self._stream is stream:
+                        self._stream = None
+                    failure = WorkerRequestError(grpc.StatusCode.UNAVAILABLE,
+                                                 f"decode stream to {self.address} failed: {error!r}")
+                    for request in batch + stream.unsent:
+                        updates = stream.requests.pop(request.request_id, None)
+                        if updates is not None:
+                            updates.queue.put_nowait(failure)
+                    stream.unsent.clear()
+                    if isinstance(error, asyncio.CancelledError):
+                        raise
+                    return
+        finally:
+            stream.writer = None
 
     def close(self) -> None:
         if self._stream is not None:
@@ -109,7 +141,7 @@ class DecodeStreamClient:
         self._stream = None
 
     def _open(self) -> _Stream:
-        if self._stream is None or self._stream.call.done():
+        if self._stream is None or self._stream.call.done() or self._stream.is_broken:
             self._stream = _Stream(self._stub.DecodeStream())
             self._stream.reader = asyncio.get_running_loop().create_task(self._read(self._stream))
         return self._stream

@@ -6,6 +6,7 @@ import queue
 import threading
 
 import grpc
+import pytest
 
 from protos import worker_pb2, worker_pb2_grpc
 from tests.services.inprocess import assert_idle
@@ -65,7 +66,8 @@ def _tokens(updates) -> list[int]:
     return [t for u in updates if u.WhichOneof("kind") == "tokens" for t in u.tokens.token_ids]
 
 
-def test_one_stream_carries_every_request_in_step_sized_messages(system):
+@pytest.mark.parametrize("is_batched", [False, True], ids=["a-message-each", "one-decodes-message"])
+def test_one_stream_carries_every_request_in_step_sized_messages(system, is_batched):
     prompts = {f"r{i}": [p + i for p in PROMPT[: 12 + i]] for i in range(6)}
     with grpc.insecure_channel(system.prefill_address) as pc, grpc.insecure_channel(system.decode_address) as dc:
         prefill, decode = worker_pb2_grpc.PrefillWorkerStub(pc), worker_pb2_grpc.DecodeWorkerStub(dc)
@@ -76,8 +78,11 @@ def test_one_stream_carries_every_request_in_step_sized_messages(system):
             expected[rid] = [t for m in decode.Decode(_decode_request(rid + "-alone", prompt, again), timeout=30)
                              if m.WhichOneof("kind") == "tokens" for t in m.tokens.token_ids]
         caller = _Caller()
-        for rid, prompt in prompts.items():
-            caller.send(decode=_decode_request(rid, prompt, answers[rid]))
+        requests = [_decode_request(rid, prompt, answers[rid]) for rid, prompt in prompts.items()]
+        if is_batched:  # as the frontend sends the requests that became ready during its previous write
+            caller.send(decodes=worker_pb2.DecodeRequestBatch(requests=requests))
+        for request in [] if is_batched else requests:
+            caller.send(decode=request)
         caller.close()
         by_request, messages = _collect(decode.DecodeStream(iter(caller), timeout=60))
     assert set(by_request) == set(prompts)

@@ -47,7 +47,7 @@ class LostAfterTokens(DecodeServicer):
         num_sent = 0
         async with contextlib.aclosing(super().DecodeStream(request_iterator, context)) as responses:
             async for response in responses:
-                num_sent += sum(len(update.tokens.token_ids) for update in response.updates)
+                num_sent += len(response.token_ids) + sum(len(update.tokens.token_ids) for update in response.updates)
                 if not self.is_lost and num_sent >= self.num_tokens:
                     self.is_lost = True
                     self.on_loss()
