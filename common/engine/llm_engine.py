@@ -24,6 +24,7 @@ their tokens as before; blocks freed while a step is in flight are fenced until 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -46,6 +47,13 @@ class LLMEngine:
         """Loads `config.model`, or uses an already loaded (model, model_config) pair."""
         self.config = config
         self.device = config.resolved_device()
+        # Everything the engine sets up (pinned host buffers, streams, graphs) belongs to its own GPU: a
+        # pinned allocation made while another GPU is current would open a CUDA context there too.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            self._set_up(model, model_config)
+
+    def _set_up(self, model: torch.nn.Module | None, model_config) -> None:
+        config = self.config
         self.model_name = config.model or "embedded"
         self.model_folder = None  # HF folder the weights (and tokenizer) came from; None for dummy/injected
         if model is None:
