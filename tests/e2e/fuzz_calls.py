@@ -46,9 +46,10 @@ def token_ids(responses) -> list[int]:
     return [t for response in responses if response.HasField("chunk") for t in response.chunk.token_ids]
 
 
-def _judge(kind: str, status: str, allowed: set[str], elapsed: float, deadline: float, call, problem: str = ""):
+def _judge(kind: str, status: str, allowed: set[str], elapsed: float, deadline: float, call, problem: str = "",
+           details: str = ""):
     if not problem and status not in allowed:
-        problem = f"status {status} (allowed here: {sorted(allowed)})"
+        problem = f"status {status} after {elapsed:.2f}s: {details!r} (allowed here: {sorted(allowed)})"
     if not problem and elapsed > deadline + HANG_SLACK_SECONDS:
         problem = f"took {elapsed:.1f}s under a {deadline:.3g}s deadline"
     return Outcome(kind, status, problem, repr(call) if problem else "", elapsed)
@@ -79,7 +80,7 @@ def _check_generate_stream(request: g.GenerateRequest, responses: list[g.Generat
 def run_grpc_call(channel: grpc.Channel, call: GrpcCall, batch: list[GrpcCall]) -> Outcome:
     aborted_ids = {c.abort_id for c in batch if c.kind == "abort"}
     started = time.monotonic()
-    status, problem, allowed = "OK", "", {"OK"}
+    status, problem, allowed, details = "OK", "", {"OK"}, ""
     try:
         if call.kind == "abort":
             channel.unary_unary("/tandem.v1.Generation/Abort", g.AbortRequest.SerializeToString,
@@ -105,10 +106,11 @@ def run_grpc_call(channel: grpc.Channel, call: GrpcCall, batch: list[GrpcCall]) 
             if not is_raw:
                 problem = _check_generate_stream(call.request, responses)
     except grpc.RpcError as error:
-        status = error.code().name
+        status, details = error.code().name, error.details() or ""
         if status in NEVER:
-            problem = f"{status}: {error.details()}"
-    return _judge(call.kind, status, allowed, time.monotonic() - started, call.deadline_seconds, call, problem)
+            problem = f"{status}: {details}"
+    return _judge(call.kind, status, allowed, time.monotonic() - started, call.deadline_seconds, call, problem,
+                  details)
 
 
 # ---- frontend HTTP -------------------------------------------------------------------------------
@@ -269,12 +271,12 @@ def _call_worker(channels: WorkerChannels, call: WorkerCall) -> tuple[set[str], 
 
 def run_worker_call(channels: WorkerChannels, call: WorkerCall) -> list[Outcome]:
     started = time.monotonic()
-    status, problem, allowed = "OK", "", set(WORKER_ALLOWED)
+    status, problem, allowed, details = "OK", "", set(WORKER_ALLOWED), ""
     try:
         more, problem = _call_worker(channels, call)
         allowed |= more
     except grpc.RpcError as error:
-        status = error.code().name
+        status, details = error.code().name, error.details() or ""
         if call.deadline_seconds < 30:
             allowed.add("DEADLINE_EXCEEDED")
         if status in NEVER:
@@ -284,4 +286,4 @@ def run_worker_call(channels: WorkerChannels, call: WorkerCall) -> list[Outcome]
             allowed.add(status)
     kind = call.raw_method.rsplit("/", 2)[-2:] if call.kind == "raw" else call.kind
     kind = f"raw {'/'.join(kind)}" if call.kind == "raw" else kind
-    return [_judge(kind, status, allowed, time.monotonic() - started, call.deadline_seconds, call, problem)]
+    return [_judge(kind, status, allowed, time.monotonic() - started, call.deadline_seconds, call, problem, details)]
