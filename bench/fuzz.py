@@ -64,7 +64,9 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "wall_seconds": wall_seconds, "pytest_exit_code": result.returncode, "pytest_summary": summary, **report,
     }
-    if result.returncode != 0:
+    if result.returncode != 0:  # where the first failure is told, and the summary
+        first = result.stdout.find("___")
+        report["pytest_output_first_failure"] = result.stdout[max(first, 0):][:6000]
         report["pytest_output_tail"] = result.stdout[-6000:]
     for key, count in report.get("counts", {}).items():
         print(f"{count:7d}  {key}")
