@@ -194,8 +194,10 @@ class DecodeStandIn(worker_pb2_grpc.DecodeWorkerServicer):
 
         async def read_requests() -> None:
             async for message in request_iterator:
-                if message.WhichOneof("kind") == "decode":
-                    streams[message.decode.request_id] = self._open(message.decode, session.wake)
+                kind = message.WhichOneof("kind")
+                if kind in ("decode", "decodes"):
+                    for request in [message.decode] if kind == "decode" else message.decodes.requests:
+                        streams[request.request_id] = self._open(request, session.wake)
                 elif message.abort.request_id in streams:
                     self._close(streams.pop(message.abort.request_id))
                     session.dirty.pop(message.abort.request_id, None)
