@@ -7,7 +7,7 @@
 #
 #   scripts/gpu_serve_check.sh
 #
-# Env: PYTHON (default python3; the repo goes first on PYTHONPATH), SHAPE (smollm2-135m: a model folder
+# Env: RUNS (one-gpu two-gpus), PYTHON (default python3; the repo goes first on PYTHONPATH), SHAPE (smollm2-135m: a model folder
 # of that Llama shape with random weights, --load-format dummy), TOKENIZER (a folder of tokenizer files
 # for it, e.g. SmolLM2's; default: a synthetic word-level one), ENGINE_ARGS (--max-model-len 2048
 # --cuda-graph-max-batch-size 32), READY_TIMEOUT (240 s), OUT (logs; default a temporary folder).
@@ -68,8 +68,10 @@ run() {  # run NAME SERVE_FLAGS...
     echo "stopped"
 }
 
-run one-gpu --device cuda
-if [ "$num_gpus" -ge 2 ]; then
+[[ " ${RUNS:-one-gpu two-gpus} " == *" one-gpu "* ]] && run one-gpu --device cuda
+if [[ " ${RUNS:-one-gpu two-gpus} " != *" two-gpus "* ]]; then
+    :
+elif [ "$num_gpus" -ge 2 ]; then
     run two-gpus --prefill-devices 0 --decode-devices 1
 else
     echo "two-gpus: skipped (one GPU)"

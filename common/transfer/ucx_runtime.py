@@ -41,12 +41,28 @@ class UcxRuntime:
     _instance: "UcxRuntime | None" = None
     _instance_lock = threading.Lock()
 
+    cuda_device_index: int | None = None  # the worker's GPU (bind_cuda_device), current on UCX's thread
+
     def __init__(self) -> None:
         self._pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kv-ucx-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="kv-ucx-loop", daemon=True)
         self._thread.start()
         self.ucxx = self.run(self._import_ucxx(), timeout=60)
+
+    def _run_loop(self) -> None:
+        # A thread starts with no current GPU, and CUDA (UCX's transports, ucxx's buffers) then opens a
+        # context on GPU 0: half a GiB on another worker's GPU. Make the worker's own GPU current here.
+        if self.cuda_device_index is not None:
+            import torch
+
+            torch.cuda.set_device(self.cuda_device_index)
+        self.loop.run_forever()
+
+    @classmethod
+    def bind_cuda_device(cls, index: int) -> None:
+        """UCX's thread, once started, uses GPU `index` (call before the first transfer)."""
+        cls.cuda_device_index = index
 
     @classmethod
     def get(cls) -> "UcxRuntime":

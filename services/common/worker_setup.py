@@ -8,7 +8,7 @@ import sys
 
 from common import transfer
 from common.transfer import KVLayout
-from common.transfer.ucx_runtime import prefer_busy_progress
+from common.transfer.ucx_runtime import UcxRuntime, prefer_busy_progress
 from services.common.worker_messages import WorkerStatsData
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,10 @@ async def load_engine(config):
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     engine = await asyncio.to_thread(LLMEngine, config)
-    if engine.device.type == "cuda":
-        prefer_busy_progress()  # before the KV transport starts UCX
+    if engine.device.type == "cuda":  # before the KV transport starts UCX
+        prefer_busy_progress()
+        UcxRuntime.bind_cuda_device(engine.device.index if engine.device.index is not None
+                                    else torch.cuda.current_device())
     return engine
 
 
