@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._common import environment, format_table, load_benchmark_model, require_device, write_json  # noqa: E402
+from common.heap import freeze_startup_heap  # noqa: E402
 
 BASELINES = ("static", "cb")
 
@@ -113,6 +114,7 @@ def run_tandem(engine, prompts: list[list[int]], output_lens: list[int], time_li
         engine.add_request(f"warm-up-{i}", prompts[i][:16], SamplingParams(temperature=0, max_tokens=4))
     while engine.has_unfinished_requests():
         engine.step()
+    freeze_startup_heap()  # as the services do before they serve
     start_stats = engine.stats()
     start = time.perf_counter()
     for i, (prompt, num_tokens) in enumerate(zip(prompts, output_lens)):

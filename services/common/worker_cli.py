@@ -27,6 +27,7 @@ from typing import Any, Callable
 from common import tracing
 from common.engine.args import add_engine_args, engine_config_from_args
 from common.engine.config import EngineConfig
+from common.heap import freeze_startup_heap
 from common.tls import ServerTLS, add_server_tls_args, server_tls_from_args
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
@@ -145,6 +146,7 @@ async def serve_worker(role: WorkerRole, command: WorkerCommand) -> int:
             cleanup.callback(parts.worker.stop)
             parts.worker.start()
             servicer.worker = parts.worker
+            freeze_startup_heap()  # the loaded model and code stay out of every later collection
             await running.mark_serving()
             write_ready_file(args.ready_file, port=running.port, **parts.ready_fields,
                              metrics_port=obs.metrics_server.port if obs.metrics_server else None,

@@ -18,6 +18,7 @@ import logging
 import os
 
 from common.model.registry import resolve_model
+from common.heap import freeze_startup_heap
 from common.tokenizer import load_tokenizer
 from common import tracing
 from common.tls import ClientTLS, add_server_tls_args, server_tls_from_args, with_flag_names
@@ -115,6 +116,7 @@ async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int
         while not app.router.is_ready() and not shutdown.done():
             await asyncio.sleep(0.1)
         if not shutdown.done():
+            freeze_startup_heap()  # the tokenizer and loaded code stay out of every later collection
             await running.mark_serving()
             if http is not None:
                 http.mark_ready()
