@@ -94,6 +94,12 @@ def test_healthchecks_probe_each_grpc_port(compose):
         assert _duration_seconds(service["healthcheck"]["start_period"]) >= min_start
 
 
+def test_decode_pulls_kv_only_from_the_prefill_worker(compose):
+    prefill, decode = (compose["services"][name]["command"] for name in ("prefill", "decode"))
+    kv_address = f"{prefill[prefill.index('--kv-host') + 1]}:{prefill[prefill.index('--kv-port') + 1]}"
+    assert decode[decode.index("--allowed-kv-senders") + 1] == kv_address
+
+
 def test_frontend_publishes_grpc_and_the_openai_http_api(compose):
     frontend = compose["services"]["frontend"]
     command = frontend["command"]
