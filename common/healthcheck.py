@@ -35,7 +35,7 @@ def check_health(address: str, service: str = "", timeout_s: float = 3.0, tls: C
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Exit 0 when a gRPC server reports SERVING.")
+    parser = argparse.ArgumentParser(description="Exit 0 when a gRPC server reports SERVING.", allow_abbrev=False)
     parser.add_argument("--address", required=True, help="host:port of the gRPC server")
     parser.add_argument("--service", default="", help="service name to ask about ('' = whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")

@@ -209,7 +209,7 @@ class OtlpCollector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Collect OTLP/gRPC spans and write them as JSON.")
+    parser = argparse.ArgumentParser(description="Collect OTLP/gRPC spans and write them as JSON.", allow_abbrev=False)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4317)
     parser.add_argument("--out", required=True, help="JSON file written on Ctrl-C / SIGTERM")

@@ -74,7 +74,8 @@ def stream_completion(stub, request, timeout: float | None, on_text=None) -> Com
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem generate", description="Stream an answer from a Tandem frontend.")
+    parser = argparse.ArgumentParser(prog="tandem generate", description="Stream an answer from a Tandem frontend.",
+                                     allow_abbrev=False)
     parser.add_argument("prompt", help="the question or text to continue")
     parser.add_argument("--address", default=os.environ.get("TANDEM_ADDRESS", "localhost:50051"),
                         help="frontend host:port (env TANDEM_ADDRESS; default localhost:50051)")

@@ -125,7 +125,8 @@ def generate(engine, tokenizer, requests: list[OfflineRequest], show_progress: b
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tandem offline", description="Batch inference from a JSONL file.")
+    parser = argparse.ArgumentParser(prog="tandem offline", description="Batch inference from a JSONL file.",
+                                     allow_abbrev=False)
     parser.add_argument("--input", required=True, type=Path, help="JSONL: one {prompt|messages, ...} per line")
     parser.add_argument("--output", required=True, type=Path, help="JSONL results, in input order")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
