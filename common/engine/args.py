@@ -61,6 +61,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        default=defaults.async_scheduling,
                        help="plan and launch each decode step while the previous one runs on the device, "
                             "so the host's per-step work hides behind it")
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=defaults.enable_prefix_caching,
+                       help="reuse the KV of full blocks an earlier request computed for the same prefix")
     return parser
 
 
@@ -85,4 +88,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         async_scheduling=args.async_scheduling,
+        enable_prefix_caching=args.enable_prefix_caching,
     )

@@ -41,6 +41,8 @@ class EngineConfig:
     cuda_graph_max_batch_size: int = 512  # largest decode batch captured in a CUDA graph (bigger: eager)
     # plan and launch decode step N+1 while step N runs on the device (the host's work hides behind it)
     async_scheduling: bool = True
+    # reuse the KV of full blocks an earlier request computed for the same prefix (vLLM's flag)
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         self._check_choice("load_format", LOAD_FORMATS)
@@ -71,6 +73,8 @@ class EngineConfig:
         self._check_positive("cuda_graph_max_batch_size")
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

@@ -38,6 +38,7 @@ from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
 from common.engine.sequence import Sequence, SequenceStatus, check_finish
 from common.kv.block_allocator import BlockAllocator
 from common.kv.kv_pool import KVLayout, KVPool
+from common.kv.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,12 @@ class LLMEngine:
         # One extra block past the allocator's: the scratch block padded decode rows write to.
         self.kv_pool = KVPool(layout, num_blocks + 1, self.device)
         self.allocator = BlockAllocator(num_blocks)
+        self.prefix_cache = PrefixCache(self.allocator) if config.enable_prefix_caching else None
         scheduler_config = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.block_size, self.max_model_len
         )
-        self.scheduler = Scheduler(scheduler_config, self.allocator, frozenset(model_config.eos_token_ids))
+        self.scheduler = Scheduler(scheduler_config, self.allocator, frozenset(model_config.eos_token_ids),
+                                   self.prefix_cache)
         self.model_runner = ModelRunner(
             model, self.kv_pool, self.device, config.seed,
             max_num_seqs=config.max_num_seqs,
@@ -201,6 +204,8 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             finished_reasons=dict(self._finished_reasons),
+            prefix_cache_queries_tokens=self.scheduler.num_prefix_cache_queries_tokens,
+            prefix_cache_hits_tokens=self.scheduler.num_prefix_cache_hits_tokens,
         )
 
     # ---- prefill worker ----------------------------------------------------------------------
@@ -256,6 +261,7 @@ class LLMEngine:
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.is_prompt_counted = True  # the prefill worker counted it
+        seq.is_kv_cacheable = False  # its KV came over the wire: never offered to the prefix cache
         reason = check_finish(seq, self.scheduler.eos_token_ids, self.max_model_len)
         if reason is not None:  # token #1 already ended it: nothing to decode
             del self._requests[request_id]

@@ -37,3 +37,5 @@ class EngineStats:
     prompt_tokens_total: int  # prompt tokens prefilled (each request counted once)
     generation_tokens_total: int  # tokens sampled
     finished_reasons: dict[str, int] = field(default_factory=dict)  # finish reason -> requests
+    prefix_cache_queries_tokens: int = 0  # tokens of prompts looked up in the prefix cache
+    prefix_cache_hits_tokens: int = 0  # of those, tokens found cached and not computed

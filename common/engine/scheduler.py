@@ -18,6 +18,11 @@ leaves `running` in `postprocess`, before the next plan is made.
 When a decoding sequence needs a new block and none is free, the most recently started sequence is
 preempted (its blocks freed; it goes back to the head of `waiting`); the count is in `num_preemptions`.
 
+With a prefix cache, a sequence starting from scratch first looks up the hashes of its full blocks
+(all but its last token: one token is always computed, for logits to sample): it forks the longest
+cached run into its block table and computes only the rest. Blocks are registered in the cache as
+soon as a step has computed all their tokens, prompt and output alike.
+
 Asynchronous scheduling (the engine's overlap of host work with the device) plans decode step N+1
 while step N runs, before N's tokens are known:
 
@@ -37,6 +42,8 @@ from dataclasses import dataclass, field
 
 from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceStatus, TokenLogprobs, check_finish
 from common.kv.block_allocator import BlockAllocator
+from common.kv.block_hash import extend_block_hashes
+from common.kv.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -79,9 +86,15 @@ class SampledToken:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, eos_token_ids: frozenset[int]):
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, eos_token_ids: frozenset[int],
+                 prefix_cache: PrefixCache | None = None):
+        if prefix_cache is not None and prefix_cache.allocator is not allocator:
+            raise ValueError("the prefix cache must serve the scheduler's allocator")
         self.config = config
         self.allocator = allocator
+        self.prefix_cache = prefix_cache  # None: prefix caching is off
+        self.num_prefix_cache_queries_tokens = 0  # tokens of sequences that looked their prefix up
+        self.num_prefix_cache_hits_tokens = 0  # of those, tokens found cached (not computed)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.prefilled: deque[Sequence] = deque()  # KV hand-offs waiting for a running slot
@@ -166,6 +179,7 @@ class Scheduler:
                 counted.append(None)
                 continue
             seq.token_ids[index] = token_id
+            self._cache_full_blocks(seq, index)  # KV is complete below `index`; `index` is in flight
             reason = check_finish(seq, self.eos_token_ids, self.config.max_model_len, index + 1)
             if reason is not None:
                 del seq.token_ids[index + 1 :]  # a token computed past the end is dropped
@@ -186,10 +200,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            query_len = min(seq.num_uncomputed_tokens, budget)
-            num_new_blocks = seq.num_blocks_needed(seq.num_computed_tokens + query_len, self.config.block_size)
-            if not self.allocator.can_allocate(num_new_blocks):
+            is_lookup = self._is_cache_lookup(seq)
+            cached_block_ids = self._find_cached_prefix(seq) if is_lookup else []
+            num_computed = seq.num_computed_tokens + len(cached_block_ids) * self.config.block_size
+            query_len = min(seq.num_tokens - num_computed, budget)
+            num_new_blocks = seq.num_blocks_needed(num_computed + query_len, self.config.block_size) \
+                - len(cached_block_ids)
+            num_revived = sum(1 for block_id in cached_block_ids if self.allocator.ref_count(block_id) == 0)
+            if not self.allocator.can_allocate(num_new_blocks + num_revived):
                 break
+            if is_lookup:
+                self._use_cached_prefix(seq, cached_block_ids)
             seq.block_table += self.allocator.allocate(num_new_blocks)
             is_last_chunk = query_len == seq.num_uncomputed_tokens
             plan.add(seq, query_len, is_sampled=is_last_chunk)
@@ -199,6 +220,39 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+
+    def _is_cache_lookup(self, seq: Sequence) -> bool:
+        """A sequence looks its prefix up when it starts from scratch (new, or preempted)."""
+        return (self.prefix_cache is not None and seq.is_kv_cacheable
+                and seq.num_computed_tokens == 0 and not seq.block_table)
+
+    def _find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks of the longest prefix of `seq`, leaving at least its last token to compute."""
+        block_size = self.config.block_size
+        extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_tokens - 1, block_size)
+        num_lookup_blocks = (seq.num_tokens - 1) // block_size
+        return self.prefix_cache.lookup(seq.block_hashes[:num_lookup_blocks])
+
+    def _use_cached_prefix(self, seq: Sequence, cached_block_ids: list[int]) -> None:
+        seq.block_table = self.allocator.fork(cached_block_ids)
+        seq.num_cached_blocks = len(cached_block_ids)
+        seq.num_computed_tokens = len(cached_block_ids) * self.config.block_size
+        self.num_prefix_cache_queries_tokens += seq.num_tokens
+        self.num_prefix_cache_hits_tokens += seq.num_computed_tokens
+
+    def _cache_full_blocks(self, seq: Sequence, num_tokens_with_kv: int) -> None:
+        """Registers the blocks whose KV is complete: every position below `num_tokens_with_kv`
+        written by completed steps, and every token id known."""
+        if self.prefix_cache is None or not seq.is_kv_cacheable:
+            return
+        block_size = self.config.block_size
+        num_full_blocks = min(num_tokens_with_kv // block_size, len(seq.block_table))
+        if num_full_blocks <= seq.num_cached_blocks:
+            return
+        extend_block_hashes(seq.block_hashes, seq.token_ids, num_full_blocks * block_size, block_size)
+        for index in range(seq.num_cached_blocks, num_full_blocks):
+            self.prefix_cache.register(seq.block_table[index], seq.block_hashes[index])
+        seq.num_cached_blocks = num_full_blocks
 
     def _unblock_waiting_head(self, plan: SchedulerPlan) -> bool:
         """Nothing runs, yet the head of `waiting` cannot start: the blocks it lacks are held by
@@ -245,6 +299,7 @@ class Scheduler:
         finished: list[Sequence] = []
         for seq, query_len, sample in zip(plan.seqs, plan.query_lens, samples):
             seq.num_computed_tokens += query_len
+            self._cache_full_blocks(seq, seq.num_computed_tokens)
             if sample is None:
                 continue
             seq.append_token(sample.token_id, sample.logprobs)
@@ -278,5 +333,6 @@ class Scheduler:
 
     def _free_blocks(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.allocator.free(seq.block_table)
+            self.allocator.free(seq.block_table[::-1])  # the tail first: cached tail blocks are evicted first
             seq.block_table = []
+            seq.num_cached_blocks = 0

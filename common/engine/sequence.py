@@ -16,6 +16,10 @@ While decoding, num_computed_tokens == num_tokens - 1: the newest token is fed t
 which writes its KV and samples the token after it. Preemption resets num_computed_tokens to 0 and
 drops the block table, so the request later re-prefills prompt + output tokens in one go.
 
+With prefix caching, `block_hashes` holds the chained hashes (common/kv/block_hash.py) of its full
+blocks, computed as their tokens become known; the first `num_cached_blocks` entries of `block_table`
+are in the prefix cache (found there at the start, or registered once their KV was computed).
+
 With asynchronous scheduling the next decode step is launched before the current one's tokens reach
 the host: a launched step appends PLACEHOLDER_TOKEN_ID, which the step's result overwrites (the next
 step reads the real token on the device). At most the newest two tokens are placeholders:
@@ -74,6 +78,9 @@ class Sequence:
         self.output_logprobs: list[TokenLogprobs] = []
         self.is_prefill_only = is_prefill_only  # prefill worker: stop after token #1, keep the KV
         self.is_prompt_counted = False  # prompt tokens counted in the engine's stats once
+        self.is_kv_cacheable = True  # False: its KV came from elsewhere (a hand-off) and is never cached
+        self.block_hashes: list[bytes] = []  # hashes of its full blocks so far, in position order
+        self.num_cached_blocks = 0  # leading entries of block_table that are in the prefix cache
 
     @property
     def num_tokens(self) -> int:
