@@ -109,8 +109,8 @@ def run_grpc_call(channel: grpc.Channel, call: GrpcCall, batch: list[GrpcCall]) 
         status, details = error.code().name, error.details() or ""
         if status in NEVER:
             problem = f"{status}: {details}"
-    return _judge(call.kind, status, allowed, time.monotonic() - started, call.deadline_seconds, call, problem,
-                  details)
+    return _judge(call.kind, status, allowed, time.monotonic() - started, call.deadline_seconds,
+                  {"call": call, "its batch": batch}, problem, details)
 
 
 # ---- frontend HTTP -------------------------------------------------------------------------------

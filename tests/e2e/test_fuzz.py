@@ -107,7 +107,7 @@ class Outcomes:
         self.call_seconds[f"{target} {outcome.kind}"] += outcome.seconds
         if outcome.problem:
             violation = {"target": target, "kind": outcome.kind, "status": outcome.status,
-                         "problem": outcome.problem, "input": outcome.call_repr[:2000]}
+                         "problem": outcome.problem, "input": outcome.call_repr[:6000]}
             self.violations.append(violation)
             if not IS_KEEP_GOING:
                 raise AssertionError(json.dumps(violation, indent=1))
