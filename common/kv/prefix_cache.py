@@ -21,6 +21,7 @@ class PrefixCache:
         self.allocator = allocator
         self._block_ids: dict[bytes, int] = {}  # hash -> block id
         self._hashes: dict[int, bytes] = {}  # block id -> hash
+        self.num_evicted_blocks = 0  # cached blocks handed to other requests so far
         allocator.on_evict = self._forget
 
     @property
@@ -55,3 +56,4 @@ class PrefixCache:
 
     def _forget(self, block_id: int) -> None:
         del self._block_ids[self._hashes.pop(block_id)]
+        self.num_evicted_blocks += 1

@@ -56,7 +56,7 @@ def test_freed_cached_blocks_stay_findable_until_an_allocation_evicts_them_lru()
     plain = allocator.allocate(1)  # the plain free block goes first
     assert plain[0] not in block_ids and cache.num_cached_blocks == 3
     evicted = allocator.allocate(1)
-    assert evicted == [block_ids[2]] and cache.num_cached_blocks == 2
+    assert evicted == [block_ids[2]] and cache.num_cached_blocks == 2 and cache.num_evicted_blocks == 1
     assert cache.lookup(hashes) == block_ids[:2]  # the chain stops at the evicted block
     assert allocator.fork(block_ids[:2]) == block_ids[:2]  # revived: held again, not free
     assert allocator.num_free_blocks == 0 and allocator.ref_count(block_ids[0]) == 1
