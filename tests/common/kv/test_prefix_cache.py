@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from common.kv.block_allocator import BlockAllocator
 from common.kv.block_hash import ROOT_HASH, extend_block_hashes, hash_block
@@ -98,3 +101,85 @@ def test_a_cache_serves_one_allocator_and_registers_only_held_blocks():
         PrefixCache(allocator)
     with pytest.raises(ValueError, match="not allocated"):
         cache.register(0, hash_block(ROOT_HASH, [1]))
+
+
+NUM_BLOCKS = 10
+
+
+class CacheHistory(RuleBasedStateMachine):
+    """Owners allocate (evicting cached blocks), register, reuse cached blocks, free behind fences."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocator = BlockAllocator(NUM_BLOCKS)
+        self.cache = PrefixCache(self.allocator)
+        self.owners: list[list[int]] = []
+        self.hashes: list[bytes] = []  # every hash ever registered
+        self.fence: int | None = None
+        self.num_steps = 0
+
+    @rule(num_blocks=st.integers(1, 4))
+    def allocate(self, num_blocks):
+        if self.allocator.can_allocate(num_blocks):
+            self.owners.append(self.allocator.allocate(num_blocks))
+
+    @precondition(lambda self: self.owners)
+    @rule(data=st.data())
+    def register(self, data):
+        owner = data.draw(st.sampled_from(self.owners))
+        block_hash = hash_block(ROOT_HASH, [len(self.hashes)])
+        if self.cache.register(owner[0], block_hash):
+            self.hashes.append(block_hash)
+
+    @precondition(lambda self: self.hashes)
+    @rule(data=st.data())
+    def reuse(self, data):
+        block_hash = data.draw(st.sampled_from(self.hashes))
+        found = self.cache.lookup([block_hash])
+        if found:
+            self.owners.append(self.allocator.fork(found))
+
+    @precondition(lambda self: self.owners)
+    @rule(data=st.data())
+    def free(self, data):
+        self.allocator.free(self.owners.pop(data.draw(st.integers(0, len(self.owners) - 1))))
+
+    @rule()
+    def launch_or_complete(self):
+        if self.fence is None:
+            self.num_steps += 1
+            self.fence = self.num_steps
+            self.allocator.set_fence(self.fence)
+        else:
+            self.allocator.set_fence(None)
+            self.allocator.release_fence(self.fence)
+            self.fence = None
+
+    @invariant()
+    def held_blocks_are_never_free_and_counts_add_up(self):
+        holders: dict[int, int] = {}
+        for owner in self.owners:
+            for block_id in owner:
+                holders[block_id] = holders.get(block_id, 0) + 1
+        for block_id in range(NUM_BLOCKS):
+            assert self.allocator.ref_count(block_id) == holders.get(block_id, 0)
+        free = list(self.allocator._free_block_ids) + list(self.allocator._cached_free)
+        assert len(free) == len(set(free)) and not set(free) & set(holders)
+        assert len(free) + len(holders) + self.allocator.num_fenced_blocks == NUM_BLOCKS
+        for block_hash in self.hashes:
+            found = self.cache.lookup([block_hash])
+            assert not found or self.allocator.is_cached(found[0])
+
+    def teardown(self):
+        for owner in self.owners:
+            self.allocator.free(owner)
+        if self.fence is not None:
+            self.allocator.set_fence(None)
+            self.allocator.release_fence(self.fence)
+        assert self.allocator.usage == 0.0 and self.allocator.num_free_blocks == NUM_BLOCKS
+        assert sorted(self.allocator.allocate(NUM_BLOCKS)) == list(range(NUM_BLOCKS))
+        assert self.cache.num_cached_blocks == 0
+
+
+TestCacheHistory = CacheHistory.TestCase
+TestCacheHistory.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
