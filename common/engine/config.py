@@ -42,7 +42,7 @@ class EngineConfig:
     # plan and launch decode step N+1 while step N runs on the device (the host's work hides behind it)
     async_scheduling: bool = True
     # reuse the KV of full blocks an earlier request computed for the same prefix (vLLM's flag)
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         self._check_choice("load_format", LOAD_FORMATS)
