@@ -100,12 +100,15 @@ class ServiceMetrics:
         self._success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
         self._kv_bytes = counter("kv_transfer_bytes", "KV bytes handed off.")
         self._kv_failures = counter("kv_transfer_failures", "KV hand-offs that failed.")
+        self._prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self._prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self._prefix_totals = (0, 0)  # the engine's running totals at the last update (queries, hits)
         # Bind the constant labels once; every method below then costs one child lookup less.
         self._bound = {
             metric: metric.labels(**labels)
             for metric in (self._ttft, self._itl, self._e2e, self._kv_seconds, self._running, self._waiting,
                            self._kv_usage, self._prompt_tokens, self._generation_tokens, self._kv_bytes,
-                           self._kv_failures)
+                           self._kv_failures, self._prefix_queries, self._prefix_hits)
         }
         self._success_by_reason = {r: self._success.labels(finished_reason=r, **labels) for r in FINISHED_REASONS}
 
@@ -164,6 +167,19 @@ class ServiceMetrics:
 
     def kv_transfer_failed(self) -> None:
         self._bound[self._kv_failures].inc()
+
+    def set_prefix_cache_totals(self, queries_tokens: int, hits_tokens: int) -> None:
+        """The engine's running totals of prefix-cache lookups and hits, in tokens (vLLM's
+        prefix_cache_queries / prefix_cache_hits); the counters advance by what is new since the last call."""
+        last_queries, last_hits = self._prefix_totals
+        if queries_tokens < last_queries or hits_tokens < last_hits or hits_tokens > queries_tokens:
+            raise ValueError(f"prefix cache totals must grow and hits stay <= queries: got {queries_tokens}, "
+                             f"{hits_tokens} after {last_queries}, {last_hits}")
+        if queries_tokens > last_queries:
+            self._bound[self._prefix_queries].inc(queries_tokens - last_queries)
+        if hits_tokens > last_hits:
+            self._bound[self._prefix_hits].inc(hits_tokens - last_hits)
+        self._prefix_totals = (queries_tokens, hits_tokens)
 
 
 @dataclasses.dataclass

@@ -59,6 +59,7 @@ def refresh_worker_stats(role: str, engine_stats, metrics, counters: dict[str, i
     )
     metrics.set_queue_sizes(stats.num_running, stats.num_waiting)
     metrics.set_kv_usage(stats.num_used_blocks, stats.num_total_blocks)
+    metrics.set_prefix_cache_totals(engine_stats.prefix_cache_queries_tokens, engine_stats.prefix_cache_hits_tokens)
     return stats
 
 

@@ -69,6 +69,17 @@ def test_gauges_and_kv_transfer():
     assert _sample(metrics, "tandem:kv_transfer_failures_total") == 1
 
 
+def test_prefix_cache_counters_follow_the_engine_totals():
+    metrics = ServiceMetrics("prefill", MODEL)
+    metrics.set_prefix_cache_totals(queries_tokens=64, hits_tokens=0)
+    metrics.set_prefix_cache_totals(queries_tokens=64, hits_tokens=0)  # a refresh with nothing new
+    metrics.set_prefix_cache_totals(queries_tokens=128, hits_tokens=48)
+    assert _sample(metrics, "tandem:prefix_cache_queries_total") == 128
+    assert _sample(metrics, "tandem:prefix_cache_hits_total") == 48
+    with pytest.raises(ValueError, match="must grow"):
+        metrics.set_prefix_cache_totals(queries_tokens=100, hits_tokens=48)
+
+
 def test_registries_are_per_service():
     prefill = ServiceMetrics("prefill", MODEL)
     decode = ServiceMetrics("decode", MODEL)  # same metric names, no "Duplicated timeseries" error

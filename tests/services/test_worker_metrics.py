@@ -91,3 +91,21 @@ def test_an_aborted_request_is_counted_once_as_abort(make_system):
     assert _success(system, "decode") == {"stop": 0, "length": 0, "abort": 1, "error": 0}
     assert _sample(system, "decode", "tandem:e2e_request_latency_seconds_count") == 1
     assert sum(_success(system, "prefill").values()) == 0  # handed off: the decode worker counts it
+
+
+def test_a_repeated_prompt_counts_prefix_cache_hits_on_the_prefill_worker(make_system):
+    system = make_system()
+    prompt = list(range(100, 164))  # 64 tokens: whole KV blocks the second request can reuse
+    request = g.GenerateRequest(token_ids=g.TokenIds(ids=prompt), sampling=g.SamplingParams(
+        max_tokens=2, temperature=0, ignore_eos=True))
+    with grpc.insecure_channel(system.frontend_address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        first = list(stub.Generate(request, timeout=60))
+        _wait_for(lambda: _sample(system, "prefill", "tandem:prefix_cache_queries_total") > 0)
+        assert _sample(system, "prefill", "tandem:prefix_cache_hits_total") == 0
+        second = list(stub.Generate(request, timeout=60))
+    assert [m.WhichOneof("kind") for m in first] == [m.WhichOneof("kind") for m in second]
+    _wait_for(lambda: _sample(system, "prefill", "tandem:prefix_cache_hits_total") > 0)
+    hits = _sample(system, "prefill", "tandem:prefix_cache_hits_total")
+    assert 0 < hits < len(prompt)  # the cached blocks, never the last token (it is computed for logits)
+    assert _sample(system, "prefill", "tandem:prefix_cache_queries_total") >= 2 * len(prompt) - 1
