@@ -8,7 +8,9 @@ the request's part of the DecodeStream has its own `.../DecodeWorker/Decode` CLI
 
 Whatever ends the stream early (a stop string, client cancel, deadline, Abort, an error) closes the
 generator; its `finally` sends Abort to both workers, so every block on every worker is freed. The
-aborts run as background tasks: they must not be cancelled with the request.
+aborts run as background tasks: they must not be cancelled with the request. The workers know each run
+by an id of its own (the caller's + "@" + random hex), so those late Aborts only ever reach the run that
+sent them, never a new request the caller started under the same id.
 
 Migration: when the decode worker is lost mid-stream (UNAVAILABLE), the request runs again as a new
 attempt, up to `migration_limit` times: Prefill of prompt + every token already sent, with
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -33,7 +36,7 @@ from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common.tracing import Attr, SpanName
 from protos import worker_pb2
-from services.common.errors import DeadlineExceeded, ServiceError
+from services.common.errors import MAX_REQUEST_ID_LENGTH, DeadlineExceeded, ServiceError
 from services.common.worker_messages import FINISH_REASON_FROM_PB, logprobs_from_pb, sampling_to_pb
 from services.frontend.decode_streams import DecodeStreamClient, RequestUpdates, WorkerRequestError, error_from_pb
 from services.frontend.router import Router, WorkerHandle
@@ -80,7 +83,12 @@ class Relay:
         time_remaining: Callable[[], float | None],
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Yields token #1 (from Prefill), the decoded tokens, then one FinishEvent; moves the request to
-        other workers when its decode worker is lost mid-stream (see `_can_migrate`)."""
+        other workers when its decode worker is lost mid-stream (see `_can_migrate`).
+
+        The workers know this run as `worker_request_id(request_id)`, an id of its own: the clean-up
+        Aborts of an earlier request under the same id (sent in the background once it ended) can then
+        never reach this one."""
+        request_id = worker_request_id(request_id)
         sampling_pb = sampling_to_pb(sampling)
         touched: list[WorkerHandle] = []  # workers that may hold state for this request
         sent_token_ids: list[int] = []  # every token passed on so far, over all attempts
@@ -292,3 +300,12 @@ def _resumed(sampling_pb: worker_pb2.SamplingParams, num_output_tokens: int) -> 
     resumed.CopyFrom(sampling_pb)
     resumed.num_output_tokens_before = num_output_tokens
     return resumed
+
+
+_RUN_SUFFIX_LENGTH = 9  # "@" and 8 hex digits
+
+
+def worker_request_id(request_id: str) -> str:
+    """The id one run of a request has on the workers: the caller's id (cut to leave room) + "@" + 8 random
+    hex digits, within the workers' MAX_REQUEST_ID_LENGTH."""
+    return f"{request_id[: MAX_REQUEST_ID_LENGTH - _RUN_SUFFIX_LENGTH]}@{secrets.token_hex(4)}"
