@@ -31,6 +31,7 @@ from common.heap import freeze_startup_heap
 from common.tls import ServerTLS, add_server_tls_args, server_tls_from_args
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
+from services.common.tolerant_decoding import add_tolerant_servicer, service_descriptor
 from services.common.worker_setup import TRANSFER_BACKENDS, load_engine, warm_up_kernels
 
 
@@ -74,7 +75,6 @@ class WorkerRole:
     default_port: int  # gRPC port without --port or TANDEM_PORT
     service_name: str  # full gRPC service name, served with health and reflection
     servicer_type: type  # its `.worker` is set once the model is loaded
-    add_servicer: Callable[[Any, Any], None]  # worker_pb2_grpc.add_*WorkerServicer_to_server
     add_args: Callable[[argparse.ArgumentParser], None]  # the role's own flags
     prepare: Callable[[argparse.Namespace], StartWorker]  # validates the role's flags (ValueError names one)
 
@@ -126,7 +126,7 @@ async def serve_worker(role: WorkerRole, command: WorkerCommand) -> int:
     tracing_handle = tracing.init_tracing(role.name, args.otlp_traces_endpoint)
     try:
         running = await start_server(
-            lambda server: role.add_servicer(servicer, server),
+            lambda server: add_tolerant_servicer(servicer, server, service_descriptor(role.service_name)),
             [role.service_name], args.host, args.port, interceptors=tracing_handle.server_interceptors(),
             tls=command.tls,
         )

@@ -14,7 +14,6 @@ import contextlib
 
 from common.engine.args import parse_memory_size
 from common.transfer.base import split_address
-from protos import worker_pb2_grpc
 from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
 from services.common.worker_setup import create_receiver, kv_layout
@@ -75,7 +74,6 @@ ROLE = WorkerRole(
     default_port=50062,
     service_name="tandem.worker.v1.DecodeWorker",
     servicer_type=DecodeServicer,
-    add_servicer=worker_pb2_grpc.add_DecodeWorkerServicer_to_server,
     add_args=_add_decode_args,
     prepare=_prepare,
 )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from protos import worker_pb2_grpc
 from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
 from services.common.worker_setup import create_sender
@@ -56,7 +55,6 @@ ROLE = WorkerRole(
     default_port=50061,
     service_name="tandem.worker.v1.PrefillWorker",
     servicer_type=PrefillServicer,
-    add_servicer=worker_pb2_grpc.add_PrefillWorkerServicer_to_server,
     add_args=_add_prefill_args,
     prepare=_prepare,
 )

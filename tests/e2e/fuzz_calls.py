@@ -175,11 +175,7 @@ class WorkerChannels:
         self.decode_channel.close()
 
 
-# KNOWN BUG: the workers register the generated handlers, whose deserializer raises on bytes that are
-# not a valid message (corrupt wire format, a string field that is not UTF-8), and gRPC answers UNKNOWN
-# ("Unexpected DecodeError") instead of INVALID_ARGUMENT. The frontend decodes tolerantly
-# (services/frontend/servicer.py `_tolerant`); the workers need the same. Until then such an answer is
-# counted apart, and test_fuzz.py's strict xfail test fails once it is fixed (then drop both).
+# What a worker may answer (undecodable bytes included: INVALID_ARGUMENT, services/common/tolerant_decoding.py).
 WORKER_ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}
 
 
@@ -281,9 +277,6 @@ def run_worker_call(channels: WorkerChannels, call: WorkerCall) -> list[Outcome]
             allowed.add("DEADLINE_EXCEEDED")
         if status in NEVER:
             problem = f"{status}: {error.details()}"
-        if call.kind == "raw" and status == "UNKNOWN" and "DecodeError" in (error.details() or ""):
-            status, problem = "UNKNOWN (known bug: undecodable request)", ""  # see WORKER_ALLOWED's comment
-            allowed.add(status)
     kind = call.raw_method.rsplit("/", 2)[-2:] if call.kind == "raw" else call.kind
     kind = f"raw {'/'.join(kind)}" if call.kind == "raw" else kind
     return [_judge(kind, status, allowed, time.monotonic() - started, call.deadline_seconds, call, problem, details)]

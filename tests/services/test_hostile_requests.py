@@ -92,10 +92,11 @@ def test_a_request_whose_hand_off_raises_fails_alone_and_frees_its_blocks(make_s
     real_add = engine.add_decode_request
 
     def add_decode_request(request_id, *args):
-        if request_id == "poisoned" and when == "before":
+        is_poisoned = request_id.split("@")[0] == "poisoned"  # the id of this run on the workers
+        if is_poisoned and when == "before":
             raise RuntimeError("injected failure")
         real_add(request_id, *args)
-        if request_id == "poisoned":  # the engine already runs it: the worker must take it back out
+        if is_poisoned:  # the engine already runs it: the worker must take it back out
             raise RuntimeError("injected failure")
 
     monkeypatch.setattr(engine, "add_decode_request", add_decode_request)
