@@ -26,8 +26,8 @@ class Undecodable:
     problem: str
 
     @property
-    def details(self) -> str:
-        return f"request: not a valid {self.message_name} ({self.problem}; string fields must be UTF-8)"
+    def description(self) -> str:
+        return f"not a valid {self.message_name} ({self.problem}; string fields must be UTF-8)"
 
 
 def tolerant_deserializer(message_class):
@@ -68,7 +68,7 @@ def add_tolerant_servicer(servicer: Any, server: grpc.aio.Server, service_descri
 
 
 async def _refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: {request.description}")
 
 
 def _unary_unary(behaviour):

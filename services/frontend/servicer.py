@@ -13,13 +13,11 @@ With an API key (`--api-key`), Generate, Abort and GetModelInfo need metadata
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
-from google.protobuf.message import DecodeError
 
 from protos import generation_pb2, generation_pb2_grpc
 from services.common.errors import InvalidRequest, Overloaded
+from services.common.tolerant_decoding import Undecodable, tolerant_deserializer
 from services.frontend.admission import RETRY_AFTER_SECONDS
 from services.frontend.app import FrontendApp
 from services.frontend.auth import check_grpc_key
@@ -28,28 +26,9 @@ from services.frontend.convert import to_pb
 SERVICE_NAME = "tandem.v1.Generation"
 
 
-@dataclass(frozen=True)
-class Undecodable:
-    """A request whose bytes are not a valid message of `message_name`."""
-
-    message_name: str
-    problem: str
-
-
-def _tolerant(message_type):
-    def deserialize(data: bytes):
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:  # corrupt wire format, or a string field that is not UTF-8
-            return Undecodable(message_type.DESCRIPTOR.name, str(exc))
-
-    return deserialize
-
-
 def _check_decoded(request) -> None:
     if isinstance(request, Undecodable):
-        raise InvalidRequest("request", f"not a valid {request.message_name} ({request.problem}; string fields "
-                                        "must be UTF-8)")
+        raise InvalidRequest("request", request.description)
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:
@@ -88,13 +67,13 @@ def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Serve
     """Registers `servicer` like the generated `add_GenerationServicer_to_server`, with tolerant decoding."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=_tolerant(generation_pb2.GenerateRequest),
+            servicer.Generate, request_deserializer=tolerant_deserializer(generation_pb2.GenerateRequest),
             response_serializer=generation_pb2.GenerateResponse.SerializeToString),
         "Abort": grpc.unary_unary_rpc_method_handler(
-            servicer.Abort, request_deserializer=_tolerant(generation_pb2.AbortRequest),
+            servicer.Abort, request_deserializer=tolerant_deserializer(generation_pb2.AbortRequest),
             response_serializer=generation_pb2.AbortResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=_tolerant(generation_pb2.GetModelInfoRequest),
+            servicer.GetModelInfo, request_deserializer=tolerant_deserializer(generation_pb2.GetModelInfoRequest),
             response_serializer=generation_pb2.ModelInfo.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
