@@ -255,6 +255,11 @@ class FrontendApp:
             with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
                 prompt_token_ids = await self.prompt_token_ids(request)
             fit_to_context(request, len(prompt_token_ids), limits.max_model_len)
+        except asyncio.CancelledError:
+            self._forget(request.request_id, active)
+            if active.is_aborted:  # an Abort while tokenizing: the caller gets CANCELLED, as later on
+                raise Cancelled(f"request {request.request_id} was aborted") from None
+            raise
         except BaseException:
             self._forget(request.request_id, active)
             raise

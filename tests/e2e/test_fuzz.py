@@ -215,8 +215,6 @@ def test_undecodable_worker_request_is_invalid_argument(fuzz_system, method):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
 
 
-@pytest.mark.xfail(strict=True, reason="an Abort during tokenization leaves the Generate without any status "
-                                        "until its deadline (docs/benchmarks.md, reliability findings)")
 def test_an_abort_during_tokenization_ends_the_call_cancelled(fuzz_system):
     with grpc.insecure_channel(fuzz_system.frontend) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
