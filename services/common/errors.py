@@ -151,7 +151,15 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: Exception, request
         logger.error("%s request_id=%s failed", method, request_id, exc_info=exc)
     else:
         logger.info("%s request_id=%s -> %s: %s", method, request_id, code.name, message)
-    await context.abort(code, message)
+    if context.done():  # the call already ended (its deadline passed, the client left): no status to send
+        return
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # noqa: BLE001 - the call ended while the status was on its way: nobody to tell
+        if not context.done():
+            raise
 
 
 def _wrap_unary(behavior, method: str):
