@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from common.kv.block_allocator import BlockAllocator, OutOfKVBlocks
+from tests.common.kv.ownership import assert_ref_counts_match
 
 
 def test_allocate_free_and_usage():
@@ -110,12 +111,7 @@ class AllocatorHistory(RuleBasedStateMachine):
 
     @invariant()
     def counts_match_owners(self):
-        holders: dict[int, int] = {}
-        for owner in self.owners:
-            for block_id in owner:
-                holders[block_id] = holders.get(block_id, 0) + 1
-        for block_id in range(NUM_BLOCKS):
-            assert self.allocator.ref_count(block_id) == holders.get(block_id, 0)
+        holders = assert_ref_counts_match(self.allocator, self.owners, NUM_BLOCKS)
         assert self.allocator.num_free_blocks == NUM_BLOCKS - len(holders)
 
     def teardown(self):

@@ -12,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from common.kv.block_allocator import BlockAllocator
 from common.kv.block_hash import ROOT_HASH, extend_block_hashes, hash_block
 from common.kv.prefix_cache import PrefixCache
+from tests.common.kv.ownership import assert_ref_counts_match
 
 HASH_SCRIPT = "from common.kv.block_hash import hash_block, ROOT_HASH; print(hash_block(hash_block(ROOT_HASH, [1, 2, 3]), [70000, 5]).hex())"
 
@@ -157,12 +158,7 @@ class CacheHistory(RuleBasedStateMachine):
 
     @invariant()
     def held_blocks_are_never_free_and_counts_add_up(self):
-        holders: dict[int, int] = {}
-        for owner in self.owners:
-            for block_id in owner:
-                holders[block_id] = holders.get(block_id, 0) + 1
-        for block_id in range(NUM_BLOCKS):
-            assert self.allocator.ref_count(block_id) == holders.get(block_id, 0)
+        holders = assert_ref_counts_match(self.allocator, self.owners, NUM_BLOCKS)
         free = list(self.allocator._free_block_ids) + list(self.allocator._cached_free)
         assert len(free) == len(set(free)) and not set(free) & set(holders)
         assert len(free) + len(holders) + self.allocator.num_fenced_blocks == NUM_BLOCKS
