@@ -93,7 +93,6 @@ class LLMEngine:
         self._reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for a KV hand-off
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, returned by the next step
         self._in_flight: InFlightDecode | None = None  # a launched decode step whose tokens are not read yet
-        self._num_launched = 0  # launched steps so far: the allocator's fence ids
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._finished_reasons: dict[str, int] = {}
@@ -155,7 +154,7 @@ class LLMEngine:
             # (blocks an unlaunched plan took stay with their sequences, which need them anyway).
             self._in_flight = None
         token_ids = self.model_runner.finish_decode(in_flight)
-        self.allocator.release_fence(in_flight.fence_id)
+        self.allocator.release_fence(in_flight.step_id)
         if self._in_flight is None:
             self.allocator.set_fence(None)
         counted = self.scheduler.complete(in_flight.plan, token_ids)
@@ -170,10 +169,8 @@ class LLMEngine:
         return outputs
 
     def _launch(self, plan, previous: InFlightDecode | None) -> None:
-        self._num_launched += 1
-        self.allocator.set_fence(self._num_launched)
         step = self.model_runner.launch_decode(plan, previous)
-        step.fence_id = self._num_launched
+        self.allocator.set_fence(step.step_id)  # blocks freed from now on wait for this step
         self.scheduler.launched(plan)
         self._in_flight = step
 

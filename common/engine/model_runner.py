@@ -46,7 +46,7 @@ class InFlightDecode:
     token_ids: torch.Tensor  # [num_seqs] int64 on the device: what the next step reads as inputs
     host_token_ids: torch.Tensor  # [num_seqs] int64 on the host, valid once `done` has completed
     done: torch.cuda.Event | None  # recorded after the copy to the host; None on CPU (already done)
-    fence_id: int = 0  # the engine's id for it: blocks freed while it is in flight wait for it
+    step_id: int  # 1, 2, ... in launch order (the engine fences freed blocks by it)
 
 
 class ModelRunner:
@@ -78,7 +78,7 @@ class ModelRunner:
         # Launched steps copy their tokens here, in turn: at most two steps are in flight.
         self._token_staging = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
             if device.type == "cuda" else []
-        self._num_launched = 0
+        self._num_launched = 0  # decode steps launched so far
         self.graph_runner: CUDAGraphRunner | None = None
         if use_cuda_graphs:
             if capture_graphs and device.type != "cuda":
@@ -163,14 +163,14 @@ class ModelRunner:
                 token_ids = logits.argmax(dim=-1)  # [N] int64
             else:
                 token_ids = self.sampler.choose(logits, [_sampling_row(seq) for seq in seqs])
-            if self.device.type != "cuda":
-                return InFlightDecode(plan, token_ids, token_ids, None)
-            host = self._token_staging[self._num_launched % len(self._token_staging)][: len(seqs)]
             self._num_launched += 1
+            if self.device.type != "cuda":
+                return InFlightDecode(plan, token_ids, token_ids, None, self._num_launched)
+            host = self._token_staging[self._num_launched % len(self._token_staging)][: len(seqs)]
             host.copy_(token_ids, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return InFlightDecode(plan, token_ids, host, done)
+            return InFlightDecode(plan, token_ids, host, done, self._num_launched)
 
     @staticmethod
     def finish_decode(step: InFlightDecode) -> list[int]:
