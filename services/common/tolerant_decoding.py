@@ -45,17 +45,20 @@ def service_descriptor(full_name: str):
     return descriptor_pool.Default().FindServiceByName(full_name)
 
 
-def add_tolerant_servicer(servicer: Any, server: grpc.aio.Server, service_descriptor) -> None:
-    """Registers every method of `service_descriptor` (e.g. worker_pb2.DESCRIPTOR.services_by_name[...])
-    on `servicer`, as the generated function would, with tolerant decoding."""
+def add_tolerant_servicer(servicer: Any, server: grpc.aio.Server, service_descriptor, *,
+                          refuses_undecodable: bool = True) -> None:
+    """Registers every method of `service_descriptor` (see `service_descriptor()`) on `servicer`, as the
+    generated function would, with tolerant decoding. `refuses_undecodable=False`: the methods get the
+    `Undecodable` themselves (to check something else first, such as an API key)."""
     handlers = {}
     for method in service_descriptor.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         behaviour = getattr(servicer, method.name)
         kind = (method.client_streaming, method.server_streaming)
-        wrapped = {(False, False): _unary_unary, (False, True): _unary_stream,
-                   (True, False): _stream_unary, (True, True): _stream_stream}[kind](behaviour)
+        wrapped = behaviour if not refuses_undecodable else {
+            (False, False): _unary_unary, (False, True): _unary_stream,
+            (True, False): _stream_unary, (True, True): _stream_stream}[kind](behaviour)
         make_handler = {(False, False): grpc.unary_unary_rpc_method_handler,
                         (False, True): grpc.unary_stream_rpc_method_handler,
                         (True, False): grpc.stream_unary_rpc_method_handler,

@@ -17,7 +17,7 @@ import grpc
 
 from protos import generation_pb2, generation_pb2_grpc
 from services.common.errors import InvalidRequest, Overloaded
-from services.common.tolerant_decoding import Undecodable, tolerant_deserializer
+from services.common.tolerant_decoding import Undecodable, add_tolerant_servicer, service_descriptor
 from services.frontend.admission import RETRY_AFTER_SECONDS
 from services.frontend.app import FrontendApp
 from services.frontend.auth import check_grpc_key
@@ -64,17 +64,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
-    """Registers `servicer` like the generated `add_GenerationServicer_to_server`, with tolerant decoding."""
-    handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=tolerant_deserializer(generation_pb2.GenerateRequest),
-            response_serializer=generation_pb2.GenerateResponse.SerializeToString),
-        "Abort": grpc.unary_unary_rpc_method_handler(
-            servicer.Abort, request_deserializer=tolerant_deserializer(generation_pb2.AbortRequest),
-            response_serializer=generation_pb2.AbortResponse.SerializeToString),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=tolerant_deserializer(generation_pb2.GetModelInfoRequest),
-            response_serializer=generation_pb2.ModelInfo.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    """Registers `servicer` like the generated `add_GenerationServicer_to_server`, with tolerant decoding
+    (each method checks the API key, then refuses an `Undecodable`)."""
+    add_tolerant_servicer(servicer, server, service_descriptor(SERVICE_NAME), refuses_undecodable=False)
