@@ -183,10 +183,25 @@ def configure_logging(level: str = "INFO") -> None:
 # How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). A service
 # runs an engine thread, a gRPC loop, the UCX loop and its progress thread; a KV hand-off or a token
 # crosses several of them, and at 5 ms a hop a busy engine thread adds tens of milliseconds to each.
+# TANDEM_GIL_SWITCH_INTERVAL_MS overrides it (bench/kv_transfer.py measures what it does to a hand-off).
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def gil_switch_interval_seconds(environ=os.environ) -> float:
+    """The switch interval a service sets: TANDEM_GIL_SWITCH_INTERVAL_MS if given, else the default."""
+    text = environ.get("TANDEM_GIL_SWITCH_INTERVAL_MS")
+    if text is None:
+        return GIL_SWITCH_INTERVAL_SECONDS
+    try:
+        milliseconds = float(text)
+    except ValueError:
+        raise ValueError(f"TANDEM_GIL_SWITCH_INTERVAL_MS: expected milliseconds, got {text!r}") from None
+    if not 0.001 <= milliseconds <= 100:
+        raise ValueError(f"TANDEM_GIL_SWITCH_INTERVAL_MS: must be in [0.001, 100], got {milliseconds:g}")
+    return milliseconds / 1000
 
 
 def configure_process(log_level: str = "INFO") -> None:
     """Process-wide set-up every service does first: logging, and a short GIL switch interval."""
     configure_logging(log_level)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+    sys.setswitchinterval(gil_switch_interval_seconds())

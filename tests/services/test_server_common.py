@@ -99,3 +99,22 @@ def test_configure_process_shortens_the_gil_switch_interval():
         assert GIL_SWITCH_INTERVAL_SECONDS < before  # CPython's default is 5 ms
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_gil_switch_interval_can_be_set_from_the_environment(monkeypatch):
+    import sys
+
+    from services.common.server import GIL_SWITCH_INTERVAL_SECONDS, configure_process, gil_switch_interval_seconds
+
+    assert gil_switch_interval_seconds({}) == GIL_SWITCH_INTERVAL_SECONDS
+    assert gil_switch_interval_seconds({"TANDEM_GIL_SWITCH_INTERVAL_MS": "0.1"}) == pytest.approx(0.0001)
+    for bad in ("fast", "0", "-1", "1000"):
+        with pytest.raises(ValueError, match="TANDEM_GIL_SWITCH_INTERVAL_MS"):
+            gil_switch_interval_seconds({"TANDEM_GIL_SWITCH_INTERVAL_MS": bad})
+    before = sys.getswitchinterval()
+    monkeypatch.setenv("TANDEM_GIL_SWITCH_INTERVAL_MS", "0.2")
+    try:
+        configure_process("WARNING")
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+    finally:
+        sys.setswitchinterval(before)
