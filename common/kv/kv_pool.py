@@ -59,6 +59,7 @@ class KVPool:
         # Zeroed so that reading a padded (never written) slot can never produce NaN/Inf.
         self.kv = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=self.device)
         self._gather_stream: torch.cuda.Stream | None = None  # CUDA: created by the first gather
+        self._receive_stream: torch.cuda.Stream | None = None  # CUDA: allocates transfer buffers, runs nothing
 
     @property
     def num_bytes(self) -> int:
@@ -89,17 +90,47 @@ class KVPool:
             self._gather_stream = torch.cuda.Stream(self.device)  # non-blocking: no implicit sync with stream 0
         return self._gather_stream
 
+    def new_transfer_buffer(self, num_blocks: int) -> torch.Tensor:
+        """An uninitialised [num_layers, 2, num_blocks, block_size, Hkv, D] buffer for a KV transfer to land
+        in, which a transport may write outside stream order without waiting for the device.
+
+        A buffer allocated on the compute stream may reuse memory that kernels queued there still read
+        or write, so a transport writing it at once would first have to wait for the whole queue (with
+        asynchronous scheduling, the step in flight and the one after it). On CUDA this one comes from a
+        stream of its own on which nothing runs: its memory was last used by an earlier transfer buffer,
+        which `scatter_blocks` marked as used by the compute stream, so the allocator hands it out again
+        only once the kernels reading it have completed.
+        """
+        shape = self.layout.block_shape(num_blocks)
+        if self.device.type != "cuda":
+            return torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+        if self._receive_stream is None:
+            self._receive_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._receive_stream):
+            return torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+
     def scatter_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
-        """Writes `data` [num_layers, 2, len(block_ids), block_size, Hkv, D] into the given blocks."""
+        """Writes `data` [num_layers, 2, len(block_ids), block_size, Hkv, D] into the given blocks.
+
+        Queued on the current stream; the host does not wait for it (nor for anything queued before it).
+        """
         expected = self.layout.block_shape(len(block_ids))
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         if data.dtype != self.layout.dtype:
             raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.dtype}")
-        self.kv.index_copy_(2, self._index(block_ids), data.to(self.device))
+        data = data.to(self.device)
+        if data.is_cuda:  # a buffer of another stream (new_transfer_buffer) is not reused before this copy ran
+            data.record_stream(torch.cuda.current_stream(self.device))
+        self.kv.index_copy_(2, self._index(block_ids), data)
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """The block ids as a device tensor, copied without making the host wait for the stream: a plain
+        host-to-device copy from pageable memory would wait for every kernel queued before it."""
         for block_id in block_ids:
             if not 0 <= block_id < self.num_blocks:
                 raise ValueError(f"block id {block_id} is outside 0..{self.num_blocks - 1}")
-        return torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        if self.device.type != "cuda":
+            return index
+        return index.pin_memory().to(self.device, non_blocking=True)

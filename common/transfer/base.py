@@ -370,7 +370,10 @@ class KVReceiver(abc.ABC):
     def begin(
         self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
     ) -> TransferTicket:
-        """Starts pulling `handle` into `destination` [L, 2, n, BS, Hkv, D]; raises ValueError on a bad destination."""
+        """Starts pulling `handle` into `destination` [L, 2, n, BS, Hkv, D]; raises ValueError on a bad destination.
+
+        The bytes land outside any CUDA stream's order: no queued kernel may still use `destination`'s
+        memory (allocate it with `KVPool.new_transfer_buffer`, or synchronize first)."""
 
     def poll(self, ticket: TransferTicket) -> TransferState:
         return ticket.state

@@ -241,8 +241,6 @@ class UcxKVReceiver(KVReceiver):
         self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
     ) -> TransferTicket:
         ticket = self._new_ticket(handle, destination)
-        if destination.is_cuda:  # pending kernels on this memory must finish before UCX writes it
-            torch.cuda.current_stream(destination.device).synchronize()
         future = self._runtime.submit(self._pull(ticket, dict(trace_context or {})))
         with self._pulls_lock:
             self._pulls[future] = ticket

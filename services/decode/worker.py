@@ -29,7 +29,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import torch
 from opentelemetry import trace
 
 from common import tracing
@@ -193,8 +192,7 @@ class DecodeWorker:
         job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent,
                                                         {Attr.REQUEST_ID: job.request_id})
         try:
-            job.buffer = torch.empty(self.layout.transfer_shape(job.handle.num_blocks),
-                                     dtype=self.layout.torch_dtype, device=self.engine.kv_pool.device)
+            job.buffer = self.engine.kv_pool.new_transfer_buffer(job.handle.num_blocks)
             trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
             job.ticket = self.receiver.begin(job.handle, job.buffer, trace_context)
         except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed

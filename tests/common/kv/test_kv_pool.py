@@ -65,3 +65,23 @@ def test_gather_from_another_thread_is_complete_and_never_waits_for_the_compute_
         if pool.device.type == "cuda":
             assert not torch.cuda.current_stream(pool.device).query(), "the gather waited for the compute stream"
         assert torch.equal(gathered, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_transfer_buffer_scatters_into_the_pool_and_is_not_reused_while_the_scatter_may_read_it(device):
+    pool = KVPool(LAYOUT, num_blocks=6, device=device)
+    buffer = pool.new_transfer_buffer(2)
+    assert buffer.shape == LAYOUT.block_shape(2) and buffer.dtype == LAYOUT.dtype and buffer.device == pool.kv.device
+    data = torch.randn(LAYOUT.block_shape(2))
+    buffer.copy_(data)
+    if pool.kv.is_cuda:
+        torch.cuda.synchronize(pool.kv.device)  # the data is in place, as after a finished transfer
+        torch.cuda._sleep(200_000_000)  # keep the compute stream busy well past the scatter's launch
+    pool.scatter_blocks([4, 1], buffer)
+    address = buffer.data_ptr()
+    del buffer
+    again = pool.new_transfer_buffer(2)
+    if pool.kv.is_cuda:  # the scatter has not run yet: its source must not be handed out to be overwritten
+        assert again.data_ptr() != address
+        torch.cuda.synchronize(pool.kv.device)
+    assert torch.equal(pool.kv[:, :, [4, 1]].cpu(), data)
