@@ -146,6 +146,7 @@ def _service_row(report: dict, name: str, run: dict) -> list:
     compiles = "n/a" if run["compiles_total"] is None else run["compiles_total"]
     gap_1_to_2 = run.get("gap_1_to_2_ms", {}).get("p50")  # absent from runs kept from an older --previous
     client_cpu = run.get("bench_process_cpu_fraction")
+    frontend_cpu = (run.get("service_cpu_fractions") or {}).get("frontend")
     return [f"{report['topology']} {name}", run["num_requests"], _number(run["output_tokens_per_s"]),
             "-" if run.get("ratio_to_engine") is None else f"{run['ratio_to_engine']:.2f}x",
             *(f"{_number(run[key][p], digits=0 if key == 'ttft_ms' else 1)} ms"
@@ -154,17 +155,17 @@ def _service_row(report: dict, name: str, run: dict) -> list:
             "-" if gap_1_to_2 is None else f"{_number(gap_1_to_2)} ms",
             _number(kv["send_ms"]["p50"], digits=2), _number(kv["gb_per_s"]["p50"], digits=2),
             _number(kv["ttft_share"]["p50"], digits=3), "-" if client_cpu is None else f"{client_cpu:.0%}",
-            compiles, run["num_errors"] if not run["truncated"] else f"{run['num_errors']} (cut)"]
+            "-" if frontend_cpu is None else f"{frontend_cpu:.0%}", compiles, run["num_errors"] if not run["truncated"] else f"{run['num_errors']} (cut)"]
 
 
 def table(report: dict) -> str:
     headers = ["run", "requests", "tok/s", "vs engine", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50",
-               "gap1→2 p50", "kv p50 ms", "kv GB/s p50", "kv share p50", "client CPU", "compiles", "errors"]
+               "gap1→2 p50", "kv p50 ms", "kv GB/s p50", "kv share p50", "client CPU", "frontend CPU", "compiles", "errors"]
     rows = []
     engine = report["runs"].get("engine")
     if engine:
         rows.append([f"engine 1 GPU ({engine.get('device', '')})", engine["num_requests"],
-                     _number(engine["useful_output_tokens_per_s"]), "1.00x", *["-"] * 11,
+                     _number(engine["useful_output_tokens_per_s"]), "1.00x", *["-"] * 12,
                      "cut" if engine.get("truncated") else 0])
     rows += [_service_row(report, name, run) for name, run in report["runs"].items() if name != "engine"]
     workload = report["workload"]
@@ -173,5 +174,6 @@ def table(report: dict) -> str:
              f"{devices['prefill']}, decode on {','.join(devices['decode'])}: ShareGPT-shaped, "
              f"{workload['num_requests']} requests, {workload['output_tokens']} output tokens; "
              f"gap1→2 = token #1 -> token #2 at the client; kv share = kv.send / time to token #2; "
-             f"client CPU = the busiest client process's CPU / wall")
+             f"client CPU = the busiest client process's CPU / wall; frontend CPU = its process's CPU time "
+             f"(all threads) / wall")
     return title + "\n" + format_table(headers, rows)

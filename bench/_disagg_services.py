@@ -162,6 +162,15 @@ class Service:
                                  f"with:\n{self.log_tail()}")
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, from /proc (Linux); None elsewhere or once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 class Services:
     """Starts the services (each its own process group, logs to files) and stops every one of them."""
 
@@ -205,6 +214,10 @@ class Services:
 
     def workers(self) -> list[Service]:
         return [s for s in self.started if s.role in ("prefill", "decode")]
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        """CPU time each service process has used so far, all its threads (None where unreadable)."""
+        return {service.name: process_cpu_seconds(service.popen.pid) for service in self.started}
 
     def stop(self, grace_seconds: float = 20.0) -> None:
         """SIGTERM, frontend first; SIGKILL whatever outlives the grace period."""

@@ -229,9 +229,13 @@ def serving_run(name: str, api: str, rate: float, session: ServingSession, promp
     records = [RequestRecord(f"{name}-{i}", len(p), n) for i, (p, n) in enumerate(zip(prompts, output_lens))]
     compiles_before = compile_counts(all_worker_stats(services))
     cpu_before = time.process_time()
+    service_cpu_before = services.cpu_seconds()
     client_run = session.clients.run(api, session.target, records, prompts, rate, args.seed, time_limit)
     records, wall = client_run.records, client_run.wall_seconds
     parent_cpu_seconds = time.process_time() - cpu_before
+    service_cpu_fractions = {name: None if seconds is None or service_cpu_before.get(name) is None or not wall
+                             else (seconds - service_cpu_before[name]) / wall
+                             for name, seconds in services.cpu_seconds().items()}
     services.check_alive()
     stats = all_worker_stats(services)
     compiles_after = compile_counts(stats)
@@ -251,6 +255,8 @@ def serving_run(name: str, api: str, rate: float, session: ServingSession, promp
         "client_event_loop": client_run.event_loop,
         # this process: the OTLP collector receiving the services' spans, and the wait for the clients
         "parent_process_cpu_fraction": parent_cpu_seconds / wall if wall else None,
+        # each service process's CPU time (all threads) / wall: 1.0 = one core busy the whole run
+        "service_cpu_fractions": service_cpu_fractions,
         "worker_stats": {worker: stats_dict(values) for worker, values in stats.items()},
         "requests": [r.summary(client_run.start_at) for r in records],
     }

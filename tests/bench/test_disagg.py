@@ -26,7 +26,7 @@ RUN_FIELDS = {
     "output_tokens_per_s", "ratio_to_engine", "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "num_errors",
     "error_messages", "truncated", "kv", "compiles", "compiles_total", "compiles_after_ready",
     "bench_process_cpu_fraction", "worker_stats", "requests", "gap_1_to_2_ms", "client_cpu_fractions",
-    "num_client_processes", "client_event_loop", "parent_process_cpu_fraction",
+    "num_client_processes", "client_event_loop", "parent_process_cpu_fraction", "service_cpu_fractions",
 }
 KV_FIELDS = {"num_sends", "num_recvs", "send_ms", "recv_ms", "gb_per_s", "recv_gb_per_s", "bytes", "total_bytes",
              "transports", "ttft_share", "num_failed_spans"}
@@ -112,6 +112,8 @@ def _check_service_run(run: dict, name: str, prompts: list[list[int]], output_le
     assert len(run["client_cpu_fractions"]) == run["num_client_processes"]
     assert run["bench_process_cpu_fraction"] == max(run["client_cpu_fractions"]) > 0
     assert run["client_event_loop"] in ("uvloop", "asyncio")
+    assert set(run["service_cpu_fractions"]) == {"prefill-0", "decode-0", "frontend"}
+    assert all(fraction > 0 for fraction in run["service_cpu_fractions"].values())  # each did work in the run
     kv = run["kv"]  # one hand-off per request, each moving exactly its prompt's whole blocks
     assert kv["num_sends"] == kv["num_recvs"] == num_requests and kv["num_failed_spans"] == 0
     assert kv["total_bytes"] == sum(_kv_bytes(len(p)) for p in prompts)
