@@ -6,11 +6,11 @@ A request moves through these stages (all state is touched on the engine thread 
                   bounded in count and time -> RESOURCE_EXHAUSTED)
       ─► _receiving (KVReceiver.begin into a buffer; polled every loop, never blocks the engine)
       ─► scatter_blocks + add_decode_request ─► _running (continuous batching in engine.step())
+      ─► final message (finish reason, tokens, transfer stats)
 
 With prefix caching, reserve_kv reuses the leading prompt blocks this worker still holds (an earlier
 turn of the conversation decoded here): the handle's block hashes must equal this worker's own hashes
 of the prompt ids (else INVALID_ARGUMENT), and the pull asks only for the blocks after the reused ones.
-      ─► final message (finish reason, tokens, transfer stats)
 
 `Abort` (or the Decode call being cancelled) frees the request at any stage; a transfer in flight
 is left to settle first (UCX may still write into its buffer), then its reserved blocks are freed.
