@@ -19,6 +19,9 @@ Every series carries `model_name` and `role` (frontend / prefill / decode). Who 
 - decode: generation_tokens, time_to_first_token (Decode call's arrival -> its first streamed token),
   inter_token_latency, request_success and e2e_request_latency (arrival -> end),
   num_requests_waiting/running, kv_cache_usage, kv_transfer_* (recv side).
+- prefill and decode: prefix_cache_queries / prefix_cache_hits (vLLM's names), in tokens. On a prefill
+  worker a hit is a prompt token not computed; on a decode worker, a handed-off prompt token whose KV
+  it already held (its block was reused, not transferred).
 docs/observability.md says exactly what each worker measures.
 """
 
@@ -100,8 +103,10 @@ class ServiceMetrics:
         self._success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
         self._kv_bytes = counter("kv_transfer_bytes", "KV bytes handed off.")
         self._kv_failures = counter("kv_transfer_failures", "KV hand-offs that failed.")
-        self._prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
-        self._prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self._prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                       "(decode workers: prompts handed off to them).")
+        self._prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (decode "
+                                    "workers: KV reused, not transferred).")
         self._prefix_totals = (0, 0)  # the engine's running totals at the last update (queries, hits)
         # Bind the constant labels once; every method below then costs one child lookup less.
         self._bound = {

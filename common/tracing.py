@@ -74,7 +74,10 @@ class Attr:
     # seconds spent turning tokens into text; the `detokenize` span itself spans first -> last token
     DETOKENIZE_BUSY_SECONDS = "tandem.detokenize.busy_seconds"
     KV_BYTES = "kv.bytes"
-    KV_BLOCKS = "kv.blocks"
+    KV_BLOCKS = "kv.blocks"  # blocks transferred
+    # A decode worker that held the prompt's first blocks already (its prefix cache) reuses them:
+    KV_REUSED_BLOCKS = "kv.reused_blocks"  # leading prompt blocks not transferred
+    KV_CACHED_TOKENS = "kv.cached_tokens"  # their tokens (reused blocks x block size)
     KV_TRANSPORT = "kv.transport"  # e.g. "ucx", "fake"
     KV_GBPS = "kv.gbps"  # gigabits per second of the hand-off
 
@@ -289,6 +292,13 @@ def set_usage(
     span.set_attribute(Attr.OUTPUT_TOKENS, num_output_tokens)
     if finish_reasons:
         span.set_attribute(Attr.FINISH_REASONS, list(finish_reasons))
+
+
+def kv_reuse_attributes(num_reused_blocks: int, num_cached_tokens: int) -> dict[str, int]:
+    """kv.reused_blocks and kv.cached_tokens of a hand-off (for kv.recv, kv.send and decode.generate)."""
+    if num_reused_blocks < 0 or num_cached_tokens < 0:
+        raise ValueError(f"reused blocks and cached tokens must be >= 0, got {num_reused_blocks}, {num_cached_tokens}")
+    return {Attr.KV_REUSED_BLOCKS: num_reused_blocks, Attr.KV_CACHED_TOKENS: num_cached_tokens}
 
 
 def set_kv_transfer(span: trace.Span, num_bytes: int, num_blocks: int, transport: str, seconds: float) -> None:

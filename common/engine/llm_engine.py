@@ -4,6 +4,7 @@ Single-threaded and synchronous (services run it on a thread of their own). Wher
 
     add_request / add_prefill_request ──► scheduler (waiting → running) ──► finished
     reserve_kv ──► reserved blocks ──► add_decode_request ──► scheduler (running) ──► finished
+                   (cached prefix reused, the rest pulled by the caller)
     prefill-only requests finish after token #1 with their blocks held ──► release_kv
 
 `abort_request` frees a request wherever it is; its final output (finish_reason "abort") comes
@@ -31,12 +32,14 @@ import torch
 
 from common.attention import get_attention_backend
 from common.engine.config import EngineConfig
+from common.engine.kv_reservation import KVReservation
 from common.engine.model_runner import InFlightDecode, ModelRunner, decode_uses_cuda_graphs, determine_num_kv_blocks
 from common.engine.outputs import EngineStats, RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
 from common.engine.sequence import Sequence, SequenceStatus, check_finish
 from common.kv.block_allocator import BlockAllocator
+from common.kv.block_hash import extend_block_hashes, full_block_hashes
 from common.kv.kv_pool import KVLayout, KVPool
 from common.kv.prefix_cache import PrefixCache
 
@@ -90,7 +93,7 @@ class LLMEngine:
         )
         self._requests: dict[str, Sequence] = {}  # waiting or running
         self._held: dict[str, Sequence] = {}  # prefill-only, finished, blocks held until release_kv
-        self._reserved: dict[str, list[int]] = {}  # decode side: blocks reserved for a KV hand-off
+        self._reserved: dict[str, KVReservation] = {}  # decode side: blocks reserved for a KV hand-off
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, returned by the next step
         self._in_flight: InFlightDecode | None = None  # a launched decode step whose tokens are not read yet
         self._prompt_tokens_total = 0
@@ -184,7 +187,8 @@ class LLMEngine:
         elif request_id in self._held:
             self.release_kv(request_id)
         elif request_id in self._reserved:
-            self.allocator.free(self._reserved.pop(request_id))
+            # the tail first: reused (cached) blocks go back to the cached-free LRU, still findable
+            self.allocator.free(self._reserved.pop(request_id).block_ids[::-1])
 
     def has_unfinished_requests(self) -> bool:
         """True while `step()` has work (held KV blocks do not count: they need no steps)."""
@@ -214,6 +218,16 @@ class LLMEngine:
         seq = self._new_sequence(request_id, prompt_token_ids, sampling_params, is_prefill_only=True)
         self.scheduler.add(seq)
 
+    def held_block_hashes(self, request_id: str) -> list[bytes]:
+        """The chained hashes of a held prefill-only request's full prompt blocks (its KV handle lists
+        them so a decode worker can tell which blocks it already holds); ValueError if none is held."""
+        seq = self._held.get(request_id)
+        if seq is None:
+            raise ValueError(f"request {request_id!r} holds no KV blocks")
+        block_size = self.config.block_size
+        extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_prompt_tokens, block_size)
+        return seq.block_hashes[: seq.num_prompt_tokens // block_size]
+
     def release_kv(self, request_id: str) -> bool:
         """Frees a prefill-only request's held blocks; False if none were held (idempotent)."""
         seq = self._held.pop(request_id, None)
@@ -224,14 +238,28 @@ class LLMEngine:
 
     # ---- decode worker -----------------------------------------------------------------------
 
-    def reserve_kv(self, request_id: str, num_prompt_tokens: int) -> list[int]:
-        """Reserves blocks for a prompt's KV before it arrives; raises OutOfKVBlocks."""
+    def reserve_kv(self, request_id: str, prompt_token_ids: list[int],
+                   block_hashes: list[bytes] | None = None) -> KVReservation:
+        """Reserves blocks for a prompt's KV before it arrives. With prefix caching the longest cached
+        run of its full blocks is reused (forked; the last block is always pulled): the caller pulls
+        only `reservation.pulled_block_ids`. `block_hashes`: the prompt's full-block hashes
+        (`full_block_hashes`) when the caller has them already. Raises OutOfKVBlocks (holding
+        nothing; retry once blocks are freed) or ValueError."""
         self._check_new_id(request_id)
+        num_prompt_tokens = len(prompt_token_ids)
         if not 0 < num_prompt_tokens < self.max_model_len:
-            raise ValueError(f"num_prompt_tokens must be in [1, {self.max_model_len - 1}], got {num_prompt_tokens}")
-        block_ids = self.allocator.allocate(-(-num_prompt_tokens // self.config.block_size))
-        self._reserved[request_id] = block_ids
-        return block_ids
+            raise ValueError(f"prompt_token_ids must have 1 to {self.max_model_len - 1} tokens, got {num_prompt_tokens}")
+        self._check_token_ids("prompt_token_ids", prompt_token_ids)
+        block_size = self.config.block_size
+        if block_hashes is None:
+            block_hashes = full_block_hashes(prompt_token_ids, block_size)
+        elif len(block_hashes) != num_prompt_tokens // block_size:
+            raise ValueError(f"block_hashes: {len(block_hashes)} hashes for {num_prompt_tokens // block_size} full blocks")
+        block_ids, num_reused_blocks = self.scheduler.reserve_handoff(block_hashes, num_prompt_tokens)
+        reservation = KVReservation(block_ids, num_reused_blocks, block_size, list(prompt_token_ids),
+                                    list(block_hashes))
+        self._reserved[request_id] = reservation
+        return reservation
 
     def add_decode_request(
         self,
@@ -241,24 +269,28 @@ class LLMEngine:
         sampling_params: SamplingParams,
         block_ids: list[int],
     ) -> None:
-        """Starts decoding a request whose prompt KV was scattered into its reserved `block_ids`."""
-        if self._reserved.get(request_id) != list(block_ids):
+        """Starts decoding a request whose prompt KV is complete in its reserved `block_ids` (the
+        reused ones held it already, the pulled ones were scattered into). Its full blocks join the
+        prefix cache, prompt now and output as decode steps fill them, for a later turn to reuse."""
+        reservation = self._reserved.get(request_id)
+        if reservation is None or reservation.block_ids != list(block_ids):
             raise ValueError(f"block_ids of request {request_id!r} are not the ones reserve_kv returned")
-        expected = -(-len(prompt_token_ids) // self.config.block_size)
-        if len(block_ids) != expected:
-            raise ValueError(f"{len(prompt_token_ids)} prompt tokens need {expected} blocks, got {len(block_ids)}")
+        if reservation.prompt_token_ids != list(prompt_token_ids):
+            raise ValueError(f"prompt_token_ids of request {request_id!r} are not the ones reserve_kv was given")
         self._check_token_ids("first_token_id", [first_token_id])
         del self._reserved[request_id]
         try:
             seq = self._new_sequence(request_id, prompt_token_ids, sampling_params)
         except ValueError:
-            self._reserved[request_id] = list(block_ids)  # still reserved: the caller may abort it
+            self._reserved[request_id] = reservation  # still reserved: the caller may abort it
             raise
         seq.append_token(first_token_id)
         seq.block_table = list(block_ids)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.is_prompt_counted = True  # the prefill worker counted it
-        seq.is_kv_cacheable = False  # its KV came over the wire: never offered to the prefix cache
+        seq.block_hashes = list(reservation.block_hashes)
+        seq.num_cached_blocks = reservation.num_reused_blocks  # found in the prefix cache, so registered
+        self.scheduler.cache_handed_off(seq)
         reason = check_finish(seq, self.scheduler.eos_token_ids, self.max_model_len)
         if reason is not None:  # token #1 already ended it: nothing to decode
             del self._requests[request_id]

@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceStatus, TokenLogprobs, check_finish
-from common.kv.block_allocator import BlockAllocator
+from common.kv.block_allocator import BlockAllocator, OutOfKVBlocks
 from common.kv.block_hash import extend_block_hashes
 from common.kv.prefix_cache import PrefixCache
 
@@ -336,3 +336,35 @@ class Scheduler:
             self.allocator.free(seq.block_table[::-1])  # the tail first: cached tail blocks are evicted first
             seq.block_table = []
             seq.num_cached_blocks = 0
+
+    # ---- KV hand-offs (decode worker) ----------------------------------------------------------
+
+    def reserve_handoff(self, block_hashes: list[bytes], num_prompt_tokens: int) -> tuple[list[int], int]:
+        """Blocks for a prompt whose KV arrives by hand-off: the longest cached run of its full blocks
+        (`block_hashes`), forked, then new blocks for the rest. The last block always comes over the
+        wire (so a hand-off always pulls, and its ack releases the sender's blocks):
+
+            prompt blocks:  [ cached | cached | new | new ]      returns (block ids, 2)
+
+        Forked blocks are held, so no allocation evicts them while the rest is in flight. Raises
+        OutOfKVBlocks (holding nothing) when the new and revived blocks do not fit.
+        """
+        block_size = self.config.block_size
+        cached_block_ids: list[int] = []
+        if self.prefix_cache is not None:
+            num_lookup_blocks = min((num_prompt_tokens - 1) // block_size, len(block_hashes))
+            cached_block_ids = self.prefix_cache.lookup(block_hashes[:num_lookup_blocks])
+        num_new_blocks = -(-num_prompt_tokens // block_size) - len(cached_block_ids)
+        num_revived = sum(1 for block_id in cached_block_ids if self.allocator.ref_count(block_id) == 0)
+        if not self.allocator.can_allocate(num_new_blocks + num_revived):
+            raise OutOfKVBlocks(num_new_blocks + num_revived, self.allocator.num_free_blocks)
+        block_ids = self.allocator.fork(cached_block_ids) + self.allocator.allocate(num_new_blocks)
+        if self.prefix_cache is not None:
+            self.num_prefix_cache_queries_tokens += num_prompt_tokens
+            self.num_prefix_cache_hits_tokens += len(cached_block_ids) * block_size
+        return block_ids, len(cached_block_ids)
+
+    def cache_handed_off(self, seq: Sequence) -> None:
+        """A hand-off's prompt KV is complete in its blocks: its full blocks join the prefix cache (the
+        reused ones, its first `num_cached_blocks`, are there already); decode steps add its output's."""
+        self._cache_full_blocks(seq, seq.num_computed_tokens)

@@ -35,3 +35,10 @@ def extend_block_hashes(block_hashes: list[bytes], token_ids: Sequence[int], num
         parent = block_hashes[-1] if block_hashes else ROOT_HASH
         start = block_index * block_size
         block_hashes.append(hash_block(parent, token_ids[start:start + block_size]))
+
+
+def full_block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """The chained hashes of every full block of `token_ids` (a partial last block has none)."""
+    block_hashes: list[bytes] = []
+    extend_block_hashes(block_hashes, token_ids, len(token_ids), block_size)
+    return block_hashes

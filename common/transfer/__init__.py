@@ -4,6 +4,7 @@
     handle = sender.offer(new_transfer_id(), block_ids, num_tokens, lease_seconds=30.0)
     receiver = create_receiver("ucx", layout)
     ticket = receiver.begin(handle, destination)   # then receiver.poll(ticket) each engine step
+    ticket = receiver.begin(handle, destination, first_block_index=k)   # blocks k.. only (k held already)
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ Both backends (`ucx.py` for real workers, `fake.py` for in-process tests) implem
 `KVReceiver` with identical semantics:
 
     prefill: sender.offer(id, block_ids, ...) -> KVHandle   (blocks held under a lease)
-    decode:  ticket = receiver.begin(handle, destination)   (non-blocking)
+    decode:  ticket = receiver.begin(handle, destination, first_block_index=k)   (non-blocking)
              receiver.poll(ticket) -> PENDING | DONE | FAILED
     prefill: on_release(id, DONE | EXPIRED | FAILED | CANCELLED, stats)   (free the blocks here)
 
 A transfer moves one request's blocks as one contiguous tensor
-`[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (2 = K, V).
+`[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` (2 = K, V). A receiver that already
+holds the first k blocks (its prefix cache has them) pulls only the rest:
+
+    offer:  [ b0 | b1 | b2 | b3 | b4 ]        handle.num_blocks = 5
+    pull:             [ b2 | b3 | b4 ]        first_block_index = 2: destination [L, 2, 3, BS, Hkv, D]
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Protocol
 
 import torch
+
+from common.kv.block_hash import BLOCK_HASH_BYTES
 
 
 class TransferState(enum.Enum):
@@ -168,6 +174,17 @@ def check_transfer_id(transfer_id: str) -> None:
         raise ValueError(f"transfer_id: need 32 lowercase hex chars, got {transfer_id!r}")
 
 
+def check_block_hashes(block_hashes: tuple[bytes, ...], num_tokens: int, block_size: int) -> None:
+    """One 16-byte hash per full block of `num_tokens` tokens; raises ValueError naming block_hashes."""
+    num_full_blocks = num_tokens // block_size
+    if len(block_hashes) != num_full_blocks:
+        raise ValueError(f"block_hashes: {len(block_hashes)} hashes, the {num_tokens} tokens fill "
+                         f"{num_full_blocks} blocks of {block_size}")
+    for block_hash in block_hashes:
+        if not isinstance(block_hash, bytes) or len(block_hash) != BLOCK_HASH_BYTES:
+            raise ValueError(f"block_hashes: each hash must be {BLOCK_HASH_BYTES} bytes, got {block_hash!r}")
+
+
 @dataclass(frozen=True)
 class KVHandle:
     """What prefill returns to the frontend and decode needs to pull the KV (services map it to gRPC)."""
@@ -175,8 +192,11 @@ class KVHandle:
     transfer_id: str  # 32 hex chars, random 128 bits
     address: str  # the sender's "host:port"
     num_tokens: int  # prompt tokens whose KV the blocks hold
-    num_blocks: int  # blocks to pull; the receiver reserves this many
+    num_blocks: int  # blocks the offer holds; the receiver pulls those it lacks
     layout_signature: str  # KVLayout.signature() of the prefill pool
+    # Chained hashes of the full blocks (common/kv/block_hash.py), num_tokens // block_size of them, or
+    # none when the sender names none (a receiver that reuses blocks then refuses the handle).
+    block_hashes: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_transfer_id(self.transfer_id)
@@ -186,6 +206,9 @@ class KVHandle:
             raise ValueError(f"num_blocks: must be positive, got {self.num_blocks}")
         if self.num_tokens <= 0:
             raise ValueError(f"num_tokens: must be positive, got {self.num_tokens}")
+        object.__setattr__(self, "block_hashes", tuple(self.block_hashes))
+        if self.block_hashes:
+            check_block_hashes(self.block_hashes, self.num_tokens, self.layout.block_size)
 
     @property
     def layout(self) -> KVLayout:
@@ -197,11 +220,12 @@ class TransferStats:
     """Measurements of one transfer, for spans (kv.bytes, kv.transport, kv.gbps) and metrics."""
 
     num_bytes: int  # KV bytes moved (0 when nothing was sent)
-    num_blocks: int
+    num_blocks: int  # blocks moved
     seconds: float  # from pull request to data in place (receiver) / gather + send (sender)
     transport: str  # UCX transport that carried the data ("tcp", "cuda_ipc", "posix", ...), "fake" or "none"
     trace_context: dict[str, str] = field(default_factory=dict)  # this side's (from offer / begin)
     peer_trace_context: dict[str, str] = field(default_factory=dict)  # the pull's, seen by the sender
+    num_reused_blocks: int = 0  # leading blocks of the offer the receiver already held (not moved)
 
     @property
     def gbps(self) -> float:
@@ -224,9 +248,10 @@ class KVBlockSource(Protocol):
 class TransferTicket:
     """One receive in flight; its state changes once, from PENDING to DONE or FAILED."""
 
-    def __init__(self, handle: KVHandle, destination: torch.Tensor) -> None:
+    def __init__(self, handle: KVHandle, destination: torch.Tensor, first_block_index: int = 0) -> None:
         self.handle = handle
         self.destination = destination  # [L, 2, n, BS, Hkv, D], written in place
+        self.first_block_index = first_block_index  # blocks [first_block_index, handle.num_blocks) are pulled
         self.error: KVTransferError | None = None
         self.stats: TransferStats | None = None
         self._done = threading.Event()
@@ -287,10 +312,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_destination(layout: KVLayout, handle: KVHandle, destination: torch.Tensor) -> None:
-    """The receiver writes raw bytes into `destination`, so its shape, dtype and layout must be exact."""
+def check_first_block_index(handle: KVHandle, first_block_index: int) -> None:
+    """A pull takes at least the offer's last block: 0 <= first_block_index < handle.num_blocks."""
+    if isinstance(first_block_index, bool) or not isinstance(first_block_index, int) \
+            or not 0 <= first_block_index < handle.num_blocks:
+        raise ValueError(f"first_block_index: must be in [0, {handle.num_blocks - 1}], got {first_block_index!r}")
+
+
+def check_destination(layout: KVLayout, handle: KVHandle, destination: torch.Tensor, first_block_index: int = 0) -> None:
+    """The receiver writes raw bytes into `destination`, so its shape, dtype and layout must be exact:
+    [L, 2, handle.num_blocks - first_block_index, BS, Hkv, D]."""
     split_address(handle.address)
-    expected = layout.transfer_shape(handle.num_blocks)
+    check_first_block_index(handle, first_block_index)
+    expected = layout.transfer_shape(handle.num_blocks - first_block_index)
     if tuple(destination.shape) != expected:
         raise ValueError(f"destination: shape {tuple(destination.shape)} != expected {expected}")
     if destination.dtype != layout.torch_dtype:
@@ -331,8 +365,10 @@ class KVSender(abc.ABC):
         num_tokens: int,
         lease_seconds: float,
         trace_context: dict[str, str] | None = None,
+        block_hashes: tuple[bytes, ...] = (),
     ) -> KVHandle:
-        """Holds `block_ids` for one pull until acked, cancelled or `lease_seconds` pass."""
+        """Holds `block_ids` for one pull until acked, cancelled or `lease_seconds` pass; the handle
+        carries `block_hashes` (the full blocks' chained hashes) for receivers that reuse blocks."""
 
     @abc.abstractmethod
     def cancel(self, transfer_id: str) -> bool:
@@ -359,18 +395,23 @@ class KVReceiver(abc.ABC):
         self._connect_timeout_seconds = connect_timeout_seconds
         self._is_closed = False
 
-    def _new_ticket(self, handle: KVHandle, destination: torch.Tensor) -> TransferTicket:
+    def _new_ticket(self, handle: KVHandle, destination: torch.Tensor, first_block_index: int) -> TransferTicket:
         """What every `begin` does first: refuse when closed, check the destination, open a ticket."""
         if self._is_closed:
             raise KVTransferError("receiver is closed")
-        check_destination(self.layout, handle, destination)
-        return TransferTicket(handle, destination)
+        check_destination(self.layout, handle, destination, first_block_index)
+        return TransferTicket(handle, destination, first_block_index)
 
     @abc.abstractmethod
     def begin(
-        self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
+        self,
+        handle: KVHandle,
+        destination: torch.Tensor,
+        trace_context: dict[str, str] | None = None,
+        first_block_index: int = 0,
     ) -> TransferTicket:
-        """Starts pulling `handle` into `destination` [L, 2, n, BS, Hkv, D]; raises ValueError on a bad destination.
+        """Starts pulling blocks [first_block_index, handle.num_blocks) of `handle` into `destination`
+        [L, 2, n, BS, Hkv, D] (n = the blocks pulled); raises ValueError on a bad destination or index.
 
         The bytes land outside any CUDA stream's order: no queued kernel may still use `destination`'s
         memory (allocate it with `KVPool.new_transfer_buffer`, or synchronize first)."""

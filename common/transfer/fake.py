@@ -64,11 +64,11 @@ class FakeKVSender(BookedSender):
 
     def serve(self, pull: protocol.Pull, destination: torch.Tensor) -> tuple[float, Callable[[bool], None]]:
         """Claims, gathers and copies into `destination`; returns (seconds, ack)."""
-        offer = self._book.claim(pull.transfer_id, pull.layout, pull.expected_num_blocks, pull.expected_bytes)
+        offer, block_ids = self._claim(pull)
         start = time.monotonic()
         try:
-            gathered = self._gather_blocks(offer.block_ids)  # [L, 2, n, BS, Hkv, D]
-            check_gathered(self.layout, len(offer.block_ids), gathered)
+            gathered = self._gather_blocks(block_ids)  # [L, 2, n, BS, Hkv, D]: only the blocks pulled
+            check_gathered(self.layout, len(block_ids), gathered)
             destination.copy_(gathered)
         except Exception as error:
             self._book.finish(pull.transfer_id, False)
@@ -76,11 +76,12 @@ class FakeKVSender(BookedSender):
         seconds = time.monotonic() - start
         stats = TransferStats(
             num_bytes=gathered.numel() * gathered.element_size(),
-            num_blocks=len(offer.block_ids),
+            num_blocks=len(block_ids),
             seconds=seconds,
             transport="fake",
             trace_context=offer.trace_context,
             peer_trace_context=pull.trace_context,
+            num_reused_blocks=pull.first_block_index,
         )
         return seconds, lambda is_ok: self._book.finish(pull.transfer_id, is_ok, stats)
 
@@ -89,10 +90,14 @@ class FakeKVReceiver(KVReceiver):
     """Decode side, in process: `begin` completes the pull before returning."""
 
     def begin(
-        self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
+        self,
+        handle: KVHandle,
+        destination: torch.Tensor,
+        trace_context: dict[str, str] | None = None,
+        first_block_index: int = 0,
     ) -> TransferTicket:
-        ticket = self._new_ticket(handle, destination)
-        pull = protocol.new_pull(handle, self.layout, dict(trace_context or {}))
+        ticket = self._new_ticket(handle, destination, first_block_index)
+        pull = protocol.new_pull(handle, self.layout, dict(trace_context or {}), first_block_index)
         # Round-trip through the wire format so the fake validates exactly what UCX would.
         message = protocol.decode_frame(protocol.encode_frame(protocol.pull_to_message(pull)))
         with _registry_lock:
@@ -110,7 +115,8 @@ class FakeKVReceiver(KVReceiver):
             return ticket
         ack(True)
         num_bytes = destination.numel() * destination.element_size()
-        ticket.set_done(TransferStats(num_bytes, handle.num_blocks, seconds, "fake", pull.trace_context))
+        ticket.set_done(TransferStats(num_bytes, pull.expected_num_blocks, seconds, "fake", pull.trace_context,
+                                      num_reused_blocks=first_block_index))
         return ticket
 
     def close(self) -> None:

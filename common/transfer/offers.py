@@ -4,10 +4,13 @@ Both backends keep their offers here (through `BookedSender`), so leases, layout
 behave identically.
 
     offered ──claim (valid pull)──► pulling ──finish(ok)────────► released DONE
-       │  └─claim (bad layout/size): refused, it stays offered
+       │  └─claim (bad layout/size/block range): refused, it stays offered
        ├──lease passes──────────────────────────────────────────► released EXPIRED
        │                    pulling ──ack_timeout passes / send error ► released FAILED
        └──cancel / close (from either state)────────────────────► released CANCELLED
+
+A pull names the blocks it wants, [first_block_index, len(block_ids)): a receiver that holds the first
+blocks already (its prefix cache) takes only the rest, and the ack releases the whole offer.
 
 A refused pull leaves the offer untouched, to its lease or a valid pull: the listener accepts any
 peer that can reach it, so a pull that names a live transfer id with a wrong layout or size must not
@@ -43,8 +46,10 @@ from common.transfer.base import (
     OnRelease,
     TransferOutcome,
     TransferStats,
+    check_block_hashes,
     check_transfer_id,
 )
+from common.transfer import protocol
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +114,17 @@ class OfferBook:
             self._push_deadline(offer)
         return offer
 
-    def claim(self, transfer_id: str, layout: KVLayout, expected_num_blocks: int, expected_bytes: int) -> Offer:
-        """Starts a pull; raises a typed error for a pull it refuses, leaving the offer as it was."""
+    def claim(self, transfer_id: str, layout: KVLayout, expected_num_blocks: int, expected_bytes: int,
+              first_block_index: int = 0) -> Offer:
+        """Starts a pull of blocks [first_block_index, first_block_index + expected_num_blocks), which must
+        end at the offer's last block; raises a typed error for a pull it refuses, leaving the offer as it was."""
         with self._cond:
             offer = self._offers.get(transfer_id)
             if offer is None or offer.is_pulling:
                 raise KVTransferNotFound(
                     f"transfer {transfer_id} is not offered here (unknown, expired, cancelled or already pulled)"
                 )
-            error = self._check_pull(offer, layout, expected_num_blocks, expected_bytes)
+            error = self._check_pull(offer, layout, expected_num_blocks, expected_bytes, first_block_index)
             if error is not None:
                 raise error
             offer.is_pulling = True
@@ -126,13 +133,17 @@ class OfferBook:
             return offer
 
     def _check_pull(
-        self, offer: Offer, layout: KVLayout, expected_num_blocks: int, expected_bytes: int
+        self, offer: Offer, layout: KVLayout, expected_num_blocks: int, expected_bytes: int, first_block_index: int
     ) -> KVTransferError | None:
         mismatch = self.layout.describe_mismatch(layout, "prefill", "decode")
         if mismatch:
             return KVLayoutMismatch(f"KV layout mismatch: {mismatch}")
-        if expected_num_blocks != len(offer.block_ids):
-            return KVSizeMismatch(f"num_blocks: prefill={len(offer.block_ids)} decode={expected_num_blocks}")
+        if first_block_index < 0 or expected_num_blocks < 1:
+            return KVInvalidPull(f"block range: first_block_index={first_block_index} "
+                                 f"expected_num_blocks={expected_num_blocks}")
+        if first_block_index + expected_num_blocks != len(offer.block_ids):
+            return KVSizeMismatch(f"num_blocks: prefill={len(offer.block_ids)} decode={expected_num_blocks} "
+                                  f"from block {first_block_index}")
         if expected_bytes != self.layout.bytes_per_block * expected_num_blocks:
             return KVInvalidPull(
                 f"expected_bytes: {expected_bytes} != {self.layout.bytes_per_block} bytes/block"
@@ -245,9 +256,20 @@ class BookedSender(KVSender):
         num_tokens: int,
         lease_seconds: float,
         trace_context: dict[str, str] | None = None,
+        block_hashes: tuple[bytes, ...] = (),
     ) -> KVHandle:
+        block_hashes = tuple(block_hashes)
+        if block_hashes:  # checked before anything is held
+            check_block_hashes(block_hashes, num_tokens, self.layout.block_size)
         offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
-        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature())
+        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature(),
+                        block_hashes)
+
+    def _claim(self, pull: protocol.Pull) -> tuple[Offer, list[int]]:
+        """Claims the offer a pull names; returns it and the block ids the pull takes."""
+        offer = self._book.claim(pull.transfer_id, pull.layout, pull.expected_num_blocks, pull.expected_bytes,
+                                 pull.first_block_index)
+        return offer, offer.block_ids[pull.first_block_index:]
 
     def cancel(self, transfer_id: str) -> bool:
         return self._book.release(transfer_id, TransferOutcome.CANCELLED)

@@ -56,9 +56,10 @@ class Pull:
     transfer_id: str
     request_tag: int  # the pull response comes on this tag, the KV bytes on request_tag + 1
     layout: KVLayout  # the receiver's layout
-    expected_num_blocks: int
+    expected_num_blocks: int  # blocks to send: [first_block_index, first_block_index + expected_num_blocks)
     expected_bytes: int
     trace_context: dict[str, str]
+    first_block_index: int = 0  # the offer's blocks before this one stay unsent (the receiver holds them)
 
     @property
     def response_tag(self) -> int:
@@ -73,15 +74,18 @@ def new_request_tag() -> int:
     return secrets.randbelow(MAX_REQUEST_TAG - 2) + 1
 
 
-def new_pull(handle: KVHandle, layout: KVLayout, trace_context: dict[str, str]) -> Pull:
-    """The pull a receiver with `layout` sends for `handle`, on a fresh request tag."""
+def new_pull(handle: KVHandle, layout: KVLayout, trace_context: dict[str, str], first_block_index: int = 0) -> Pull:
+    """The pull a receiver with `layout` sends for blocks [first_block_index, handle.num_blocks) of
+    `handle`, on a fresh request tag."""
+    num_blocks = handle.num_blocks - first_block_index
     return Pull(
         transfer_id=handle.transfer_id,
         request_tag=new_request_tag(),
         layout=layout,
-        expected_num_blocks=handle.num_blocks,
-        expected_bytes=layout.bytes_per_block * handle.num_blocks,
+        expected_num_blocks=num_blocks,
+        expected_bytes=layout.bytes_per_block * num_blocks,
         trace_context=trace_context,
+        first_block_index=first_block_index,
     )
 
 
@@ -138,6 +142,7 @@ def pull_to_message(pull: Pull) -> pb.ControlMessage:
     request.expected_num_blocks = pull.expected_num_blocks
     request.expected_bytes = pull.expected_bytes
     request.trace_context.update(pull.trace_context)
+    request.first_block_index = pull.first_block_index
     return message
 
 
@@ -161,6 +166,7 @@ def pull_from_message(request: pb.PullRequest) -> Pull:
         expected_num_blocks=request.expected_num_blocks,
         expected_bytes=request.expected_bytes,
         trace_context=dict(request.trace_context),
+        first_block_index=request.first_block_index,
     )
 
 

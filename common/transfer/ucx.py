@@ -4,7 +4,7 @@ Per pull, on one cached endpoint (the framing is in protocol.py):
 
     receiver (decode)                                    sender (prefill)
     begin(): post recvs of the PullResponse (request_tag) and of the KV bytes (request_tag + 1),
-             send PullRequest on the control tag  ───►   claim the offer (validate layout, sizes)
+             send PullRequest on the control tag  ───►   claim the offer (validate layout, block range, sizes)
                                                          gather blocks (side CUDA stream, ~0.1 ms)
              PullResponse lands                   ◄───   send PullResponse  } at once, no round
              KV bytes land in the destination     ◄───   send KV bytes      } trip between them
@@ -162,25 +162,26 @@ class UcxKVSender(BookedSender):
     async def _serve(self, endpoint: Any, request: Any) -> None:
         try:
             pull = protocol.pull_from_message(request)
-            offer = self._book.claim(pull.transfer_id, pull.layout, pull.expected_num_blocks, pull.expected_bytes)
+            offer, block_ids = self._claim(pull)
         except KVTransferError as error:
             await self._refuse(endpoint, request.request_tag, error)
             return
         self._ack_waiters[pull.transfer_id] = (endpoint, asyncio.get_running_loop().create_future())
         try:
-            await self._send_offer(endpoint, pull, offer)
+            await self._send_offer(endpoint, pull, offer, block_ids)
         except Exception as error:
             logger.warning("KV send of %s failed: %r", pull.transfer_id, error)
             self._book.finish(pull.transfer_id, False)
         finally:
             self._ack_waiters.pop(pull.transfer_id, None)
 
-    async def _send_offer(self, endpoint: Any, pull: protocol.Pull, offer: Offer) -> None:
+    async def _send_offer(self, endpoint: Any, pull: protocol.Pull, offer: Offer, block_ids: list[int]) -> None:
+        """Sends `block_ids` (the offer's blocks the pull asked for) and waits for the ack."""
         start = time.monotonic()
         try:
             # On the loop itself: a CUDA gather runs on its own stream and takes ~0.1 ms, less than
             # a hop to another thread and back would.
-            gathered = self._gather(offer.block_ids)
+            gathered = self._gather(block_ids)
         except Exception as error:
             await self._refuse(endpoint, pull.response_tag, KVTransferError(f"gather failed: {error}"))
             raise
@@ -196,11 +197,12 @@ class UcxKVSender(BookedSender):
             return  # the OfferBook's own ack deadline releases it FAILED
         stats = TransferStats(
             num_bytes=data.numel(),
-            num_blocks=len(offer.block_ids),
+            num_blocks=len(block_ids),
             seconds=seconds,
             transport=endpoint_transport(endpoint, _memory_type(gathered)),
             trace_context=offer.trace_context,
             peer_trace_context=pull.trace_context,
+            num_reused_blocks=pull.first_block_index,
         )
         self._book.finish(pull.transfer_id, is_ok, stats)
 
@@ -238,9 +240,13 @@ class UcxKVReceiver(KVReceiver):
         self._pulls_lock = threading.Lock()
 
     def begin(
-        self, handle: KVHandle, destination: torch.Tensor, trace_context: dict[str, str] | None = None
+        self,
+        handle: KVHandle,
+        destination: torch.Tensor,
+        trace_context: dict[str, str] | None = None,
+        first_block_index: int = 0,
     ) -> TransferTicket:
-        ticket = self._new_ticket(handle, destination)
+        ticket = self._new_ticket(handle, destination, first_block_index)
         future = self._runtime.submit(self._pull(ticket, dict(trace_context or {})))
         with self._pulls_lock:
             self._pulls[future] = ticket
@@ -297,7 +303,7 @@ class UcxKVReceiver(KVReceiver):
         handle = ticket.handle
         endpoint = await self._endpoint(handle.address)
         used.append(endpoint)
-        pull = protocol.new_pull(handle, self.layout, trace_context)
+        pull = protocol.new_pull(handle, self.layout, trace_context, ticket.first_block_index)
         start = time.monotonic()
         frame = protocol.new_frame_buffer()
         data = as_bytes(ticket.destination)  # [num_bytes] uint8 view of the destination
@@ -328,10 +334,11 @@ class UcxKVReceiver(KVReceiver):
         await endpoint.send(protocol.encode_frame(protocol.ack_message(handle.transfer_id, True)))
         return TransferStats(
             num_bytes=data.numel(),
-            num_blocks=handle.num_blocks,
+            num_blocks=pull.expected_num_blocks,
             seconds=seconds,
             transport=endpoint_transport(endpoint, _memory_type(ticket.destination)),
             trace_context=trace_context,
+            num_reused_blocks=pull.first_block_index,
         )
 
     async def _endpoint(self, address: str) -> Any:

@@ -143,6 +143,7 @@ def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
         num_tokens=handle.num_tokens,
         num_blocks=handle.num_blocks,
         layout=layout_to_pb(handle.layout, worker_pb2.KVLayout),
+        block_hashes=handle.block_hashes,
     )
 
 
@@ -150,7 +151,8 @@ def handle_from_pb(pb: worker_pb2.KVHandle) -> KVHandle:
     """Raises ValueError naming the field (`kv_handle.<field>: ...`) on a malformed handle."""
     try:
         layout = layout_from_pb(pb.layout)
-        return KVHandle(pb.transfer_id, pb.sender_address, pb.num_tokens, pb.num_blocks, layout.signature())
+        return KVHandle(pb.transfer_id, pb.sender_address, pb.num_tokens, pb.num_blocks, layout.signature(),
+                        tuple(pb.block_hashes))
     except ValueError as exc:
         raise ValueError(f"kv_handle.{exc}") from exc
 
@@ -159,5 +161,6 @@ def transfer_stats_to_pb(stats: TransferStats | None) -> worker_pb2.TransferStat
     if stats is None:
         return worker_pb2.TransferStats()
     return worker_pb2.TransferStats(
-        num_bytes=stats.num_bytes, seconds=stats.seconds, transport=stats.transport, num_blocks=stats.num_blocks
+        num_bytes=stats.num_bytes, seconds=stats.seconds, transport=stats.transport, num_blocks=stats.num_blocks,
+        num_reused_blocks=stats.num_reused_blocks,
     )

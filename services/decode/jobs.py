@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from common.engine.kv_reservation import KVReservation
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common.transfer.base import KVHandle, TransferStats, TransferTicket
@@ -41,9 +42,10 @@ class DecodeJob:
     # time.monotonic() when the Decode call arrived: admission timeout, TTFT and e2e latency start here
     enqueued_at: float = field(default_factory=time.monotonic)
     enqueued_at_ns: int = field(default_factory=time.time_ns)  # wall clock, for the decode.queue span
-    block_ids: list[int] | None = None  # reserved blocks, once admitted
+    block_hashes: list[bytes] | None = None  # the prompt's full blocks' hashes, checked against the handle's
+    reservation: KVReservation | None = None  # reserved blocks (reused ones first), once admitted
     ticket: TransferTicket | None = None
-    buffer: torch.Tensor | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in
+    buffer: torch.Tensor | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in (n: the blocks pulled)
     transfer: TransferStats | None = None
     num_generated_tokens: int = 1
     last_token_id: int | None = None

@@ -8,6 +8,10 @@ A request moves through these stages (all state is touched on the engine thread 
       ─► scatter_blocks + add_decode_request ─► _running (continuous batching in engine.step())
       ─► final message (finish reason, tokens, transfer stats)
 
+With prefix caching, reserve_kv reuses the leading prompt blocks this worker still holds (an earlier
+turn of the conversation decoded here): the handle's block hashes must equal this worker's own hashes
+of the prompt ids (else INVALID_ARGUMENT), and the pull asks only for the blocks after the reused ones.
+
 `Abort` (or the Decode call being cancelled) frees the request at any stage; a transfer in flight
 is left to settle first (UCX may still write into its buffer), then its reserved blocks are freed.
 The stream then ends with CANCELLED (tokens queued before the abort still go out first).
@@ -34,7 +38,8 @@ from opentelemetry import trace
 from common import tracing
 from common.engine.outputs import RequestOutput
 from common.kv import OutOfKVBlocks
-from common.tracing import Attr, SpanName
+from common.kv.block_hash import full_block_hashes
+from common.tracing import Attr, SpanName, kv_reuse_attributes
 from common.transfer.base import KVLayoutMismatch, KVReceiver, TransferState
 from services.common.engine_thread import AsyncSink, EngineThread
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
@@ -100,6 +105,10 @@ class DecodeWorker:
             raise InvalidRequest(
                 "kv_handle", f"holds {job.handle.num_tokens} tokens in {job.handle.num_blocks} blocks, the prompt "
                              f"has {len(job.prompt_token_ids)} tokens ({num_blocks} blocks)")
+        job.block_hashes = full_block_hashes(job.prompt_token_ids, self.layout.block_size)
+        if list(job.handle.block_hashes) != job.block_hashes:
+            raise InvalidRequest("kv_handle.block_hashes", _describe_hash_mismatch(job.handle.block_hashes,
+                                                                                   job.block_hashes))
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[list]:
         """Yields, each time the caller is ready for more, everything queued for this request: TokenBatch
@@ -171,11 +180,11 @@ class DecodeWorker:
                 self._admitting.popleft()
                 self._finish(job, Overloaded(f"no free KV blocks for {self.limits.admission_timeout_seconds}s"))
                 continue
-            num_bytes = self.layout.bytes_per_block * job.handle.num_blocks
+            num_bytes = self.layout.bytes_per_block * job.handle.num_blocks  # at most: reused blocks are not pulled
             if self._receiving and receiving_bytes + num_bytes > self.limits.max_receiving_bytes:
                 return  # its turn comes as pulls settle
             try:
-                job.block_ids = self.engine.reserve_kv(job.request_id, len(job.prompt_token_ids))
+                job.reservation = self.engine.reserve_kv(job.request_id, job.prompt_token_ids, job.block_hashes)
             except OutOfKVBlocks:
                 return  # retried next loop, once steps have freed blocks
             except Exception as exc:  # noqa: BLE001 - this request fails; it holds no blocks yet
@@ -186,15 +195,19 @@ class DecodeWorker:
             self.obs.tracing.record_span(SpanName.DECODE_QUEUE, int(job.enqueued_at_ns), time.time_ns(),
                                          job.trace_parent, {Attr.REQUEST_ID: job.request_id})
             self._begin_pull(job)
-            receiving_bytes += num_bytes
+            receiving_bytes += self.layout.bytes_per_block * job.reservation.num_pulled_blocks
 
     def _begin_pull(self, job: DecodeJob) -> None:
-        job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent,
-                                                        {Attr.REQUEST_ID: job.request_id})
+        """Pulls the blocks the reservation lacks: [reused ones | pulled ones] -> only the latter move."""
+        reservation = job.reservation
+        job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent, {
+            Attr.REQUEST_ID: job.request_id, **kv_reuse_attributes(reservation.num_reused_blocks,
+                                                                   reservation.num_cached_tokens)})
         try:
-            job.buffer = self.engine.kv_pool.new_transfer_buffer(job.handle.num_blocks)
+            job.buffer = self.engine.kv_pool.new_transfer_buffer(reservation.num_pulled_blocks)
             trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
-            job.ticket = self.receiver.begin(job.handle, job.buffer, trace_context)
+            job.ticket = self.receiver.begin(job.handle, job.buffer, trace_context,
+                                             first_block_index=reservation.num_reused_blocks)
         except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
             self._drop(job, exc)
             return
@@ -234,11 +247,13 @@ class DecodeWorker:
         job.kv_recv_span.set_attributes(
             kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds))
         _end_spans(job)
-        job.generate_span = self.obs.start_detached_span(SpanName.DECODE_GENERATE, job.trace_parent,
-                                                         {Attr.REQUEST_ID: job.request_id})
-        self.engine.kv_pool.scatter_blocks(job.block_ids, buffer)
+        reservation = job.reservation
+        job.generate_span = self.obs.start_detached_span(SpanName.DECODE_GENERATE, job.trace_parent, {
+            Attr.REQUEST_ID: job.request_id, Attr.KV_BLOCKS: reservation.num_pulled_blocks,
+            **kv_reuse_attributes(reservation.num_reused_blocks, reservation.num_cached_tokens)})
+        self.engine.kv_pool.scatter_blocks(reservation.pulled_block_ids, buffer)
         self.engine.add_decode_request(
-            job.request_id, job.prompt_token_ids, job.first_token_id, job.sampling, job.block_ids
+            job.request_id, job.prompt_token_ids, job.first_token_id, job.sampling, reservation.block_ids
         )
         job.last_token_id = job.first_token_id
         self._running[job.request_id] = job
@@ -355,6 +370,16 @@ class DecodeWorker:
         num_waiting = engine_stats.num_waiting + len(self._admitting) + len(self._receiving)
         self.stats = refresh_worker_stats("decode", engine_stats, self.obs.metrics, self._counters, self.layout,
                                           self._facts, num_waiting)
+
+
+def _describe_hash_mismatch(handle_hashes, own_hashes: list[bytes]) -> str:
+    """Why a handle's block hashes are refused: missing, miscounted, or the first block that differs."""
+    if not handle_hashes and own_hashes:
+        return f"missing: the prompt fills {len(own_hashes)} blocks and the sender named none"
+    if len(handle_hashes) != len(own_hashes):
+        return f"{len(handle_hashes)} hashes, the prompt fills {len(own_hashes)} blocks"
+    index = next(i for i, (theirs, ours) in enumerate(zip(handle_hashes, own_hashes)) if theirs != ours)
+    return f"block {index} differs from this worker's hash of prompt_token_ids: the KV was computed for other tokens"
 
 
 def _end_spans(job: DecodeJob, error: BaseException | str | None = None) -> None:

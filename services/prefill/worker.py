@@ -4,7 +4,8 @@ A request moves through these stages (all state is touched on the engine thread 
 
     Prefill RPC ─► _waiting (engine queue; batched by --max-num-batched-tokens) ─► step: token #1
       ├─ token #1 ends the request (EOS / stop token / max_tokens 1): release_kv, answer finish_reason
-      └─ otherwise: KVSender.offer (lease) ─► _leases ─► answer with the KV handle
+      └─ otherwise: KVSender.offer (lease) ─► _leases ─► answer with the KV handle (its full
+         blocks' hashes included: a decode worker pulls only the blocks its prefix cache lacks)
     on_release (decode acked: DONE | lease ran out: EXPIRED | refused: FAILED | Abort: CANCELLED)
       ─► release_kv: the blocks return to the pool
 
@@ -28,7 +29,7 @@ from common.engine.outputs import RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common import tracing
-from common.tracing import Attr, SpanName
+from common.tracing import Attr, SpanName, kv_reuse_attributes
 from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
 from services.common.engine_thread import EngineThread
 from services.common.errors import Cancelled, Overloaded, Unavailable
@@ -178,7 +179,10 @@ class PrefillWorker:
             self.engine.release_kv(output.request_id)
             return PrefillResult(first_token_id, first_logprobs, output.finish_reason, None)
         transfer_id = new_transfer_id()
-        handle = self.sender.offer(transfer_id, output.kv_block_ids, output.num_prompt_tokens, self.lease_seconds)
+        # The handle lists the full blocks' hashes: a decode worker pulls only the blocks it lacks.
+        block_hashes = self.engine.held_block_hashes(output.request_id)
+        handle = self.sender.offer(transfer_id, output.kv_block_ids, output.num_prompt_tokens, self.lease_seconds,
+                                   block_hashes=block_hashes)
         self._leases[output.request_id] = transfer_id
         self._lease_owners[transfer_id] = output.request_id
         waiting.transfer_id = transfer_id
@@ -238,7 +242,8 @@ class PrefillWorker:
         end_ns = time.time_ns()
         self.obs.tracing.record_span(
             SpanName.KV_SEND, end_ns - int(stats.seconds * 1e9), end_ns, parent,
-            kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds),
+            {**kv_transfer_attributes(stats.num_bytes, stats.num_blocks, stats.transport, stats.seconds),
+             **kv_reuse_attributes(stats.num_reused_blocks, stats.num_reused_blocks * self.layout.block_size)},
         )
 
     def _fail_all(self, error: BaseException) -> None:

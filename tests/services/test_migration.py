@@ -17,6 +17,7 @@ import pytest
 
 from common.engine.sampling_params import SamplingParams
 from protos import worker_pb2, worker_pb2_grpc
+from services.common.observability import Observability
 from services.common.server import start_server
 from services.common.worker_setup import create_receiver, kv_layout
 from services.decode.servicer import DecodeServicer
@@ -63,8 +64,9 @@ def lost_worker(make_system):
 
     async def start():
         engine = system._engine({})
+        # metrics of its own: each engine reports its own running totals (prefix cache queries, ...)
         worker = DecodeWorker(engine, create_receiver("fake", kv_layout(engine), 10.0), DecodeLimits(),
-                              system.observability["decode"])
+                              Observability.disabled("decode", "tiny"))
         server = await start_server(lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
                                     ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
         worker.start()

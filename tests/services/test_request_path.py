@@ -226,7 +226,7 @@ def test_no_free_decode_blocks_for_too_long_is_resource_exhausted(make_system):
 
     system = make_system(decode_overrides={"num_kv_blocks": 32}, decode_limits=DecodeLimits(admission_timeout_seconds=0.5))
     engine = system.decode_worker.engine
-    system.decode_worker.thread.call(lambda: engine.reserve_kv("hog", 120)).result(5)  # 30 of 32 blocks
+    system.decode_worker.thread.call(lambda: engine.reserve_kv("hog", list(range(120)))).result(5)  # 30 of 32 blocks
     with grpc.insecure_channel(system.frontend_address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         with pytest.raises(grpc.RpcError) as info:

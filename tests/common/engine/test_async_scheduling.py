@@ -147,7 +147,7 @@ def test_decode_handoffs_join_a_launched_batch_with_identical_tokens(make_engine
         tokens: dict[str, list[int]] = {}
         for i, prompt in enumerate(prompts):  # one hand-off per step: they join a batch in flight
             request_id = f"r{i}"
-            block_ids = decode.reserve_kv(request_id, len(prompt))
+            block_ids = decode.reserve_kv(request_id, prompt).block_ids
             decode.kv_pool.scatter_blocks(block_ids, prefill.kv_pool.gather_blocks(prefill._held[request_id].block_table))
             prefill.release_kv(request_id)
             decode.add_decode_request(request_id, prompt, firsts[request_id][0], params, block_ids)

@@ -33,8 +33,8 @@ def check_holders_match_ref_counts(engine):
     for seq in list(engine._requests.values()) + list(engine._held.values()):
         for block_id in seq.block_table:
             holders[block_id] = holders.get(block_id, 0) + 1
-    for block_ids in engine._reserved.values():
-        for block_id in block_ids:
+    for reservation in engine._reserved.values():
+        for block_id in reservation.block_ids:
             holders[block_id] = holders.get(block_id, 0) + 1
     allocator = engine.allocator
     for block_id in range(allocator.num_blocks):
@@ -157,7 +157,7 @@ def test_shared_blocks_survive_eviction_pressure_preemption_and_aborts(make_engi
     assert results[True] == results[False]
 
 
-def test_prefill_worker_shares_cached_blocks_and_the_decode_side_is_unaffected(make_engine):
+def test_prefill_worker_shares_cached_blocks_and_the_decode_side_reuses_what_it_holds(make_engine):
     requests = shared_prefix_requests(4, seed=3)
     results = {}
     for caching in (False, True):
@@ -172,17 +172,21 @@ def test_prefill_worker_shares_cached_blocks_and_the_decode_side_is_unaffected(m
             shared = set(firsts["r0"].block_table) & set(firsts["r1"].block_table)
             assert len(shared) == 9 and all(prefill.allocator.ref_count(b) >= 2 for b in shared)
         for request_id, prompt, params in requests:
-            block_ids = decode.reserve_kv(request_id, len(prompt))
-            decode.kv_pool.scatter_blocks(block_ids, prefill.kv_pool.gather_blocks(firsts[request_id].block_table))
+            reservation = decode.reserve_kv(request_id, prompt)
+            sent = firsts[request_id].block_table[reservation.num_reused_blocks:]  # only what decode lacks
+            decode.kv_pool.scatter_blocks(reservation.pulled_block_ids, prefill.kv_pool.gather_blocks(sent))
             first_token = firsts[request_id].token_ids[-1]
             prefill.release_kv(request_id)
-            decode.add_decode_request(request_id, prompt, first_token, params, block_ids)
-        check_holders_match_ref_counts(decode)
+            decode.add_decode_request(request_id, prompt, first_token, params, reservation.block_ids)
+            check_holders_match_ref_counts(decode)
         tokens, _ = run_to_completion(decode)
         results[caching] = {rid: [firsts[rid].token_ids[-1]] + t for rid, t in tokens.items()}
-        assert decode.stats().prefix_cache_queries_tokens == 0
-        if caching:
-            assert decode.prefix_cache.num_cached_blocks == 0  # hand-offs are never offered to the cache
+        stats = decode.stats()
+        if caching:  # r1..r3 reuse the 9 full blocks of the shared 37-token prefix r0 brought
+            assert stats.prefix_cache_hits_tokens == 3 * 36
+            assert stats.prefix_cache_queries_tokens == sum(len(p) for _, p, _ in requests)
+        else:
+            assert stats.prefix_cache_queries_tokens == stats.prefix_cache_hits_tokens == 0
         check_all_blocks_come_back(prefill)
         check_all_blocks_come_back(decode)
     assert results[True] == results[False]
