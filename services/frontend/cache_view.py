@@ -2,7 +2,8 @@
 
     GetStats answer ─► update(keys)   the worker's summary: routing keys of its newest cached blocks
     a request sent  ─► predict(keys)  its prompt's blocks, counted as cached there for a few seconds
-                                      (until the worker's own summaries have caught up with it)
+                                      (until the worker's own summaries have caught up with it), once
+                                      the worker has shown that it caches (a non-empty summary)
     num_cached_blocks(request keys)   the deepest request block found: every block before it is the
                                       same prefix (chained hashes), so the worker holds them all
 
@@ -65,6 +66,9 @@ class WorkerCacheView:
         self._summary_at = float("-inf")  # when the summary arrived
         self._predicted: collections.OrderedDict[int, float] = collections.OrderedDict()  # key -> expiry, in order
         self.num_dropped_summaries = 0  # summaries refused for their size
+        # Whether the worker ever published a cached block: proof that it caches what it is sent (a decode
+        # worker may not cache handed-off KV), so routing a request there makes its blocks predictable.
+        self.has_published_keys = False
 
     @property
     def num_summary_keys(self) -> int:
@@ -78,15 +82,18 @@ class WorkerCacheView:
             self.num_dropped_summaries += 1
             return False
         self._summary = frozenset(keys)
+        self.has_published_keys = self.has_published_keys or bool(self._summary)
         return True
 
     def clear(self) -> None:
         """The worker is gone or restarted: nothing it cached is known any more."""
         self._summary, self._summary_at = frozenset(), float("-inf")
         self._predicted.clear()
+        self.has_published_keys = False
 
     def predict(self, keys: Sequence[int]) -> None:
-        """A request with these block keys was just routed to the worker: it will cache them."""
+        """A request with these block keys was just routed to the worker: it will cache them (the router
+        predicts only for a worker that `has_published_keys`)."""
         now = self._clock()
         expiry = now + self.limits.prediction_seconds
         predicted = self._predicted

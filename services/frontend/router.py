@@ -186,7 +186,7 @@ class Router:
         if role == "decode":
             worker.num_blocks_routed_since_stats += _num_blocks(len(prompt_token_ids), worker.block_size)
         if is_cache_aware:
-            if worker.stats is not None and worker.stats.is_prefix_caching_enabled:
+            if worker.cache_view.has_published_keys:
                 worker.cache_view.predict(prompt.for_block_size(worker.block_size))
             self._record(role, len(prompt_token_ids), _cached_tokens(len(prompt_token_ids), cached_blocks[index],
                                                                      worker.block_size))

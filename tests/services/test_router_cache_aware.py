@@ -57,8 +57,11 @@ def _publish(router: Router, answers: dict[str, object]) -> None:
     asyncio.get_event_loop().run_until_complete(router.refresh())
 
 
+WARMUP = list(range(5000, 5008))  # what every worker cached before the test's requests
+
+
 def _idle(router: Router) -> dict[str, object]:
-    return {w.address: _stats(w.role) for w in router.workers}
+    return {w.address: _stats(w.role, WARMUP) for w in router.workers}
 
 
 def test_prefill_goes_to_the_worker_holding_the_longest_prefix_until_its_queue_outweighs_it():
@@ -121,6 +124,22 @@ def test_decode_prefers_the_worker_holding_the_conversation_unless_it_is_much_fu
     assert router.pick_decode(prompt) is other
 
 
+def test_a_worker_that_never_published_a_cached_block_gets_no_predictions():
+    router = _router()
+    answers = _idle(router)
+    silent = router.decode_workers[0]
+    answers[silent.address] = _stats("decode")  # caching on, but nothing handed off is ever cached
+    _publish(router, answers)
+    prompt = SYSTEM + [3] * 8
+    while router.pick_decode(prompt) is not silent:
+        pass
+    assert silent.cache_view.num_cached_blocks(_keys(prompt)) == 0
+    other = router.decode_workers[1]
+    while router.pick_decode(prompt + [4] * 4) is not other:
+        pass
+    assert other.cache_view.num_cached_blocks(_keys(prompt + [4] * 4)) == 13
+
+
 def test_decode_counts_blocks_routed_since_the_last_report():
     router = _router()
     _publish(router, _idle(router))
@@ -145,6 +164,7 @@ def test_a_lost_worker_is_skipped_and_what_it_cached_forgotten():
     answers[holder.address] = _stats("prefill")  # back, restarted: its cache is empty
     _publish(router, answers)
     assert holder.cache_view.num_cached_blocks(_keys(SYSTEM)) == 0
+    assert not holder.cache_view.has_published_keys
 
 
 def test_an_oversized_summary_is_ignored_and_its_worker_still_serves():
