@@ -274,8 +274,10 @@ def compile_counts(stats: dict[str, worker_pb2.WorkerStats]) -> dict[str, int | 
 
 
 def stats_dict(stats: worker_pb2.WorkerStats) -> dict:
-    """The scalar and list fields of a worker's GetStats, defaults included (the layout left out)."""
+    """The scalar and list fields of a worker's GetStats, defaults included (the layout left out; the
+    cache summary as its number of keys)."""
     values = {f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields if f.message_type is None}
+    values["cached_block_keys"] = len(stats.cached_block_keys)  # the cache summary: its size, not its keys
     return {k: v if isinstance(v, (int, float, str, bool)) else list(v) for k, v in values.items()}
 
 
