@@ -90,7 +90,8 @@ class RequestRecord:
 # ---- one stream -------------------------------------------------------------------------------------
 
 
-async def send_grpc(stub, record: RequestRecord, prompt: list[int], received_token_ids: list[int] | None = None) -> None:
+async def send_grpc(stub, record: RequestRecord, prompt: list[int],
+                    received_token_ids: list[int] | None = None) -> None:
     """`received_token_ids`: where the streamed token ids go (a chat's next turn carries them)."""
     request = generation_pb2.GenerateRequest(
         request_id=record.request_id, token_ids=generation_pb2.TokenIds(ids=prompt),

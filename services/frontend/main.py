@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how workers are picked (env TANDEM_ROUTER_MODE): kv (default) = the least expected "
                              "work counting each worker's cached prefix, load = the least loaded, round-robin, "
                              "random")
-    parser.add_argument("--kv-overlap-score-weight", type=float, default=float(_env("KV_OVERLAP_SCORE_WEIGHT", "1.0")),
+    parser.add_argument("--kv-overlap-score-weight", type=float,
+                        default=float(_env("KV_OVERLAP_SCORE_WEIGHT", "1.0")),
                         help="kv router: how much one cached prompt token (decode: block) counts against one "
                              "queued on the worker (env TANDEM_KV_OVERLAP_SCORE_WEIGHT; 0 = load only)")
     parser.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", "3")),

@@ -111,7 +111,8 @@ class Router:
         else:
             ch = channel(address, self._interceptors, self._tls)
         stub_type = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-        return WorkerHandle(address, role, stub_type(ch), ch, cache_view=WorkerCacheView(self._cache_limits, self._clock))
+        view = WorkerCacheView(self._cache_limits, self._clock)
+        return WorkerHandle(address, role, stub_type(ch), ch, cache_view=view)
 
     @property
     def workers(self) -> list[WorkerHandle]:

@@ -25,8 +25,8 @@ class RouterMetrics:
         cached = Counter(PREFIX + "router_cached_prompt_tokens",
                          "Of the routed prompt tokens, those the chosen worker was believed to have cached.",
                          labels, registry=registry)
-        self._counters = {role: (prompt.labels(model_name, "frontend", role), cached.labels(model_name, "frontend", role))
-                          for role in WORKER_ROLES}
+        self._counters = {role: (prompt.labels(model_name, "frontend", role),
+                                 cached.labels(model_name, "frontend", role)) for role in WORKER_ROLES}
 
     def observe_decision(self, worker_role: str, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         if not 0 <= num_cached_tokens <= num_prompt_tokens:

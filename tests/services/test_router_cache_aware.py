@@ -235,3 +235,17 @@ def _unavailable():
             super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
 
     return Unreachable()
+
+
+def test_the_frontend_config_names_a_bad_router_setting():
+    import pytest
+
+    from services.frontend.app import FrontendConfig
+
+    config = FrontendConfig(["h:1"], ["h:2"], router_mode="round-robin", kv_overlap_score_weight=0.5)
+    assert config.routing == RoutingConfig(RouterMode.ROUND_ROBIN, 0.5)
+    assert FrontendConfig(["h:1"], ["h:2"]).routing.mode is RouterMode.KV  # the default
+    with pytest.raises(ValueError, match="router_mode: must be one of"):
+        FrontendConfig(["h:1"], ["h:2"], router_mode="least-loaded")
+    with pytest.raises(ValueError, match="kv_overlap_score_weight"):
+        FrontendConfig(["h:1"], ["h:2"], kv_overlap_score_weight=-2.0)
