@@ -90,7 +90,9 @@ class RequestRecord:
 # ---- one stream -------------------------------------------------------------------------------------
 
 
-async def send_grpc(stub, record: RequestRecord, prompt: list[int]) -> None:
+async def send_grpc(stub, record: RequestRecord, prompt: list[int],
+                    received_token_ids: list[int] | None = None) -> None:
+    """`received_token_ids`: where the streamed token ids go (a chat's next turn carries them)."""
     request = generation_pb2.GenerateRequest(
         request_id=record.request_id, token_ids=generation_pb2.TokenIds(ids=prompt),
         sampling=generation_pb2.SamplingParams(max_tokens=record.max_tokens, temperature=0.0, ignore_eos=True))
@@ -100,6 +102,8 @@ async def send_grpc(stub, record: RequestRecord, prompt: list[int]) -> None:
             if response.HasField("chunk"):
                 if response.chunk.token_ids:
                     record.add_chunk(time.monotonic(), len(response.chunk.token_ids))
+                    if received_token_ids is not None:
+                        received_token_ids.extend(response.chunk.token_ids)
             elif response.HasField("final"):
                 record.num_usage_tokens = response.final.usage.completion_tokens
     except grpc.aio.AioRpcError as exc:
@@ -233,8 +237,11 @@ def client_process_main(connection) -> None:
         if job is None:
             return
         try:
+            # a ClientJob, or any job that runs itself (`run_in_process`, e.g. bench/_chat_workload.py's)
+            run = (job.run_in_process(connection, event_loop) if hasattr(job, "run_in_process")
+                   else _run_job(connection, job, event_loop))
             with asyncio.Runner(loop_factory=loop_factory) as runner:
-                connection.send(("done", runner.run(_run_job(connection, job, event_loop))))
+                connection.send(("done", runner.run(run)))
         except Exception:  # noqa: BLE001 - the parent reports it and stops the run
             connection.send(("error", traceback.format_exc()))
 
@@ -302,6 +309,23 @@ class ClientPool:
         wall = max(result.ended_at for result in results) - start_at
         return ClientRun(merged, start_at, wall, [r.cpu_seconds / wall if wall > 0 else 0.0 for r in results],
                          results[0].event_loop)
+
+    def run_jobs(self, jobs: list, time_limit: float) -> tuple[float, list]:
+        """Jobs that run themselves, one per process (at most `num_processes`): each job's
+        `run_in_process(connection, event_loop)` coroutine sends ("ready", None) once connected, receives
+        the shared start (time.monotonic()) and returns its result. Returns (start_at, results)."""
+        if not 1 <= len(jobs) <= self.num_processes:
+            raise ValueError(f"1 to {self.num_processes} jobs, got {len(jobs)}")
+        active = self._connections[:len(jobs)]
+        for connection, job in zip(active, jobs):
+            connection.send(job)
+        for index in range(len(jobs)):
+            self._receive(index, "ready", CONNECT_TIMEOUT_SECONDS + 30)
+        start_at = time.monotonic() + START_LEAD_SECONDS
+        for connection in active:
+            connection.send(start_at)
+        return start_at, [self._receive(index, "done", start_at + time_limit + REPLY_GRACE_SECONDS - time.monotonic())
+                          for index in range(len(jobs))]
 
     def _receive(self, index: int, expected: str, timeout: float):
         connection, process = self._connections[index], self._processes[index]

@@ -91,6 +91,15 @@ def kv_figures(spans: list[CollectedSpan], records: list[RequestRecord]) -> dict
     }
 
 
+def kv_bytes_by_request(spans: list[CollectedSpan], request_ids) -> dict[str, int]:
+    """KV bytes each request's hand-off moved (its `kv.send` spans), by request id."""
+    trace_request, sends, _ = _kv_spans(spans, set(request_ids))
+    moved: Counter = Counter()
+    for span in sends:
+        moved[trace_request[span.trace_id]] += span.attributes.get(Attr.KV_BYTES, 0)
+    return dict(moved)
+
+
 def wait_for_kv_spans(collector: OtlpCollector, records: list[RequestRecord], timeout: float) -> list[CollectedSpan]:
     """Spans once both ends of every completed request's hand-off have arrived (or `timeout` seconds passed)."""
     num_expected = sum(r.is_complete for r in records)

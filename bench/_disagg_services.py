@@ -237,10 +237,13 @@ def start_services(args, model: dict, services: Services) -> Service:
     Workers on different GPUs start together; a second worker on a GPU starts once the first there is
     ready, so sizing its KV pool from free memory never races the other's loading.
     """
-    specs = [("prefill-0", "prefill", args.prefill_device, shlex.split(args.prefill_args))]
+    prefill_devices = getattr(args, "prefill_devices", None) or [args.prefill_device]  # one per prefill worker
+    specs = [(f"prefill-{i}", "prefill", device, shlex.split(args.prefill_args))
+             for i, device in enumerate(prefill_devices)]
     specs += [(f"decode-{i}", "decode", device, shlex.split(args.decode_args))
               for i, device in enumerate(args.decode_devices)]
-    print(f"starting 1 prefill and {len(specs) - 1} decode workers (logs in {services.log_dir})", flush=True)
+    print(f"starting {len(prefill_devices)} prefill and {len(args.decode_devices)} decode workers "
+          f"(logs in {services.log_dir})", flush=True)
     waves: list[list[tuple]] = []  # wave i: the (i+1)-th worker of each GPU
     num_on_device: Counter = Counter()
     for spec in specs:
@@ -252,10 +255,12 @@ def start_services(args, model: dict, services: Services) -> Service:
         started = [services.start(name, role, device, engine_argv(args, model, device) + extra)
                    for name, role, device, extra in wave]
         services.wait_ready(started, args.start_timeout)
-    prefill, *decodes = sorted(services.workers(), key=lambda s: (s.role != "prefill", s.name))
+    prefills = [s for s in services.workers() if s.role == "prefill"]
+    decodes = [s for s in services.workers() if s.role == "decode"]
     frontend = services.start("frontend", "frontend", None, [
         "--model", model["path"], "--load-format", model["load_format"], "--http-port", "0",
-        "--prefill-addresses", prefill.address, "--decode-addresses", ",".join(d.address for d in decodes),
+        "--prefill-addresses", ",".join(p.address for p in prefills),
+        "--decode-addresses", ",".join(d.address for d in decodes),
         *shlex.split(args.frontend_args)])
     services.wait_ready([frontend], args.start_timeout)
     return frontend
@@ -282,8 +287,10 @@ def compile_counts(stats: dict[str, worker_pb2.WorkerStats]) -> dict[str, int | 
 
 
 def stats_dict(stats: worker_pb2.WorkerStats) -> dict:
-    """The scalar and list fields of a worker's GetStats, defaults included (the layout left out)."""
+    """The scalar and list fields of a worker's GetStats, defaults included (the layout left out; the
+    cache summary as its number of keys)."""
     values = {f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields if f.message_type is None}
+    values["cached_block_keys"] = len(stats.cached_block_keys)  # the cache summary: its size, not its keys
     return {k: v if isinstance(v, (int, float, str, bool)) else list(v) for k, v in values.items()}
 
 

@@ -11,6 +11,8 @@ are full and never written again: a request only ever writes past its cached pre
 
 from __future__ import annotations
 
+import itertools
+
 from common.kv.block_allocator import BlockAllocator
 
 
@@ -53,6 +55,19 @@ class PrefixCache:
 
     def block_hash(self, block_id: int) -> bytes | None:
         return self._hashes.get(block_id)
+
+    def recent_hashes(self, max_blocks: int) -> list[bytes]:
+        """Hashes of up to `max_blocks` cached blocks, most recently registered first: what a worker
+        publishes for cache-aware routing. O(max_blocks), whatever the cache holds.
+
+        Recency is registration order, so a prefix cached long ago (a shared system prompt) falls out
+        of a short summary before the newer blocks chained on it; a router therefore matches a request
+        by the deepest of its hashes found, which names the whole prefix before it, not by a run from
+        the first block.
+        """
+        if max_blocks < 0:
+            raise ValueError(f"max_blocks must be >= 0, got {max_blocks}")
+        return list(itertools.islice(reversed(self._block_ids), max_blocks))
 
     def _forget(self, block_id: int) -> None:
         del self._block_ids[self._hashes.pop(block_id)]

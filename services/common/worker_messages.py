@@ -107,6 +107,11 @@ class WorkerStatsData:
     eos_token_ids: list[int] = field(default_factory=list)
     layout: KVLayout | None = None  # the worker's KV layout
     num_kernel_compiles_after_ready: int = 0  # Triton variants compiled since SERVING; 0 on CPU
+    # routing keys of the worker's cached blocks, most recently cached first (block_hash.routing_key)
+    cached_block_keys: list[int] = field(default_factory=list)
+    prefix_cache_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_cache_hits_tokens: int = 0  # of those, tokens found cached
+    is_prefix_caching_enabled: bool = False
 
     @property
     def num_used_blocks(self) -> int:
@@ -117,21 +122,26 @@ _STATS_SCALARS = (
     "role", "is_ready", "num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
     "kv_cache_usage", "num_queued_prompt_tokens", "num_requests_served", "num_transfers",
     "num_transfer_bytes", "num_transfer_failures", "num_held_leases", "num_generated_tokens",
-    "max_model_len", "vocab_size", "num_kernel_compiles_after_ready",
+    "max_model_len", "vocab_size", "num_kernel_compiles_after_ready", "prefix_cache_queries_tokens",
+    "prefix_cache_hits_tokens", "is_prefix_caching_enabled",
 )
 
 
 def stats_to_pb(stats: WorkerStatsData) -> worker_pb2.WorkerStats:
     pb = worker_pb2.WorkerStats(**{name: getattr(stats, name) for name in _STATS_SCALARS})
     pb.eos_token_ids.extend(stats.eos_token_ids)
+    pb.cached_block_keys.extend(stats.cached_block_keys)
     if stats.layout is not None:
         pb.layout.CopyFrom(layout_to_pb(stats.layout, worker_pb2.KVLayout))
     return pb
 
 
-def stats_from_pb(pb: worker_pb2.WorkerStats) -> WorkerStatsData:
+def stats_from_pb(pb: worker_pb2.WorkerStats, max_cached_block_keys: int | None = None) -> WorkerStatsData:
+    """`max_cached_block_keys`: a longer cache summary is dropped (left empty), never converted."""
     stats = WorkerStatsData(**{name: getattr(pb, name) for name in _STATS_SCALARS})
     stats.eos_token_ids = list(pb.eos_token_ids)
+    if max_cached_block_keys is None or len(pb.cached_block_keys) <= max_cached_block_keys:
+        stats.cached_block_keys = list(pb.cached_block_keys)
     stats.layout = layout_from_pb(pb.layout) if pb.HasField("layout") else None
     return stats
 

@@ -41,6 +41,7 @@ from common.kv import OutOfKVBlocks
 from common.kv.block_hash import full_block_hashes
 from common.tracing import Attr, SpanName, kv_reuse_attributes
 from common.transfer.base import KVLayoutMismatch, KVReceiver, TransferState
+from services.common.cache_summary import CacheSummaryPublisher
 from services.common.engine_thread import AsyncSink, EngineThread
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
@@ -75,6 +76,7 @@ class DecodeWorker:
         self._counters = {"served": 0, "transfers": 0, "bytes": 0, "failures": 0}
         self._facts = model_facts(engine)
         self.stats = WorkerStatsData(role="decode", is_ready=False)
+        self._cache_summary = CacheSummaryPublisher(engine)  # what routers learn of its prefix cache
 
     @property
     def is_alive(self) -> bool:
@@ -369,7 +371,7 @@ class DecodeWorker:
         engine_stats = self.engine.stats()
         num_waiting = engine_stats.num_waiting + len(self._admitting) + len(self._receiving)
         self.stats = refresh_worker_stats("decode", engine_stats, self.obs.metrics, self._counters, self.layout,
-                                          self._facts, num_waiting)
+                                          self._facts, num_waiting, **self._cache_summary.stats_fields(engine_stats))
 
 
 def _describe_hash_mismatch(handle_hashes, own_hashes: list[bytes]) -> str:

@@ -45,6 +45,8 @@ from services.frontend.admission import Admission, Slot
 from services.frontend.convert import Chunk, Finish
 from services.frontend.relay import Relay, TokenEvent
 from services.frontend.router import Router
+from services.frontend.router_metrics import RouterMetrics
+from services.frontend.routing_policy import DEFAULT_ROUTER_MODE, RouterMode, RoutingConfig, parse_router_mode
 from services.frontend.text_stream import TextStream
 from services.frontend.validation import GenerateInput, fit_to_context, parse_generate_request
 
@@ -68,6 +70,8 @@ class FrontendConfig:
     max_output_tokens: int | None = None  # largest max_tokens a request may ask for; None = max_model_len
     tls: ServerTLS | None = None  # the gRPC and HTTP listeners' TLS; None = plaintext
     worker_tls: ClientTLS | None = None  # how worker channels are dialed; None = plaintext
+    router_mode: RouterMode | str = DEFAULT_ROUTER_MODE  # which worker gets a request (routing_policy.py)
+    kv_overlap_score_weight: float = 1.0  # kv mode: how much a cached prompt token counts against load
 
     def __post_init__(self) -> None:
         if not self.prefill_addresses:
@@ -93,6 +97,11 @@ class FrontendConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise ValueError(f"max_output_tokens: must be >= 1, got {self.max_output_tokens}")
+        self.routing  # validates the routing fields
+
+    @property
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(parse_router_mode(self.router_mode), self.kv_overlap_score_weight)
 
 
 HTTP_CALLER = "http"  # the caller of HTTP requests: no gRPC Abort reaches them
@@ -125,7 +134,8 @@ class FrontendApp:
         self.obs = observability or Observability.disabled("frontend", model_name)
         self.metrics = self.obs.metrics  # the OpenAI HTTP layer serves this registry and records nothing more
         self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
-                             self.obs.tracing.client_interceptors(), config.worker_tls)
+                             self.obs.tracing.client_interceptors(), config.worker_tls, config.routing,
+                             RouterMetrics(self.metrics.registry, model_name))
         self.relay = Relay(self.router, self.obs.tracing, config.migration_limit)
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)

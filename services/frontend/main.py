@@ -26,6 +26,7 @@ from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.openai.server import start_http_server
+from services.frontend.routing_policy import DEFAULT_ROUTER_MODE, RouterMode
 from services.frontend.servicer import GenerationServicer, add_generation_servicer
 
 logger = logging.getLogger("tandem.frontend")
@@ -53,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-format", default=_env("LOAD_FORMAT", "auto"))
     parser.add_argument("--max-num-requests", type=int, default=int(_env("MAX_NUM_REQUESTS", "1024")))
     parser.add_argument("--stats-refresh-seconds", type=float, default=float(_env("STATS_REFRESH_SECONDS", "0.5")))
+    parser.add_argument("--router-mode", choices=[m.value for m in RouterMode],
+                        default=_env("ROUTER_MODE", DEFAULT_ROUTER_MODE.value),
+                        help="how workers are picked (env TANDEM_ROUTER_MODE): kv (default) = the least expected "
+                             "work counting each worker's cached prefix, load = the least loaded, round-robin, "
+                             "random")
+    parser.add_argument("--kv-overlap-score-weight", type=float,
+                        default=float(_env("KV_OVERLAP_SCORE_WEIGHT", "1.0")),
+                        help="kv router: how much one cached prompt token (decode: block) counts against one "
+                             "queued on the worker (env TANDEM_KV_OVERLAP_SCORE_WEIGHT; 0 = load only)")
     parser.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", "3")),
                         help="times a request may move to other workers when its decode worker is lost "
                              "mid-stream (env TANDEM_MIGRATION_LIMIT; 0 = off)")
@@ -143,6 +153,7 @@ def main(argv: list[str]) -> int:
             host=args.host, port=args.port, model=args.model,
             max_num_requests=args.max_num_requests, stats_refresh_seconds=args.stats_refresh_seconds,
             migration_limit=args.migration_limit,
+            router_mode=args.router_mode, kv_overlap_score_weight=args.kv_overlap_score_weight,
             api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
             max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
             max_output_tokens=int(args.max_output_tokens) if args.max_output_tokens else None,

@@ -141,7 +141,7 @@ class Relay:
         touched: list[WorkerHandle],
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         """One prefill -> decode pass; appends each worker it reaches to `touched` (the caller aborts them)."""
-        prefill = self._route(request_id, "prefill", self._router.pick_prefill)
+        prefill = self._route(request_id, "prefill", lambda: self._router.pick_prefill(prompt_token_ids))
         touched.append(prefill)
         with self._router.track(prefill, len(prompt_token_ids)):
             response = await self._call(
@@ -159,7 +159,7 @@ class Relay:
             yield _finish_event(response.finish_reason, [response.first_token_id])
             return
         # picked now: its load is known best after the prefill
-        decode = self._route(request_id, "decode", self._router.pick_decode)
+        decode = self._route(request_id, "decode", lambda: self._router.pick_decode(prompt_token_ids))
         touched.append(decode)
         # The request's own span for its part of the worker's shared DecodeStream; a detached span,
         # since a current one could not be kept across this generator's yields.

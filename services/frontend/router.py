@@ -1,9 +1,14 @@
 """Picks a prefill and a decode worker for each request.
 
-Prefill: fewest prompt tokens in flight (this frontend's own accounting, exact and immediate) plus
-the worker's reported queue. Decode: fewest requests in flight from this frontend, then most free
-KV blocks reported. A background task polls every worker's GetStats; a worker that fails it (or is
-not ready) is skipped until it answers again. No ready worker of a kind -> `Unavailable`.
+The policy (`--router-mode`, services/frontend/routing_policy.py) sees, per healthy worker, what the
+request lacks there and the load already there. Load: prefill, prompt tokens in flight (this frontend's
+own accounting, exact and immediate) plus the worker's reported queue; decode, requests in flight from
+this frontend, then most free KV blocks reported (the `load` mode's ordering), and for the `kv` mode the
+KV blocks in use (reported, plus those routed there since). What a worker holds comes from the cache
+summary in its GetStats and from the requests routed to it since (services/frontend/cache_view.py).
+
+A background task polls every worker's GetStats; a worker that fails it (or is not ready) is skipped
+until it answers again, and what it had cached is forgotten. No ready worker of a kind -> `Unavailable`.
 """
 
 from __future__ import annotations
@@ -12,20 +17,28 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from common.tls import ClientTLS
 from protos import worker_pb2, worker_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.server import channel
 from services.common.worker_messages import WorkerStatsData, stats_from_pb
+from services.frontend.cache_view import CacheViewLimits, PromptKeys, WorkerCacheView
+from services.frontend.router_metrics import RouterMetrics
+from services.frontend.routing_policy import Candidate, RouterMode, RoutingConfig, choose
 
 logger = logging.getLogger(__name__)
 
 _STATS_TIMEOUT_SECONDS = 2.0
+_FALLBACK_BLOCK_SIZE = 16  # a worker that has not reported its KV layout (nothing cached is known)
+ROUTE_CACHED_TOKENS = "tandem.route.cached_tokens"  # `route` span: prompt tokens the picked worker holds
 # A decode worker's DecodeStream gets a fixed receive window (gRPC's 64 KiB default, BDP probing off so
 # it never grows): once this frontend falls behind reading it, the worker's writes wait and it merges
 # the steps that queued meanwhile into one message. With BDP probing the window kept growing, the worker
@@ -49,6 +62,13 @@ class WorkerHandle:
     num_inflight_requests: int = 0  # requests this frontend has on the worker
     num_inflight_prompt_tokens: int = 0
     num_routed: int = field(default=0)  # requests routed here since start
+    cache_view: WorkerCacheView = field(default_factory=WorkerCacheView)  # what it is believed to hold
+    num_blocks_routed_since_stats: int = 0  # decode: prompt blocks sent here since its last GetStats
+
+    @property
+    def block_size(self) -> int:
+        layout = self.stats.layout if self.stats is not None else None
+        return layout.block_size if layout is not None else _FALLBACK_BLOCK_SIZE
 
     def prefill_score(self) -> tuple[int, int]:
         reported = self.stats.num_queued_prompt_tokens if self.stats else 0
@@ -61,19 +81,29 @@ class WorkerHandle:
 
 class Router:
     def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], refresh_seconds: float = 0.5,
-                 interceptors: list | None = None, tls: ClientTLS | None = None):
+                 interceptors: list | None = None, tls: ClientTLS | None = None,
+                 routing: RoutingConfig | None = None, metrics: RouterMetrics | None = None,
+                 cache_limits: CacheViewLimits | None = None, clock: Callable[[], float] = time.monotonic):
         """`interceptors`: client interceptors (tracing) for every worker channel; `tls`: dial every worker
-        over TLS (its unary calls, GetStats and the DecodeStream all share the one channel)."""
+        over TLS (its unary calls, GetStats and the DecodeStream all share the one channel); `routing`: the
+        policy (default: cache-aware); `metrics`: where decisions are counted; `cache_limits` and `clock`:
+        how worker cache summaries are bounded and aged."""
         if not prefill_addresses or not decode_addresses:
             raise ValueError("at least one prefill and one decode address are required")
         self._interceptors = list(interceptors or [])
         self._tls = tls
+        self.routing = routing or RoutingConfig()
+        self._metrics = metrics
+        self._cache_limits = cache_limits or CacheViewLimits()
+        self._clock = clock
         self.prefill_workers = [self._connect(a, "prefill") for a in prefill_addresses]
         self.decode_workers = [self._connect(a, "decode") for a in decode_addresses]
         self._refresh_seconds = refresh_seconds
         self._refresh_task: asyncio.Task | None = None
-        # rotate among equally loaded workers, one counter per kind so picks of one kind never skew the other
-        self._tie_breakers = {"prefill": itertools.count(), "decode": itertools.count()}
+        # round-robin turns and rotation among ties, one counter per kind so picks of one kind never skew
+        # the other
+        self._turns = {"prefill": itertools.count(), "decode": itertools.count()}
+        self._rng = random.Random()
 
     def _connect(self, address: str, role: str) -> WorkerHandle:
         if role == "decode":
@@ -81,7 +111,8 @@ class Router:
         else:
             ch = channel(address, self._interceptors, self._tls)
         stub_type = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-        return WorkerHandle(address, role, stub_type(ch), ch)
+        view = WorkerCacheView(self._cache_limits, self._clock)
+        return WorkerHandle(address, role, stub_type(ch), ch, cache_view=view)
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -98,9 +129,14 @@ class Router:
             if worker.is_healthy:
                 logger.warning("%s worker %s unreachable: %s", worker.role, worker.address, exc.code().name)
             worker.is_healthy = False
+            worker.cache_view.clear()  # it may come back restarted, its cache empty
             return
-        worker.stats = stats_from_pb(pb)
+        worker.stats = stats_from_pb(pb, self._cache_limits.max_summary_keys)
         worker.is_healthy = worker.stats.is_ready and worker.stats.role == worker.role
+        worker.num_blocks_routed_since_stats = 0
+        if not worker.cache_view.update(pb.cached_block_keys):
+            logger.warning("%s worker %s: cache summary of %d keys ignored (at most %d)", worker.role,
+                           worker.address, len(pb.cached_block_keys), self._cache_limits.max_summary_keys)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -128,20 +164,40 @@ class Router:
             raise Unavailable("no ready worker")
         return min(ready, key=lambda s: s.max_model_len)
 
-    def _pick(self, workers: list[WorkerHandle], score) -> WorkerHandle:
+    def pick_prefill(self, prompt_token_ids: Sequence[int] = ()) -> WorkerHandle:
+        return self._pick(self.prefill_workers, prompt_token_ids)
+
+    def pick_decode(self, prompt_token_ids: Sequence[int] = ()) -> WorkerHandle:
+        """`prompt_token_ids`: the prompt the decode worker is handed (its KV is what it would pull)."""
+        return self._pick(self.decode_workers, prompt_token_ids)
+
+    def _pick(self, workers: list[WorkerHandle], prompt_token_ids: Sequence[int]) -> WorkerHandle:
+        role = workers[0].role
         healthy = [w for w in workers if w.is_healthy]
         if not healthy:
-            kind = workers[0].role
-            raise Unavailable(f"no {kind} worker is ready ({', '.join(w.address for w in workers)})")
-        best = min(score(w) for w in healthy)
-        tied = [w for w in healthy if score(w) == best]
-        return tied[next(self._tie_breakers[workers[0].role]) % len(tied)]
+            raise Unavailable(f"no {role} worker is ready ({', '.join(w.address for w in workers)})")
+        is_cache_aware = self.routing.mode is RouterMode.KV and len(prompt_token_ids) > 0
+        prompt = PromptKeys(prompt_token_ids)
+        cached_blocks = [w.cache_view.num_cached_blocks(prompt.for_block_size(w.block_size)) if is_cache_aware
+                         else 0 for w in healthy]
+        candidate = _prefill_candidate if role == "prefill" else _decode_candidate
+        candidates = [candidate(w, len(prompt_token_ids), n) for w, n in zip(healthy, cached_blocks)]
+        index = choose(candidates, self.routing, next(self._turns[role]), self._rng)
+        worker = healthy[index]
+        if role == "decode":
+            worker.num_blocks_routed_since_stats += _num_blocks(len(prompt_token_ids), worker.block_size)
+        if is_cache_aware:
+            if worker.cache_view.has_published_keys:
+                worker.cache_view.predict(prompt.for_block_size(worker.block_size))
+            self._record(role, len(prompt_token_ids), _cached_tokens(len(prompt_token_ids), cached_blocks[index],
+                                                                     worker.block_size))
+        return worker
 
-    def pick_prefill(self) -> WorkerHandle:
-        return self._pick(self.prefill_workers, WorkerHandle.prefill_score)
-
-    def pick_decode(self) -> WorkerHandle:
-        return self._pick(self.decode_workers, WorkerHandle.decode_score)
+    def _record(self, role: str, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """A cache-aware decision: on the current (`route`) span and in the metrics."""
+        trace.get_current_span().set_attribute(ROUTE_CACHED_TOKENS, num_cached_tokens)
+        if self._metrics is not None:
+            self._metrics.observe_decision(role, num_prompt_tokens, num_cached_tokens)
 
     @contextlib.contextmanager
     def track(self, worker: WorkerHandle, num_prompt_tokens: int = 0) -> Iterator[None]:
@@ -158,3 +214,31 @@ class Router:
     def mark_unhealthy(self, worker: WorkerHandle) -> None:
         """After an UNAVAILABLE answer: skip the worker until the next successful GetStats."""
         worker.is_healthy = False
+
+
+def _num_blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def _cached_tokens(num_prompt_tokens: int, num_cached_blocks: int, block_size: int) -> int:
+    """Prompt tokens a worker holding `num_cached_blocks` leading blocks would not compute (the engine
+    always computes at least the last one)."""
+    return max(0, min(num_cached_blocks * block_size, num_prompt_tokens - 1))
+
+
+def _prefill_candidate(worker: WorkerHandle, num_prompt_tokens: int, num_cached_blocks: int) -> Candidate:
+    reported = max(0, worker.stats.num_queued_prompt_tokens) if worker.stats else 0
+    return Candidate(
+        num_uncached=num_prompt_tokens - _cached_tokens(num_prompt_tokens, num_cached_blocks, worker.block_size),
+        num_pending=worker.num_inflight_prompt_tokens + reported,
+        load_key=worker.prefill_score(),
+    )
+
+
+def _decode_candidate(worker: WorkerHandle, num_prompt_tokens: int, num_cached_blocks: int) -> Candidate:
+    num_used_blocks = worker.stats.num_used_blocks if worker.stats else 0
+    return Candidate(
+        num_uncached=max(0, _num_blocks(num_prompt_tokens, worker.block_size) - num_cached_blocks),
+        num_pending=max(0, num_used_blocks) + worker.num_blocks_routed_since_stats,
+        load_key=worker.decode_score(),
+    )

@@ -31,6 +31,7 @@ from common.engine.sequence import TokenLogprobs
 from common import tracing
 from common.tracing import Attr, SpanName, kv_reuse_attributes
 from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
+from services.common.cache_summary import CacheSummaryPublisher
 from services.common.engine_thread import EngineThread
 from services.common.errors import Cancelled, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
@@ -89,6 +90,7 @@ class PrefillWorker:
         self._lease_owners: dict[str, str] = {}  # transfer id -> request id
         self._counters = {"served": 0, "transfers": 0, "bytes": 0, "failures": 0}
         self.stats = WorkerStatsData(role="prefill", is_ready=False)
+        self._cache_summary = CacheSummaryPublisher(engine)  # what routers learn of its prefix cache
         self._facts = model_facts(engine)
         self.layout = kv_layout(engine)
         self.obs = observability or Observability.disabled("prefill", engine.model_name)
@@ -270,5 +272,6 @@ class PrefillWorker:
             engine_stats.num_waiting,
             num_queued_prompt_tokens=sum(w.num_prompt_tokens for w in self._waiting.values()),
             num_held_leases=len(self._leases),
+            **self._cache_summary.stats_fields(engine_stats),
         )
         return False

@@ -1,4 +1,5 @@
-"""Routing: least-loaded prefill (queued prompt tokens) and decode (in-flight requests, free blocks)."""
+"""Routing by load (`--router-mode load`, and `kv` when nothing is cached): least-loaded prefill (queued
+prompt tokens) and decode (in-flight requests, free blocks)."""
 
 import asyncio
 
@@ -7,12 +8,13 @@ import pytest
 from services.common.errors import Unavailable
 from services.common.worker_messages import WorkerStatsData
 from services.frontend.router import Router
+from services.frontend.routing_policy import RouterMode, RoutingConfig
 
 
-def _router(num_prefill=2, num_decode=2) -> Router:
+def _router(num_prefill=2, num_decode=2, mode=RouterMode.KV) -> Router:
     asyncio.set_event_loop(asyncio.new_event_loop())  # grpc.aio channels need a current loop
     router = Router([f"127.0.0.1:{1000 + i}" for i in range(num_prefill)],
-                    [f"127.0.0.1:{2000 + i}" for i in range(num_decode)])
+                    [f"127.0.0.1:{2000 + i}" for i in range(num_decode)], routing=RoutingConfig(mode))
     for worker in router.workers:
         worker.is_healthy = True
         worker.stats = WorkerStatsData(role=worker.role, is_ready=True, num_free_blocks=100, num_total_blocks=100)
@@ -30,7 +32,7 @@ def test_prefill_goes_to_the_worker_with_fewest_prompt_tokens_in_flight():
 
 
 def test_decode_prefers_fewer_requests_then_more_free_blocks():
-    router = _router()
+    router = _router(mode=RouterMode.LOAD)
     first, second = router.decode_workers
     second.stats.num_free_blocks = 10
     assert router.pick_decode() is first
