@@ -132,6 +132,14 @@ class Sequence:
         )
 
 
+def needs_host_tokens(seq: Sequence) -> bool:
+    """Whether sampling `seq`'s next token reads or returns more than the token id on the device:
+    logprobs, penalties (they read the host's token lists), or a prefill-only sequence (it hands its KV
+    off after token #1). A step with such a row waits for its tokens instead of being launched ahead."""
+    params = seq.sampling_params
+    return seq.is_prefill_only or params.logprobs is not None or params.has_penalties
+
+
 def check_finish(
     seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int, num_tokens: int | None = None
 ) -> str | None:
