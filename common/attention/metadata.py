@@ -23,8 +23,35 @@ first; attention then splits in two, each part with metadata of its own (its own
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+INT64_PER_16_BYTES = 2  # each uploaded field starts 16-byte aligned, as a fresh tensor would (Triton specialises on it)
+
+
+def upload_index_lists(fields: Sequence[tuple[Sequence[int], torch.dtype]], device: torch.device | str
+                       ) -> list[torch.Tensor]:
+    """Host int lists -> 1-D tensors of the given dtypes on `device`.
+
+    On CUDA they travel as one pinned buffer in one copy that does not block the host: a copy from
+    pageable memory (torch.tensor(..., device=cuda)) waits for every step already queued, which would
+    undo asynchronous scheduling. Pinned buffers come from torch's caching host allocator, which reuses
+    one only after its copy completed.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [torch.tensor(values, dtype=dtype, device=device) for values, dtype in fields]
+    offsets, total = [], 0
+    for values, _ in fields:
+        offsets.append(total)
+        total += -(-len(values) // INT64_PER_16_BYTES) * INT64_PER_16_BYTES
+    staging = torch.empty(max(total, 1), dtype=torch.int64, pin_memory=True)
+    host = staging.numpy()
+    for (values, _), offset in zip(fields, offsets):
+        host[offset : offset + len(values)] = values
+    flat = staging.to(device, non_blocking=True)
+    return [flat[offset : offset + len(values)].to(dtype) for (values, dtype), offset in zip(fields, offsets)]
 
 
 @dataclass
@@ -108,12 +135,14 @@ class AttentionMetadata:
     @classmethod
     def _from_lists(cls, slots, starts, query_lens, context_lens, block_tables, device) -> "AttentionMetadata":
         max_num_blocks = max(len(t) for t in block_tables)
-        padded = [t + [0] * (max_num_blocks - len(t)) for t in block_tables]
+        padded = [entry for t in block_tables for entry in t + [0] * (max_num_blocks - len(t))]
+        slot_mapping, query_start_locs, context_lens_tensor, flat_tables = upload_index_lists(
+            [(slots, torch.int64), (starts, torch.int32), (context_lens, torch.int32), (padded, torch.int32)], device)
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_locs=torch.tensor(starts, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            slot_mapping=slot_mapping,
+            query_start_locs=query_start_locs,
+            context_lens=context_lens_tensor,
+            block_tables=flat_tables.view(len(block_tables), max_num_blocks),
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
             is_decode=all(q == 1 for q in query_lens),

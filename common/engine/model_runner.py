@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from common.attention import AttentionMetadata
+from common.attention.metadata import upload_index_lists
 from common.engine import kv_budget
 from common.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from common.engine.cuda_graphs import CUDAGraphRunner, DecodeForward, capture_batch_sizes, decode_split_plan
@@ -125,14 +126,12 @@ class ModelRunner:
     def _packed_logits(self, plan: SchedulerPlan, previous: InFlightStep | None = None) -> torch.Tensor | None:
         """The packed forward of a prefill or mixed step -> logits [N, V] fp32 of its N sampled rows
         (None when nothing samples)."""
-        input_ids, positions, metadata = self._prepare_inputs(plan, previous)
+        input_ids, positions, metadata, last_token_rows = self._prepare_inputs(plan, previous)
         hidden = self.model(input_ids, positions, self.kv_pool.kv, metadata)  # [T, hidden]
-        sampled_index = [i for i, is_sampled in enumerate(plan.is_sampled) if is_sampled]
-        if not sampled_index:
+        if last_token_rows is None:
             return None
-        last_token_rows = [metadata.query_start_locs_cpu[i + 1] - 1 for i in sampled_index]
-        if len(last_token_rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(last_token_rows, device=self.device)]  # [N, hidden]
+        if last_token_rows.shape[0] < hidden.shape[0]:
+            hidden = hidden[last_token_rows]  # [N, hidden]
         return self.model.compute_logits(hidden)  # [N, V] float32
 
     def _run_decode(self, seqs: list[Sequence]) -> list[SampledToken]:
@@ -198,16 +197,18 @@ class ModelRunner:
         return [SampledToken(token_id, lp) for token_id, lp in zip(token_ids, logprobs)]
 
     def _prepare_inputs(self, plan: SchedulerPlan, previous: InFlightStep | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """input_ids [T], positions [T] and metadata of a packed step. A decode row whose token is still in
-        flight reads it from `previous`'s samples, on the device."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+        """input_ids [T], positions [T], metadata and the packed rows of the sampled sequences' last tokens
+        ([N], None when nothing samples) of a packed step. A decode row whose token is still in flight
+        reads it from `previous`'s samples, on the device."""
         input_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
-        in_flight_index: list[int] = []  # packed rows whose token is in flight ...
+        last_token_rows: list[int] = []
+        in_flight_rows: list[int] = []  # packed rows whose token is in flight ...
         source_rows: list[int] = []  # ... and its row in previous.token_ids
         previous_rows = None
-        for seq, query_len in zip(plan.seqs, plan.query_lens):
+        for seq, query_len, is_sampled in zip(plan.seqs, plan.query_lens, plan.is_sampled):
             start = seq.num_computed_tokens
             end = start + query_len
             if query_len == 1:
@@ -217,7 +218,7 @@ class ModelRunner:
                     if seq not in previous_rows:
                         raise ValueError(f"the input token of {seq.request_id!r} is in flight, but not in the "
                                          f"previous step")
-                    in_flight_index.append(len(input_ids))
+                    in_flight_rows.append(len(input_ids))
                     source_rows.append(previous_rows[seq])
                     token_id = 0
                 input_ids.append(token_id)
@@ -225,17 +226,20 @@ class ModelRunner:
             else:
                 input_ids += seq.token_ids[start:end]
                 positions += range(start, end)
+            if is_sampled:
+                last_token_rows.append(len(input_ids) - 1)
             context_lens.append(end)
         metadata = AttentionMetadata.build(
             plan.query_lens, context_lens, [seq.block_table for seq in plan.seqs], self.block_size, self.device,
             num_decode_seqs=plan.num_decodes if plan.is_mixed else 0,
         )
-        input_ids_tensor = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        if in_flight_index:
-            index = torch.tensor(in_flight_index + source_rows, dtype=torch.int64, device=self.device)
-            num_in_flight = len(in_flight_index)
-            input_ids_tensor.index_copy_(0, index[:num_in_flight], previous.token_ids[index[num_in_flight:]])
-        return input_ids_tensor, torch.tensor(positions, dtype=torch.int64, device=self.device), metadata
+        int64 = torch.int64
+        input_ids_tensor, positions_tensor, rows_tensor, in_flight_tensor, source_tensor = upload_index_lists(
+            [(input_ids, int64), (positions, int64), (last_token_rows, int64), (in_flight_rows, int64),
+             (source_rows, int64)], self.device)
+        if in_flight_rows:
+            input_ids_tensor.index_copy_(0, in_flight_tensor, previous.token_ids[source_tensor])
+        return input_ids_tensor, positions_tensor, metadata, rows_tensor if last_token_rows else None
 
 
 def _sampled_rows(previous: InFlightStep | None) -> dict[Sequence, int]:

@@ -70,3 +70,15 @@ def test_metadata_parts_describe_their_own_rows():
     assert not plain.is_mixed and plain.num_decode_tokens == 0
     with pytest.raises(ValueError, match="num_decode_seqs"):
         AttentionMetadata.build([1, 5], [4, 12], [[1], [5, 6, 7]], 4, num_decode_seqs=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uploaded_index_lists_keep_values_dtypes_and_16_byte_alignment(device):
+    from common.attention.metadata import upload_index_lists
+
+    fields = [([3, 1, 4], torch.int64), ([1, 5, 9, 2, 6], torch.int32), ([], torch.int64), ([5, 3, 5], torch.int64),
+              ([8], torch.int32)]
+    tensors = upload_index_lists(fields, device)
+    for (values, dtype), tensor in zip(fields, tensors):
+        assert tensor.device.type == device and tensor.dtype == dtype and tensor.cpu().tolist() == values
+        assert tensor.data_ptr() % 16 == 0  # Triton compiles per pointer alignment: as a fresh tensor's
