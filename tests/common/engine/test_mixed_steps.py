@@ -7,7 +7,9 @@ import pytest
 
 from common.engine.sampling_params import SamplingParams
 from tests.common.engine.test_async_scheduling import run_recording, tokens_of
+from tests.common.engine.test_cuda_graphs import build_engine
 from tests.common.engine.test_prefix_caching import check_all_blocks_come_back
+from tests.helpers.devices import DEVICES
 
 STEP_AT_A_TIME = dict(enable_chunked_prefill=False, async_scheduling=False)
 
@@ -143,3 +145,26 @@ def test_abort_of_a_prompt_whose_chunk_is_in_flight_frees_everything(make_engine
     expected = run_recording(alone, {})
     assert len(tokens["a"]) + 2 == 20  # its first two tokens came out before the abort
     assert tokens_of(expected)["a"][2:] == tokens["a"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_steps_on_triton_kernels_beside_decode_graphs(tiny_folder, device, monkeypatch):
+    """The Triton path (interpreter on CPU, compiled on CUDA): mixed steps split between the decode and
+    prefill kernels, decode-only steps through the graph runner (captured on CUDA), launched
+    asynchronously; the same greedy tokens as the step-at-a-time reference engine."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rng = random.Random(9)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 9, 14, 4, 6)]
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (5, 17, 3, 150, 40)]
+    requests = [(f"r{i}", prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]
+    arrivals = {0: requests[:3], 3: requests[3:]}  # a 150-token prompt arrives while three decode
+    settings = dict(max_num_batched_tokens=48, max_num_seqs=8, num_kv_blocks=64, max_model_len=256)
+    reference = build_engine(tiny_folder, device, "reference", enable_chunked_prefill=False,
+                             async_scheduling=False, **settings)
+    engine = build_engine(tiny_folder, device, "graphs", attention_backend="triton", **settings)
+    launched = []
+    plans = record_steps(engine, launched)
+    assert tokens_of(run_recording(engine, arrivals)) == tokens_of(run_recording(reference, arrivals))
+    assert sum(plan.is_mixed for plan, _ in launched) >= 3 and any(not plan.is_prefill for plan in plans)
+    check_all_blocks_come_back(engine)
