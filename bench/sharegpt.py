@@ -7,6 +7,9 @@
     python3 bench/sharegpt.py --no-tandem --baselines static --output static.json
     python3 bench/sharegpt.py --no-tandem --baselines cb --output cb.json
     python3 bench/sharegpt.py --merge tandem.json static.json cb.json --output sharegpt.json
+    # mixed steps (the default) against the step-at-a-time engine, in one command or two
+    python3 bench/sharegpt.py --baselines none --compare-step-at-a-time --output tandem.json
+    python3 bench/sharegpt.py --baselines none --no-enable-chunked-prefill --output step.json
     # CPU: a functional run on a tiny model
     python3 bench/sharegpt.py --device cpu --model dummy:tiny --num-requests 8 --static-requests 4 \\
         --static-batch-size 2 --max-input-len 48 --max-output-len 12
@@ -16,7 +19,9 @@ clip(lognormal(ln 200 - 0.5, 1), 4, 1024), then output lengths clip(lognormal(ln
 as ints; then random token-id prompts from the same rng. Every request generates exactly its output
 length (greedy, EOS ignored). Systems:
 
-    tandem  LLMEngine, all N requests added at once, --max-num-seqs 256, CUDA graphs
+    tandem  LLMEngine, all N requests added at once, --max-num-seqs 256, CUDA graphs, mixed steps
+            (--enable-chunked-prefill); with --no-enable-chunked-prefill or --compare-step-at-a-time,
+            "tandem-step-at-a-time" is the same engine running a step of prefill or a step of decode
     static  transformers `generate`, static batches of 64 left-padded, each run to its longest output,
             on the first 256 requests (useful tokens: each request's own length only)
     cb      transformers' continuous batching on all N requests
@@ -45,6 +50,7 @@ from bench._common import environment, format_table, load_benchmark_model, requi
 from common.heap import freeze_startup_heap  # noqa: E402
 
 BASELINES = ("static", "cb")
+STEP_AT_A_TIME = "tandem-step-at-a-time"  # the engine without mixed steps (--no-enable-chunked-prefill)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="launch each decode step while the previous one runs (the engine's default)")
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                        help="mixed steps: decodes and prompt chunks share each step's token budget (the "
+                             "engine's default); off: the step-at-a-time engine")
+    parser.add_argument("--compare-step-at-a-time", action="store_true",
+                        help="also run the engine with --no-enable-chunked-prefill, in the same process")
     parser.add_argument("--baselines", default="static,cb", help="static, cb (comma separated) or none")
     parser.add_argument("--no-tandem", action="store_true", help="run only the baselines")
     parser.add_argument("--static-requests", type=int, default=256)
@@ -92,7 +103,7 @@ def workload_summary(prompts: list[list[int]], output_lens: list[int]) -> dict:
             "output_tokens": sum(output_lens), "lengths_sha256": hashlib.sha256(lengths).hexdigest()[:16]}
 
 
-def build_engine(args, model, model_config):
+def build_engine(args, model, model_config, enable_chunked_prefill: bool):
     from common.engine.config import EngineConfig
     from common.engine.llm_engine import LLMEngine
 
@@ -101,7 +112,7 @@ def build_engine(args, model, model_config):
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
         max_model_len=args.max_input_len + args.max_output_len, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, kv_cache_memory_bytes=None if args.device.startswith("cuda") else 1 << 28,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, enable_chunked_prefill=enable_chunked_prefill,
     )
     return LLMEngine(config, model=model, model_config=model_config)
 
@@ -127,9 +138,11 @@ def run_tandem(engine, prompts: list[list[int]], output_lens: list[int], time_li
         num_steps += 1
     seconds = time.perf_counter() - start
     stats = engine.stats()
-    return {"system": "tandem (LLMEngine)", "num_requests": num_finished, "useful_output_tokens": num_tokens,
+    policy = "mixed steps" if engine.config.enable_chunked_prefill else "step at a time"
+    return {"system": f"tandem (LLMEngine, {policy})", "num_requests": num_finished, "useful_output_tokens": num_tokens,
             "seconds": seconds, "useful_output_tokens_per_s": num_tokens / seconds, "steps": num_steps,
             "num_preemptions": stats.num_preemptions - start_stats.num_preemptions,
+            "enable_chunked_prefill": engine.config.enable_chunked_prefill,
             "cuda_graphs": engine.model_runner.graph_runner is not None, "truncated": num_finished < len(prompts)}
 
 
@@ -152,13 +165,16 @@ def run_all(args, device) -> dict:
     result = {"environment": environment(device), "model": args.model, "dtype": args.dtype,
               "workload": workload_summary(prompts, output_lens), "results": {}}
     if not args.no_tandem:
-        engine = build_engine(args, model, model_config)
-        result["results"]["tandem"] = run_tandem(engine, prompts, output_lens, args.time_limit)
-        print(f"tandem: {result['results']['tandem']['useful_output_tokens_per_s']:.1f} useful output tok/s",
-              flush=True)
-        checkpoint(args, result)
-        del engine
-        free_device_memory(device)
+        policies = [args.enable_chunked_prefill] + ([False] if args.compare_step_at_a_time else [])
+        for enable_chunked_prefill in dict.fromkeys(policies):
+            name = "tandem" if enable_chunked_prefill else STEP_AT_A_TIME
+            engine = build_engine(args, model, model_config, enable_chunked_prefill)
+            result["results"][name] = run_tandem(engine, prompts, output_lens, args.time_limit)
+            print(f"{name}: {result['results'][name]['useful_output_tokens_per_s']:.1f} useful output tok/s",
+                  flush=True)
+            checkpoint(args, result)
+            del engine
+            free_device_memory(device)
     if args.baselines:
         from bench._transformers_baselines import run_continuous_batching, run_static, transformers_twin
 
@@ -195,7 +211,7 @@ def add_ratios(result: dict) -> None:
     if "tandem" in results:
         tandem = results["tandem"]["useful_output_tokens_per_s"]
         result["ratios"] = {f"tandem/{name}": tandem / results[name]["useful_output_tokens_per_s"]
-                            for name in BASELINES if name in results}
+                            for name in (STEP_AT_A_TIME, *BASELINES) if name in results}
 
 
 def table(result: dict) -> str:

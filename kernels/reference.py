@@ -55,6 +55,11 @@ def paged_attention_reference(
     """Causal attention of each sequence's new tokens over its whole paged context."""
     if metadata.is_decode:
         return _decode_attention(query, kv_cache, metadata, scale)
+    if metadata.is_mixed:  # one batched pass for the decodes, the per-sequence loop for the prompt chunks
+        num_decode_tokens = metadata.num_decode_tokens
+        decoded = _decode_attention(query[:num_decode_tokens], kv_cache, metadata.decode_part, scale)
+        prefilled = _varlen_attention(query[num_decode_tokens:], kv_cache, metadata.prefill_part, scale)
+        return torch.cat([decoded, prefilled])
     return _varlen_attention(query, kv_cache, metadata, scale)
 
 

@@ -64,6 +64,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=defaults.enable_prefix_caching,
                        help="reuse the KV of full blocks an earlier request computed for the same prefix")
+    group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=defaults.enable_chunked_prefill,
+                       help="one --max-num-batched-tokens budget per step: running decodes first (one token "
+                            "each), then chunks of waiting prompts fill the rest, so a long prompt never "
+                            "stalls running decodes; --no-enable-chunked-prefill runs a step of prefill or "
+                            "a step of decode, prefill first (long prompts still split over steps)")
     return parser
 
 
@@ -89,4 +95,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         async_scheduling=args.async_scheduling,
         enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
     )

@@ -26,7 +26,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 256  # most sequences decoded together
-    max_num_batched_tokens: int = 8192  # most new tokens in one prefill step
+    max_num_batched_tokens: int = 8192  # most new tokens in one step (decode tokens and prompt chunks)
     max_model_len: int | None = None  # prompt + output cap; None = the model's max_position_embeddings
     kv_cache_memory_bytes: int | None = None  # KV pool size on CPU (default 1 GiB)
     # share of the GPU's total memory THIS process may use (weights, activations, KV pool, CUDA graphs,
@@ -43,6 +43,10 @@ class EngineConfig:
     async_scheduling: bool = True
     # reuse the KV of full blocks an earlier request computed for the same prefix (vLLM's flag)
     enable_prefix_caching: bool = True
+    # one token budget per step (vLLM's flag): running decodes first, then chunks of waiting prompts fill the
+    # rest, so a prompt never stalls running decodes. False: a step is all prefill or all decode, prefill
+    # first (prompts longer than max_num_batched_tokens are still split into chunks)
+    enable_chunked_prefill: bool = True
 
     def __post_init__(self) -> None:
         self._check_choice("load_format", LOAD_FORMATS)
@@ -75,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "

@@ -10,17 +10,19 @@ Single-threaded and synchronous (services run it on a thread of their own). Wher
 `abort_request` frees a request wherever it is; its final output (finish_reason "abort") comes
 from the next `step()`.
 
-Asynchronous scheduling (`async_scheduling`, the default): a decode step that needs nothing from the
-host's token lists is launched and `step()` returns without waiting for it; the next `step()` plans
-and launches the step after it, then waits for the first and returns its outputs. The host's work
-(outputs, stop checks, planning, inputs) runs while the device computes:
+Asynchronous scheduling (`async_scheduling`, the default): a step that needs nothing from the host's
+token lists (a decode step, or with chunked prefill any step) is launched and `step()` returns without
+waiting for it; the next `step()` plans and launches the step after it, then waits for the first and
+returns its outputs. The host's work (outputs, stop checks, planning, inputs) runs while the device
+computes:
 
     step() k:    launch N+1 (inputs: N's tokens, on the device) ─► wait for N ─► outputs of N
     device:      ... N ][ N+1 ][ N+2 ...    (no gap while the host keeps up)
 
 Tokens therefore come out one `step()` later, and a request that stops at step N (EOS, a stop token)
-still has its row computed in step N+1, dropped. Prefill steps, logprobs and penalties wait for
-their tokens as before; blocks freed while a step is in flight are fenced until it completes.
+still has its row computed in step N+1, dropped. Logprobs, penalties, prefill-only requests and,
+without chunked prefill, prefill steps wait for their tokens; blocks freed while a step is in flight
+are fenced until it completes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from common.attention import get_attention_backend
 from common.engine.config import EngineConfig
 from common.engine.kv_reservation import KVReservation
-from common.engine.model_runner import InFlightDecode, ModelRunner, decode_uses_cuda_graphs, determine_num_kv_blocks
+from common.engine.model_runner import InFlightStep, ModelRunner, decode_uses_cuda_graphs, determine_num_kv_blocks
 from common.engine.outputs import EngineStats, RequestOutput
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
@@ -79,7 +81,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache = PrefixCache(self.allocator) if config.enable_prefix_caching else None
         scheduler_config = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, config.block_size, self.max_model_len
+            config.max_num_seqs, config.max_num_batched_tokens, config.block_size, self.max_model_len,
+            config.enable_chunked_prefill,
         )
         self.scheduler = Scheduler(scheduler_config, self.allocator, frozenset(model_config.eos_token_ids),
                                    self.prefix_cache)
@@ -95,7 +98,7 @@ class LLMEngine:
         self._held: dict[str, Sequence] = {}  # prefill-only, finished, blocks held until release_kv
         self._reserved: dict[str, KVReservation] = {}  # decode side: blocks reserved for a KV hand-off
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, returned by the next step
-        self._in_flight: InFlightDecode | None = None  # a launched decode step whose tokens are not read yet
+        self._in_flight: InFlightStep | None = None  # a launched step whose tokens are not read yet
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._finished_reasons: dict[str, int] = {}
@@ -129,7 +132,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
-        if self.config.async_scheduling and self.model_runner.can_launch(plan):
+        if self._can_launch(plan):
             self._launch(plan, previous=None)
             return outputs
         samples = self.model_runner.run(plan)
@@ -145,25 +148,26 @@ class LLMEngine:
                 self._count_finish(seq.finish_reason)
         return outputs
 
+    def _can_launch(self, plan) -> bool:
+        """Whether `plan` runs without waiting for its tokens (prefill steps only with chunked prefill)."""
+        config = self.config
+        return (config.async_scheduling and (config.enable_chunked_prefill or not plan.is_prefill)
+                and self.model_runner.can_launch(plan))
+
     def _step_ahead(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Launches the next decode step if it can go without the tokens in flight, then completes the
-        step in flight: its outputs join `outputs`."""
+        """Launches the next step if it can go without the tokens in flight, then completes the step in
+        flight: its outputs join `outputs`."""
         in_flight = self._in_flight
-        plan = self.scheduler.schedule_decode_ahead()
-        if plan is not None and self.model_runner.can_launch(plan):
+        plan = self.scheduler.schedule_ahead()
+        if plan is not None:
             self._launch(plan, previous=in_flight)
         else:
-            # Nothing to launch, or rows need their tokens on the host: the next step() plans again
-            # (blocks an unlaunched plan took stay with their sequences, which need them anyway).
-            self._in_flight = None
-        token_ids = self.model_runner.finish_decode(in_flight)
+            self._in_flight = None  # the next step() plans again, with every token on the host
+        token_ids = self.model_runner.finish(in_flight)
         self.allocator.release_fence(in_flight.step_id)
         if self._in_flight is None:
             self.allocator.set_fence(None)
-        counted = self.scheduler.complete(in_flight.plan, token_ids)
-        for seq, index, token_id in zip(counted, in_flight.plan.token_indices, token_ids):
-            if seq is None:
-                continue
+        for seq, index, token_id in self.scheduler.complete(in_flight.plan, token_ids):
             outputs.append(self._sampled_output(seq, SampledToken(token_id, None),
                                                 num_output_tokens=seq.num_output_tokens_at(index + 1)))
             if seq.is_finished:
@@ -171,8 +175,8 @@ class LLMEngine:
                 self._count_finish(seq.finish_reason)
         return outputs
 
-    def _launch(self, plan, previous: InFlightDecode | None) -> None:
-        step = self.model_runner.launch_decode(plan, previous)
+    def _launch(self, plan, previous: InFlightStep | None) -> None:
+        step = self.model_runner.launch(plan, previous)
         self.allocator.set_fence(step.step_id)  # blocks freed from now on wait for this step
         self.scheduler.launched(plan)
         self._in_flight = step

@@ -1,18 +1,26 @@
 """The only engine code that touches tensors and devices: plan in, sampled tokens out.
 
-Prefill steps (eager) pack every sequence's new tokens into one flat batch, build AttentionMetadata,
-run the model (which writes K/V into the pool), compute logits only at the last new token of each
-sequence that samples, and hand those rows to the sampler:
+Prefill and mixed steps (eager) pack every sequence's new tokens into one flat batch, build
+AttentionMetadata, run the model (which writes K/V into the pool), compute logits only at the last
+new token of each sequence that samples, and hand those rows to the sampler:
 
     plan.seqs:       [ seq0 (query_len 5) | seq1 (query_len 1) | seq2 (query_len 3) ]
     input_ids:       [ t t t t t          | t                  | t t t              ]   [T]
     logits rows:                 ^ 4                ^ 5                    ^ 8          [N, V]
+
+Every row goes through the linear layers together; in a mixed step, attention takes the leading
+`plan.num_decodes` one-token rows through the decode path and the prompt chunks through the prefill
+path (`AttentionMetadata.build(num_decode_seqs=...)`). Mixed steps run eagerly: graphing them would
+take piecewise graphs around everything but attention (vLLM's), as their token counts vary per step.
 
 Decode steps (one token per sequence) take the fast path: inputs staged by `DecodeInputBuffers`
 (one host buffer, one copy, block tables kept on the device), then a CUDA graph replay padded to a
 captured batch size (`cuda_graphs`), or the same forward run eagerly (CPU, enforce_eager, batches
 larger than any graph). When every row is greedy without logprobs or penalties, sampling is one
 argmax on the device and one `.tolist()`, the step's only synchronisation.
+
+`launch` queues a step without waiting for its tokens (asynchronous scheduling): decode rows whose
+input token is still in flight read it from the previous step's samples on the device.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from common.attention import AttentionMetadata
+from common.attention.metadata import upload_index_lists
 from common.engine import kv_budget
 from common.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from common.engine.cuda_graphs import CUDAGraphRunner, DecodeForward, capture_batch_sizes, decode_split_plan
@@ -32,19 +41,19 @@ from common.engine.decode_inputs import DecodeInputBuffers
 from common.engine.kv_budget import MemoryProfile
 from common.engine.sampler import Sampler, SamplingRow
 from common.engine.scheduler import SampledToken, SchedulerPlan
-from common.engine.sequence import Sequence
+from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, needs_host_tokens
 from common.kv.kv_pool import KVLayout, KVPool
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class InFlightDecode:
-    """A decode step launched without waiting for its tokens (asynchronous scheduling)."""
+class InFlightStep:
+    """A step launched without waiting for its tokens (asynchronous scheduling)."""
 
     plan: SchedulerPlan
-    token_ids: torch.Tensor  # [num_seqs] int64 on the device: what the next step reads as inputs
-    host_token_ids: torch.Tensor  # [num_seqs] int64 on the host, valid once `done` has completed
+    token_ids: torch.Tensor  # [num_sampled] int64 on the device, one per plan.sampled_seqs: the next step's inputs
+    host_token_ids: torch.Tensor  # [num_sampled] int64 on the host, valid once `done` has completed
     done: torch.cuda.Event | None  # recorded after the copy to the host; None on CPU (already done)
     step_id: int  # 1, 2, ... in launch order (the engine fences freed blocks by it)
 
@@ -78,7 +87,7 @@ class ModelRunner:
         # Launched steps copy their tokens here, in turn: at most two steps are in flight.
         self._token_staging = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
             if device.type == "cuda" else []
-        self._num_launched = 0  # decode steps launched so far
+        self._num_launched = 0  # steps launched so far
         self.graph_runner: CUDAGraphRunner | None = None
         if use_cuda_graphs:
             if capture_graphs and device.type != "cuda":
@@ -108,32 +117,34 @@ class ModelRunner:
             return self._run_prefill(plan)
 
     def _run_prefill(self, plan: SchedulerPlan) -> list[SampledToken | None]:
-        input_ids, positions, metadata = self._prepare_inputs(plan)
-        hidden = self.model(input_ids, positions, self.kv_pool.kv, metadata)  # [T, hidden]
-        sampled_index = [i for i, is_sampled in enumerate(plan.is_sampled) if is_sampled]
-        if not sampled_index:
+        logits = self._packed_logits(plan)  # [N, V] float32, one row per sampled sequence
+        if logits is None:
             return [None] * len(plan.seqs)
-        last_token_rows = [metadata.query_start_locs_cpu[i + 1] - 1 for i in sampled_index]
-        if len(last_token_rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(last_token_rows, device=self.device)]  # [N, hidden]
-        logits = self.model.compute_logits(hidden)  # [N, V] float32
-        samples = self._sample(logits, [plan.seqs[i] for i in sampled_index])
-        results: list[SampledToken | None] = [None] * len(plan.seqs)
-        for i, sample in zip(sampled_index, samples):
-            results[i] = sample
-        return results
+        samples = iter(self._sample(logits, plan.sampled_seqs))
+        return [next(samples) if is_sampled else None for is_sampled in plan.is_sampled]
+
+    def _packed_logits(self, plan: SchedulerPlan, previous: InFlightStep | None = None) -> torch.Tensor | None:
+        """The packed forward of a prefill or mixed step -> logits [N, V] fp32 of its N sampled rows
+        (None when nothing samples)."""
+        input_ids, positions, metadata, last_token_rows = self._prepare_inputs(plan, previous)
+        hidden = self.model(input_ids, positions, self.kv_pool.kv, metadata)  # [T, hidden]
+        if last_token_rows is None:
+            return None
+        if last_token_rows.shape[0] < hidden.shape[0]:
+            hidden = hidden[last_token_rows]  # [N, hidden]
+        return self.model.compute_logits(hidden)  # [N, V] float32
 
     def _run_decode(self, seqs: list[Sequence]) -> list[SampledToken]:
         return self._sample(self._decode_logits(seqs), seqs)
 
-    def _decode_logits(self, seqs: list[Sequence], previous: InFlightDecode | None = None) -> torch.Tensor:
+    def _decode_logits(self, seqs: list[Sequence], previous: InFlightStep | None = None) -> torch.Tensor:
         """One token per sequence: a graph replay at the padded batch size, else the same forward eagerly.
         Input tokens still in flight come from `previous`'s samples on the device. -> [N, V] fp32"""
         num_seqs = len(seqs)
         num_rows = self.graph_runner.padded_size(num_seqs) if self.graph_runner is not None else None
         previous_rows = previous_tokens = None
         if previous is not None:
-            previous_rows = {seq: row for row, seq in enumerate(previous.plan.seqs)}
+            previous_rows = _sampled_rows(previous)
             previous_tokens = previous.token_ids
         batch = self.decode_buffers.prepare(seqs, num_rows or num_seqs, previous_rows, previous_tokens)
         if num_rows is not None:
@@ -142,39 +153,38 @@ class ModelRunner:
 
     @staticmethod
     def can_launch(plan: SchedulerPlan) -> bool:
-        """Whether a step can run without waiting for its tokens on the host: a decode step whose rows
-        need neither logprobs nor penalties (those read the host's token lists)."""
-        if plan.is_prefill:
-            return False
-        for seq in plan.seqs:
-            params = seq.sampling_params
-            if params.logprobs is not None or params.has_penalties:
-                return False
-        return True
+        """Whether a step can run without waiting for its tokens on the host: no row needs them there
+        (logprobs, penalties, a prefill-only hand-off)."""
+        return not any(needs_host_tokens(seq) for seq in plan.seqs)
 
     @torch.inference_mode()
-    def launch_decode(self, plan: SchedulerPlan, previous: InFlightDecode | None) -> InFlightDecode:
-        """Queues a decode step (forward, sampling, copy of the tokens to the host) and returns without
-        waiting for it; `finish_decode` waits. `previous`: the step still in flight, if any."""
+    def launch(self, plan: SchedulerPlan, previous: InFlightStep | None) -> InFlightStep:
+        """Queues a step (forward, sampling, copy of the tokens to the host) and returns without waiting
+        for it; `finish` waits. `previous`: the step still in flight, if any."""
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            seqs = plan.seqs
-            logits = self._decode_logits(seqs, previous)  # [N, V] fp32
-            if all(seq.sampling_params.is_plain_greedy for seq in seqs):
+            seqs = plan.sampled_seqs
+            if plan.is_prefill:
+                logits = self._packed_logits(plan, previous)  # [N, V] fp32, or None: nothing sampled
+            else:
+                logits = self._decode_logits(plan.seqs, previous)  # [N, V] fp32
+            if logits is None:
+                token_ids = torch.empty(0, dtype=torch.int64, device=self.device)
+            elif all(seq.sampling_params.is_plain_greedy for seq in seqs):
                 token_ids = logits.argmax(dim=-1)  # [N] int64
             else:
                 token_ids = self.sampler.choose(logits, [_sampling_row(seq) for seq in seqs])
             self._num_launched += 1
             if self.device.type != "cuda":
-                return InFlightDecode(plan, token_ids, token_ids, None, self._num_launched)
+                return InFlightStep(plan, token_ids, token_ids, None, self._num_launched)
             host = self._token_staging[self._num_launched % len(self._token_staging)][: len(seqs)]
             host.copy_(token_ids, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return InFlightDecode(plan, token_ids, host, done, self._num_launched)
+            return InFlightStep(plan, token_ids, host, done, self._num_launched)
 
     @staticmethod
-    def finish_decode(step: InFlightDecode) -> list[int]:
-        """Waits for a launched step; its token ids, one per `step.plan.seqs`."""
+    def finish(step: InFlightStep) -> list[int]:
+        """Waits for a launched step; its token ids, one per `step.plan.sampled_seqs`."""
         if step.done is not None:
             step.done.synchronize()
         return step.host_token_ids.tolist()
@@ -186,28 +196,57 @@ class ModelRunner:
         token_ids, logprobs = self.sampler(logits, [_sampling_row(seq) for seq in seqs])
         return [SampledToken(token_id, lp) for token_id, lp in zip(token_ids, logprobs)]
 
-    def _prepare_inputs(self, plan: SchedulerPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare_inputs(self, plan: SchedulerPlan, previous: InFlightStep | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+        """input_ids [T], positions [T], metadata and the packed rows of the sampled sequences' last tokens
+        ([N], None when nothing samples) of a packed step. A decode row whose token is still in flight
+        reads it from `previous`'s samples, on the device."""
         input_ids: list[int] = []
         positions: list[int] = []
         context_lens: list[int] = []
-        for seq, query_len in zip(plan.seqs, plan.query_lens):
+        last_token_rows: list[int] = []
+        in_flight_rows: list[int] = []  # packed rows whose token is in flight ...
+        source_rows: list[int] = []  # ... and its row in previous.token_ids
+        previous_rows = None
+        for seq, query_len, is_sampled in zip(plan.seqs, plan.query_lens, plan.is_sampled):
             start = seq.num_computed_tokens
             end = start + query_len
             if query_len == 1:
-                input_ids.append(seq.token_ids[start])
+                token_id = seq.token_ids[start]
+                if token_id == PLACEHOLDER_TOKEN_ID:
+                    previous_rows = previous_rows or _sampled_rows(previous)
+                    if seq not in previous_rows:
+                        raise ValueError(f"the input token of {seq.request_id!r} is in flight, but not in the "
+                                         f"previous step")
+                    in_flight_rows.append(len(input_ids))
+                    source_rows.append(previous_rows[seq])
+                    token_id = 0
+                input_ids.append(token_id)
                 positions.append(start)
             else:
                 input_ids += seq.token_ids[start:end]
                 positions += range(start, end)
+            if is_sampled:
+                last_token_rows.append(len(input_ids) - 1)
             context_lens.append(end)
         metadata = AttentionMetadata.build(
-            plan.query_lens, context_lens, [seq.block_table for seq in plan.seqs], self.block_size, self.device
+            plan.query_lens, context_lens, [seq.block_table for seq in plan.seqs], self.block_size, self.device,
+            num_decode_seqs=plan.num_decodes if plan.is_mixed else 0,
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
-            metadata,
-        )
+        int64 = torch.int64
+        input_ids_tensor, positions_tensor, rows_tensor, in_flight_tensor, source_tensor = upload_index_lists(
+            [(input_ids, int64), (positions, int64), (last_token_rows, int64), (in_flight_rows, int64),
+             (source_rows, int64)], self.device)
+        if in_flight_rows:
+            input_ids_tensor.index_copy_(0, in_flight_tensor, previous.token_ids[source_tensor])
+        return input_ids_tensor, positions_tensor, metadata, rows_tensor if last_token_rows else None
+
+
+def _sampled_rows(previous: InFlightStep | None) -> dict[Sequence, int]:
+    """{sequence: its row in previous.token_ids} (previous: the step whose tokens are in flight)."""
+    if previous is None:
+        raise ValueError("an input token is in flight, but no step is")
+    return {sampled: row for row, sampled in enumerate(previous.plan.sampled_seqs)}
 
 
 _NON_TORCH_FALLBACK_BYTES = 1 << 30  # counted for the CUDA context & co. when NVML cannot see this process

@@ -7,12 +7,21 @@ Queues a request moves through:
                  │   add_prefilled() ──► prefilled (KV complete, waits for a slot; never a prefill step)
                  └──── preempted: blocks freed, re-prefilled later (prompt + output so far)
 
-Policy (like nano-vllm): prefill steps come first. If anything in `waiting` can start, the step is a
-prefill step that packs waiting sequences in arrival order under `max_num_batched_tokens` (a prompt
-longer than the budget is split into chunks over several steps). Otherwise the step decodes one token
-for every running sequence. Prefill and decode never share a step: on CPU the decode attention is one
-batched kernel while prefill attention loops over sequences, so mixing would slow every decode.
-A request added while others decode therefore joins at the very next step, and a finished request
+Policy, with chunked prefill (`enable_chunked_prefill`, the default; vLLM V1's and SGLang's): one token
+budget per step, `max_num_batched_tokens`. Running sequences decode first, one token each; chunks of
+waiting prompts, in arrival order, fill what is left, so a prompt arriving never stalls running
+decodes. One step (a mixed step) can hold both:
+
+    plan.seqs:    [ decode | decode | decode | prompt A, last chunk | prompt B, first chunk ]
+    query_lens:   [   1    |   1    |   1    |        40           |   budget - 3 - 40      ]
+                  <------- num_decodes ----->
+    is_sampled:   [ True   | True   | True   |       True          |        False           ]
+
+Without it (step at a time, as nano-vllm; kept for comparison): prefill steps come first. If
+anything in `waiting` can start, the step is a prefill step that packs waiting sequences in arrival
+order under the budget (a prompt longer than the budget is split into chunks over several steps);
+otherwise the step decodes one token for every running sequence.
+Either way a request added while others decode joins at the very next step, and a finished request
 leaves `running` in `postprocess`, before the next plan is made.
 
 When a decoding sequence needs a new block and none is free, the most recently started sequence is
@@ -23,16 +32,18 @@ With a prefix cache, a sequence starting from scratch first looks up the hashes 
 cached run into its block table and computes only the rest. Blocks are registered in the cache as
 soon as a step has computed all their tokens, prompt and output alike.
 
-Asynchronous scheduling (the engine's overlap of host work with the device) plans decode step N+1
-while step N runs, before N's tokens are known:
+Asynchronous scheduling (the engine's overlap of host work with the device) plans step N+1 while
+step N runs, before N's tokens are known:
 
-    schedule() ─► launched(N) ─► schedule_decode_ahead() ─► launched(N+1) ─► complete(N) ─► ...
+    schedule() ─► launched(N) ─► schedule_ahead() ─► launched(N+1) ─► complete(N) ─► ...
 
-`launched` counts each sequence's token as computed and appends a placeholder for it; `complete`
-writes the real tokens in and decides who finished. A sequence that stops at step N is already in
-step N+1: that token is dropped. Lengths are known ahead, so a sequence whose in-flight token is its
-last by `max_tokens` is left out of the next step. The ahead plan never preempts and never follows
-waiting prompts: those steps wait for the tokens in flight and take the ordinary path.
+`launched` counts each row's tokens as computed and appends a placeholder where a token is sampled;
+`complete` writes the real tokens in and decides who finished. A sequence that stops at step N is
+already in step N+1: that token is dropped. Lengths are known ahead, so a sequence whose in-flight
+token is its last by `max_tokens` is left out of the next step. The ahead plan never preempts and
+takes no row that needs its tokens on the host (`needs_host_tokens`); without chunked prefill it is
+a decode step and never follows waiting prompts. What it cannot plan waits for the tokens in flight
+and takes the ordinary path.
 """
 
 from __future__ import annotations
@@ -40,7 +51,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, SequenceStatus, TokenLogprobs, check_finish
+from common.engine.sequence import (
+    PLACEHOLDER_TOKEN_ID,
+    Sequence,
+    SequenceStatus,
+    TokenLogprobs,
+    check_finish,
+    needs_host_tokens,
+)
 from common.kv.block_allocator import BlockAllocator, OutOfKVBlocks
 from common.kv.block_hash import extend_block_hashes
 from common.kv.prefix_cache import PrefixCache
@@ -49,34 +67,55 @@ from common.kv.prefix_cache import PrefixCache
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int  # most sequences in one step (and in `running`)
-    max_num_batched_tokens: int  # most new tokens in one prefill step
+    max_num_batched_tokens: int  # most new tokens in one step
     block_size: int  # tokens per KV block
     max_model_len: int  # prompt + output tokens cap per sequence
+    enable_chunked_prefill: bool = True  # decodes and prompt chunks share each step's budget (module docstring)
 
 
 @dataclass
 class SchedulerPlan:
-    is_prefill: bool  # True: sequences start or resume (query_len >= 1); False: decode, one token each
+    is_prefill: bool  # True: sequences start or resume (query_len >= 1), maybe beside decodes; False: decode only
     seqs: list[Sequence] = field(default_factory=list)  # sequences in this forward pass, in batch order
     query_lens: list[int] = field(default_factory=list)  # new tokens each sequence computes this step
     is_sampled: list[bool] = field(default_factory=list)  # False: a prompt chunk with more chunks to come
     preempted_request_ids: list[str] = field(default_factory=list)  # preempted while making this plan
     num_batched_tokens: int = 0  # sum(query_lens)
-    token_indices: list[int] = field(default_factory=list)  # launched decode steps: where each token goes
+    num_decodes: int = 0  # the first num_decodes seqs are running sequences decoding one token each
+    # launched steps, per seq: its KV is complete below this position once the step is; a sampled row's
+    # token goes at this index of its token_ids
+    computed_ends: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not self.seqs
 
     @property
+    def is_mixed(self) -> bool:
+        """Decodes and prompt chunks in one step."""
+        return 0 < self.num_decodes < len(self.seqs)
+
+    @property
     def request_ids(self) -> list[str]:
         return [seq.request_id for seq in self.seqs]
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        """The sequences that sample a token this step, in batch order (one logits row each)."""
+        return [seq for seq, is_sampled in zip(self.seqs, self.is_sampled) if is_sampled]
 
     def add(self, seq: Sequence, query_len: int, is_sampled: bool) -> None:
         self.seqs.append(seq)
         self.query_lens.append(query_len)
         self.is_sampled.append(is_sampled)
         self.num_batched_tokens += query_len
+
+    def add_decode(self, seq: Sequence) -> None:
+        """A running sequence's next token; decodes come before any prompt chunk."""
+        if self.num_decodes != len(self.seqs):
+            raise ValueError("decodes must come before the prompt chunks of a step")
+        self.add(seq, 1, is_sampled=True)
+        self.num_decodes += 1
 
 
 @dataclass
@@ -125,10 +164,13 @@ class Scheduler:
         self.prefilled.append(seq)
 
     def schedule(self) -> SchedulerPlan:
+        """The next step, with every token it reads known on the host (nothing in flight)."""
+        if self.config.enable_chunked_prefill:
+            return self._schedule_mixed()
         plan = SchedulerPlan(is_prefill=True)
-        self._schedule_prefill(plan)
+        self._schedule_prefill(plan, self.config.max_num_batched_tokens)
         if plan.is_empty and not self.running and not self.prefilled and self._unblock_waiting_head(plan):
-            self._schedule_prefill(plan)
+            self._schedule_prefill(plan, self.config.max_num_batched_tokens)
         if plan.is_empty:
             self._start_prefilled()
         if plan.is_empty and self.running:
@@ -136,23 +178,49 @@ class Scheduler:
             self._schedule_decode(plan)
         return plan
 
-    def schedule_decode_ahead(self) -> SchedulerPlan | None:
-        """The next decode step, planned while the launched one is still on the device; None when the
-        next step must wait for its tokens (prompts are waiting, or there are not enough free blocks
+    def _schedule_mixed(self) -> SchedulerPlan:
+        """Running decodes first (preempting when blocks run out), then prompt chunks in what is left."""
+        plan = SchedulerPlan(is_prefill=False)
+        self._start_prefilled()
+        self._schedule_decode(plan)
+        if not plan.preempted_request_ids:  # else the prompts would take back the blocks just freed
+            self._schedule_prefill(plan, self.config.max_num_batched_tokens - plan.num_batched_tokens)
+        if plan.is_empty and not self.running and not self.prefilled and self._unblock_waiting_head(plan):
+            self._schedule_prefill(plan, self.config.max_num_batched_tokens)
+        plan.is_prefill = plan.num_decodes < len(plan.seqs)
+        return plan
+
+    def schedule_ahead(self) -> SchedulerPlan | None:
+        """The next step, planned while the launched one is still on the device (module docstring); None
+        when it must wait for the tokens in flight (a row needs them on the host, or blocks are short
         without preempting) or has nothing to run."""
-        if self.waiting:
+        is_mixed = self.config.enable_chunked_prefill
+        if self.waiting and (not is_mixed or needs_host_tokens(self.waiting[0])):
             return None
         self._start_prefilled()
+        plan = self._schedule_decode_ahead()
+        if plan is None:
+            return None
+        if is_mixed:
+            budget = self.config.max_num_batched_tokens - plan.num_batched_tokens
+            self._schedule_prefill(plan, budget, is_ahead=True)
+            plan.is_prefill = plan.num_decodes < len(plan.seqs)
+        return None if plan.is_empty else plan
+
+    def _schedule_decode_ahead(self) -> SchedulerPlan | None:
+        """Every running sequence that may still need a token decodes one, or None (nothing planned)."""
         seqs = [seq for seq in self.running if not self._stops_by_length(seq)]
+        if any(needs_host_tokens(seq) for seq in seqs):
+            return None
         block_size = self.config.block_size
         num_new_blocks = [seq.num_blocks_needed(seq.num_tokens, block_size) for seq in seqs]
-        if not seqs or not self.allocator.can_allocate(sum(num_new_blocks)):
+        if not self.allocator.can_allocate(sum(num_new_blocks)):
             return None
         plan = SchedulerPlan(is_prefill=False)
         for seq, count in zip(seqs, num_new_blocks):
             if count:
                 seq.block_table += self.allocator.allocate(count)
-            plan.add(seq, 1, is_sampled=True)
+            plan.add_decode(seq)
         return plan
 
     def _stops_by_length(self, seq: Sequence) -> bool:
@@ -161,32 +229,40 @@ class Scheduler:
                 or seq.num_tokens >= self.config.max_model_len)
 
     def launched(self, plan: SchedulerPlan) -> None:
-        """A decode step's forward is on the device: its tokens count as computed, their values to come."""
-        token_indices = plan.token_indices
-        for seq in plan.seqs:
-            seq.num_computed_tokens += 1
-            token_indices.append(len(seq.token_ids))
-            seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
+        """A step's forward is on the device: its tokens count as computed, sampled values to come."""
+        computed_ends = plan.computed_ends
+        for index, (seq, query_len, is_sampled) in enumerate(zip(plan.seqs, plan.query_lens, plan.is_sampled)):
+            seq.num_computed_tokens += query_len
+            computed_ends.append(seq.num_computed_tokens)
+            if index >= plan.num_decodes:
+                # A prompt chunk's token ids are all known: its full blocks are findable at once (a step
+                # that forks them runs after this one on the device), not one step later.
+                self._cache_full_blocks(seq, seq.num_computed_tokens)
+            if is_sampled:
+                seq.token_ids.append(PLACEHOLDER_TOKEN_ID)
 
-    def complete(self, plan: SchedulerPlan, token_ids: list[int]) -> list[Sequence | None]:
-        """Writes a launched step's tokens in; returns, per `plan.seqs`, the sequence if its token counts
-        (None where it had already stopped: aborted, or finished by the step before). Sequences that
-        finish leave `running` and free their blocks (the allocator fences them while steps are in flight).
-        """
-        counted: list[Sequence | None] = []
-        for seq, index, token_id in zip(plan.seqs, plan.token_indices, token_ids):
+    def complete(self, plan: SchedulerPlan, token_ids: list[int]) -> list[tuple[Sequence, int, int]]:
+        """Writes a launched step's tokens in (`token_ids`: one per `plan.sampled_seqs`); returns
+        (sequence, token index, token id) for each token that counts (not where its sequence had already
+        stopped: aborted, or finished by the step before). Sequences that finish leave `running` and free
+        their blocks (the allocator fences them while steps are in flight)."""
+        counted: list[tuple[Sequence, int, int]] = []
+        sampled_token_ids = iter(token_ids)
+        for seq, end, is_sampled in zip(plan.seqs, plan.computed_ends, plan.is_sampled):
+            token_id = next(sampled_token_ids) if is_sampled else None
             if seq.is_finished:
-                counted.append(None)
                 continue
-            seq.token_ids[index] = token_id
-            self._cache_full_blocks(seq, index)  # KV is complete below `index`; `index` is in flight
-            reason = check_finish(seq, self.eos_token_ids, self.config.max_model_len, index + 1)
+            self._cache_full_blocks(seq, end)  # KV is complete below `end`; a token at `end` is in flight
+            if token_id is None:
+                continue  # a prompt chunk with more to come
+            seq.token_ids[end] = token_id
+            reason = check_finish(seq, self.eos_token_ids, self.config.max_model_len, end + 1)
             if reason is not None:
-                del seq.token_ids[index + 1 :]  # a token computed past the end is dropped
-                seq.num_computed_tokens = index
+                del seq.token_ids[end + 1 :]  # a token computed past the end is dropped
+                seq.num_computed_tokens = end
                 seq.finish_reason = reason
                 self._finish(seq, keep_blocks=False)
-            counted.append(seq)
+            counted.append((seq, end, token_id))
         return counted
 
     def _start_prefilled(self) -> None:
@@ -196,10 +272,13 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
 
-    def _schedule_prefill(self, plan: SchedulerPlan) -> None:
-        budget = self.config.max_num_batched_tokens
+    def _schedule_prefill(self, plan: SchedulerPlan, budget: int, is_ahead: bool = False) -> None:
+        """Waiting sequences in arrival order, chunked to fit `budget` tokens; `is_ahead` stops at one
+        that needs its tokens on the host (it starts at an ordinary step)."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if is_ahead and needs_host_tokens(seq):
+                break
             is_lookup = self._is_cache_lookup(seq)
             cached_block_ids = self._find_cached_prefix(seq) if is_lookup else []
             num_computed = seq.num_computed_tokens + len(cached_block_ids) * self.config.block_size
@@ -223,8 +302,7 @@ class Scheduler:
 
     def _is_cache_lookup(self, seq: Sequence) -> bool:
         """A sequence looks its prefix up when it starts from scratch (new, or preempted)."""
-        return (self.prefix_cache is not None and seq.is_kv_cacheable
-                and seq.num_computed_tokens == 0 and not seq.block_table)
+        return self.prefix_cache is not None and seq.num_computed_tokens == 0 and not seq.block_table
 
     def _find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks of the longest prefix of `seq`, leaving at least its last token to compute."""
@@ -243,7 +321,7 @@ class Scheduler:
     def _cache_full_blocks(self, seq: Sequence, num_tokens_with_kv: int) -> None:
         """Registers the blocks whose KV is complete: every position below `num_tokens_with_kv`
         written by completed steps, and every token id known."""
-        if self.prefix_cache is None or not seq.is_kv_cacheable:
+        if self.prefix_cache is None:
             return
         block_size = self.config.block_size
         num_full_blocks = min(num_tokens_with_kv // block_size, len(seq.block_table))
@@ -275,7 +353,7 @@ class Scheduler:
                 self._preempt(seq, plan)
                 continue
             seq.block_table += self.allocator.allocate(num_new_blocks)
-            plan.add(seq, 1, is_sampled=True)
+            plan.add_decode(seq)
             scheduled.append(seq)
         self.running = scheduled
 

@@ -78,7 +78,6 @@ class Sequence:
         self.output_logprobs: list[TokenLogprobs] = []
         self.is_prefill_only = is_prefill_only  # prefill worker: stop after token #1, keep the KV
         self.is_prompt_counted = False  # prompt tokens counted in the engine's stats once
-        self.is_kv_cacheable = True  # False: its KV came from elsewhere (a hand-off) and is never cached
         self.block_hashes: list[bytes] = []  # hashes of its full blocks so far, in position order
         self.num_cached_blocks = 0  # leading entries of block_table that are in the prefix cache
 
@@ -130,6 +129,14 @@ class Sequence:
             f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
         )
+
+
+def needs_host_tokens(seq: Sequence) -> bool:
+    """Whether sampling `seq`'s next token reads or returns more than the token id on the device:
+    logprobs, penalties (they read the host's token lists), or a prefill-only sequence (it hands its KV
+    off after token #1). A step with such a row waits for its tokens instead of being launched ahead."""
+    params = seq.sampling_params
+    return seq.is_prefill_only or params.logprobs is not None or params.has_penalties
 
 
 def check_finish(

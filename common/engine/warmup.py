@@ -10,6 +10,7 @@ are do_not_specialize; what still picks a variant is:
     rows sampled, 1..4                 GEMV rows of the LM head             decode forwards of 1..4 rows
     tokens in a step                   SiLU-and-mul BLOCK                   activation.token_counts_per_block
     only one-token queries             decode attention (else prefill)      both kinds of prefill step
+    decodes beside prompt chunks       both attention kernels, split        a mixed step
     decode rows x plan length          split-KV plus reduce, or one pass    plans of one block and max_model_len
     first norm of a forward            RMSNorm without residual             any forward
 
@@ -59,6 +60,7 @@ class WarmupQuery:
     context_len: int  # tokens of KV it attends to, the new ones included
     is_sampled: bool = True  # False: a prompt chunk with more to come
     params: SamplingParams = field(default_factory=lambda: GREEDY)
+    is_decode: bool = False  # a running sequence's decode, at the front of a mixed step (query_len 1)
 
 
 def warm_up(engine) -> None:
@@ -107,6 +109,9 @@ def prefill_steps(engine) -> list[list[WarmupQuery]]:
         [WarmupQuery(5, 5), WarmupQuery(16, 16), WarmupQuery(1, 9), WarmupQuery(7, 7)],  # ragged
         [WarmupQuery(16, 40, is_sampled=False)],  # a chunk of a longer prompt, nothing sampled
         [WarmupQuery(9, 25), WarmupQuery(3, 3)],  # the prompt's last chunk beside a new one
+        # a mixed step: decodes, then a prompt's last chunk and another's first
+        [WarmupQuery(1, 9, is_decode=True), WarmupQuery(1, 20, is_decode=True), WarmupQuery(16, 40),
+         WarmupQuery(5, 9, is_sampled=False)],
         [WarmupQuery(n, n, params=params) for n, params in zip((3, 1, 4, 2, 6), MIXED_SAMPLING)],
     ]
     intermediate = engine.model_config.intermediate_size
@@ -153,7 +158,10 @@ def _plan(engine, step_index: int, queries: list[WarmupQuery]) -> SchedulerPlan:
         seq = Sequence(f"warm-up-{step_index}-{index}", token_ids, query.params)
         seq.block_table = [scratch_block_id] * -(-query.context_len // block_size)
         seq.num_computed_tokens = query.context_len - query.query_len
-        plan.add(seq, query.query_len, query.is_sampled)
+        if query.is_decode:
+            plan.add_decode(seq)
+        else:
+            plan.add(seq, query.query_len, query.is_sampled)
     return plan
 
 

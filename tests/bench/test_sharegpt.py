@@ -74,3 +74,21 @@ def test_cpu_run_of_all_systems_counts_only_useful_tokens(tmp_path):
     assert runs["cb"]["useful_output_tokens"] == sum(output_lens)
     assert set(result["ratios"]) == {"tandem/static", "tandem/cb"}
     assert "tandem is" in stdout[-4] and "continuous batching" in stdout[-1]  # the table is printed last
+
+
+def test_cpu_run_of_mixed_steps_and_the_step_at_a_time_engine_in_one_command(tmp_path):
+    result, stdout = run_bench("sharegpt.py", [
+        "--device", "cpu", "--model", "dummy:tiny", "--num-requests", "6", "--max-input-len", "40",
+        "--max-output-len", "10", "--max-num-seqs", "4", "--max-num-batched-tokens", "16", "--baselines", "none",
+        "--compare-step-at-a-time",
+    ], tmp_path)
+    _, output_lens = sharegpt_workload(6, 512, 40, 10)
+    runs = result["results"]
+    assert set(runs) == {"tandem", "tandem-step-at-a-time"}
+    assert runs["tandem"]["enable_chunked_prefill"] and not runs["tandem-step-at-a-time"]["enable_chunked_prefill"]
+    for run in runs.values():
+        assert run["useful_output_tokens"] == sum(output_lens) and not run["truncated"]
+    # mixed steps fold prompt chunks into decode steps: fewer steps for the same tokens
+    assert runs["tandem"]["steps"] < runs["tandem-step-at-a-time"]["steps"]
+    assert set(result["ratios"]) == {"tandem/tandem-step-at-a-time"}
+    assert "step at a time" in stdout[-1] or "step at a time" in stdout[-2]

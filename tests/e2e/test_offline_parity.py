@@ -1,8 +1,12 @@
-"""Greedy outputs through frontend -> prefill -> decode equal `tandem offline` on the same prompts."""
+"""Greedy outputs through frontend -> prefill -> decode equal `tandem offline` on the same prompts, with
+the offline engine in mixed steps (decodes beside prompt chunks, also under a tiny step budget) or a
+step of prefill or decode at a time."""
 
 import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from protos import generation_pb2 as g
 from tests.e2e.cluster import ENGINE_ARGS, REPO_ROOT, TANDEM, service_env
@@ -35,12 +39,21 @@ def _served_token_ids(stub, prompt: dict) -> tuple[list[int], str]:
     return token_ids, "".join(r.chunk.text for r in responses if r.HasField("chunk"))
 
 
-def test_concurrent_greedy_requests_equal_offline(cluster, stub, tmp_path):
+OFFLINE_SCHEDULING = {
+    "mixed": [],
+    # 8 prompts of ~10-40 tokens at 16 tokens a step: chunks of them ride beside the others' decodes
+    "mixed-small-budget": ["--max-num-batched-tokens", "16", "--max-num-seqs", "8"],
+    "step-at-a-time": ["--no-enable-chunked-prefill"],
+}
+
+
+@pytest.mark.parametrize("scheduling", sorted(OFFLINE_SCHEDULING))
+def test_concurrent_greedy_requests_equal_offline(cluster, stub, tmp_path, scheduling):
     input_path, output_path = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     input_path.write_text("".join(json.dumps({**p, "max_tokens": MAX_TOKENS, "temperature": 0}) + "\n" for p in PROMPTS))
     offline = subprocess.Popen([*TANDEM, "offline", "--input", str(input_path), "--output", str(output_path),
-                                *ENGINE_ARGS], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=service_env(), cwd=REPO_ROOT)
+                                *ENGINE_ARGS, *OFFLINE_SCHEDULING[scheduling]], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=service_env(), cwd=REPO_ROOT)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         served = list(pool.map(lambda p: _served_token_ids(stub, p), PROMPTS))
     log, _ = offline.communicate(timeout=600)

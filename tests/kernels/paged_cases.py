@@ -44,6 +44,7 @@ def build_paged_case(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    num_decode_seqs: int = 0,  # > 0: a mixed step (the kernels' metadata only; the reference sees one packed step)
 ) -> PagedCase:
     generator = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-context_len // block_size) for context_len in context_lens]
@@ -53,7 +54,8 @@ def build_paged_case(
     for count in blocks_per_seq:
         block_tables.append(block_ids[cursor : cursor + count])
         cursor += count
-    metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size, device=device)
+    metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size, device=device,
+                                       num_decode_seqs=num_decode_seqs)
     cpu_metadata = AttentionMetadata.build(query_lens, context_lens, block_tables, block_size)
 
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)

@@ -2,7 +2,8 @@
 
 Every test runs the same requests through an engine that waits for each step's tokens
 (async_scheduling=False) and one that does not, and checks that what comes out is identical:
-tokens, finish reasons, output counts, stats, and that every block comes back.
+tokens, finish reasons, output counts, stats, and that every block comes back. The comparisons run
+under both scheduling policies: mixed steps (launched too) and step at a time (decode steps only).
 """
 
 import random
@@ -51,6 +52,11 @@ def both_modes(make_engine, arrivals, **config):
     return results
 
 
+@pytest.fixture(params=[True, False], ids=["mixed", "step-at-a-time"])
+def enable_chunked_prefill(request):
+    return request.param
+
+
 def stop_token_of(make_engine, prompt, index):
     """The greedy token at output position `index` of `prompt`: stopping on it ends the request there."""
     engine = make_engine(async_scheduling=False)
@@ -59,7 +65,7 @@ def stop_token_of(make_engine, prompt, index):
     return tokens["probe"][index]
 
 
-def test_stops_lengths_and_staggered_arrivals_come_out_identical(make_engine):
+def test_stops_lengths_and_staggered_arrivals_come_out_identical(make_engine, enable_chunked_prefill):
     prompts = random_prompts(8, seed=3)
     stop_at_4 = stop_token_of(make_engine, prompts[1], 4)
     stop_at_0 = stop_token_of(make_engine, prompts[2], 1)
@@ -75,15 +81,16 @@ def test_stops_lengths_and_staggered_arrivals_come_out_identical(make_engine):
     ]
     requests = [(f"r{i}", prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]
     arrivals = {0: requests[:3], 2: requests[3:5], 5: [requests[5]], 9: requests[6:]}
-    waited, waited_stats, launched, launched_stats = both_modes(make_engine, arrivals)
+    waited, waited_stats, launched, launched_stats = both_modes(make_engine, arrivals,
+                                                                enable_chunked_prefill=enable_chunked_prefill)
     assert launched == waited
     assert tokens_of(launched)["r1"][-1] == stop_at_4 and len(tokens_of(launched)["r1"]) == 5
     assert launched_stats.generation_tokens_total == waited_stats.generation_tokens_total
     assert launched_stats.finished_reasons == waited_stats.finished_reasons
 
 
-def test_steps_overlap_only_while_no_row_needs_its_tokens_on_the_host(make_engine):
-    engine = make_engine()
+def test_step_at_a_time_overlaps_decode_steps_only_while_no_row_needs_its_tokens_on_the_host(make_engine):
+    engine = make_engine(enable_chunked_prefill=False)
     prompts = random_prompts(2, seed=4)
     engine.add_request("a", prompts[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     engine.step()  # prefill: waits
@@ -102,18 +109,18 @@ def test_steps_overlap_only_while_no_row_needs_its_tokens_on_the_host(make_engin
     assert reasons == {"a": "length", "b": "length"}
 
 
-def test_preemption_under_a_small_pool_comes_out_identical(make_engine):
+def test_preemption_under_a_small_pool_comes_out_identical(make_engine, enable_chunked_prefill):
     prompts = random_prompts(10, min_len=8, max_len=14, seed=5)
     requests = [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
                 for i, p in enumerate(prompts)]
     waited, _, launched, launched_stats = both_modes(make_engine, {0: requests}, num_kv_blocks=40,
-                                                    max_model_len=64)
+                                                    max_model_len=64, enable_chunked_prefill=enable_chunked_prefill)
     assert launched == waited
     assert launched_stats.num_preemptions > 0  # the pool was small enough to matter
 
 
-def test_abort_while_in_flight_fences_blocks_until_the_step_completes(make_engine):
-    engine = make_engine()
+def test_abort_while_in_flight_fences_blocks_until_the_step_completes(make_engine, enable_chunked_prefill):
+    engine = make_engine(enable_chunked_prefill=enable_chunked_prefill)
     prompts = random_prompts(2, seed=6)
     engine.add_request("a", prompts[0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     engine.add_request("b", prompts[1], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
@@ -134,13 +141,13 @@ def test_abort_while_in_flight_fences_blocks_until_the_step_completes(make_engin
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
 
 
-def test_decode_handoffs_join_a_launched_batch_with_identical_tokens(make_engine):
+def test_decode_handoffs_join_a_launched_batch_with_identical_tokens(make_engine, enable_chunked_prefill):
     prompts = random_prompts(5, seed=8)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     results = []
     for is_async in (False, True):
-        prefill = make_engine(seed=1)
-        decode = make_engine(seed=2, async_scheduling=is_async)
+        prefill = make_engine(seed=1, enable_chunked_prefill=enable_chunked_prefill)
+        decode = make_engine(seed=2, async_scheduling=is_async, enable_chunked_prefill=enable_chunked_prefill)
         for i, prompt in enumerate(prompts):
             prefill.add_prefill_request(f"r{i}", prompt, params)
         firsts, _ = run_to_completion(prefill)

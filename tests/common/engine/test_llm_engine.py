@@ -50,8 +50,10 @@ def record_plans(engine):
     return plans
 
 
-def test_join_at_next_step_and_leave_at_once(make_engine):
-    engine = make_engine(async_scheduling=False)  # step by step; the overlapped engine: test_async_scheduling
+@pytest.mark.parametrize("enable_chunked_prefill", [False, True])
+def test_join_at_next_step_and_leave_at_once(make_engine, enable_chunked_prefill):
+    # step by step; the overlapped engine: test_async_scheduling
+    engine = make_engine(async_scheduling=False, enable_chunked_prefill=enable_chunked_prefill)
     plans = record_plans(engine)
     prompts = random_prompts(3, seed=1)
     engine.add_request("a", prompts[0], SamplingParams(max_tokens=8, **GREEDY))
@@ -60,9 +62,11 @@ def test_join_at_next_step_and_leave_at_once(make_engine):
     engine.step()
     assert [p.request_ids for p in plans] == [["a", "b"], ["a", "b"]] and not plans[1].is_prefill
     engine.add_request("c", prompts[2], SamplingParams(max_tokens=5, **GREEDY))  # arrives mid-decode
-    engine.step()
-    assert plans[-1].is_prefill and plans[-1].request_ids == ["c"]
     outputs = engine.step()
+    # mixed: c's prefill rides with a's and b's decodes; step at a time: c alone, a and b wait a step
+    assert plans[-1].is_prefill and plans[-1].request_ids == (["a", "b", "c"] if enable_chunked_prefill else ["c"])
+    if not enable_chunked_prefill:
+        outputs = engine.step()
     assert plans[-1].request_ids == ["a", "b", "c"]
     assert [(o.request_id, o.finish_reason) for o in outputs if o.finished] == [("b", "length")]
     engine.step()

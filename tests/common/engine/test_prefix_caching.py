@@ -101,7 +101,8 @@ def recording_plans(engine):
 
 
 def test_a_second_request_with_the_same_prefix_computes_only_its_suffix(make_engine):
-    engine = make_engine(enable_prefix_caching=True, block_size=4)
+    # step at a time: every prefill is a plan of its own (mixed steps: test_mixed_steps.py)
+    engine = make_engine(enable_prefix_caching=True, block_size=4, enable_chunked_prefill=False)
     plans = recording_plans(engine)
     first = list(range(10, 30))  # 20 tokens: 5 full blocks
     engine.add_request("a", first, GREEDY)

@@ -1,7 +1,12 @@
-"""Scheduler decisions step by step, without a model: tokens are fed back by the test."""
+"""Scheduler decisions step by step, without a model: tokens are fed back by the test.
+
+Most tests here pin the step-at-a-time policy (enable_chunked_prefill=False: a step is all prefill or
+all decode); mixed steps have their own file, test_mixed_scheduler.py. Both share the random histories.
+"""
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,8 +18,9 @@ from common.kv.block_allocator import BlockAllocator
 EOS = 2
 
 
-def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, block_size=4, max_model_len=64):
-    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, block_size, max_model_len)
+def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, block_size=4, max_model_len=64,
+                   enable_chunked_prefill=False):
+    config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, block_size, max_model_len, enable_chunked_prefill)
     return Scheduler(config, BlockAllocator(num_blocks), frozenset({EOS}))
 
 
@@ -149,6 +155,7 @@ def test_abort_frees_blocks_from_any_queue():
     assert a.finish_reason == "abort" and a.status == SequenceStatus.FINISHED
 
 
+@pytest.mark.parametrize("enable_chunked_prefill", [False, True])
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32),
@@ -156,10 +163,10 @@ def test_abort_frees_blocks_from_any_queue():
     block_size=st.sampled_from([1, 2, 4]),
     budget=st.integers(8, 24),
 )
-def test_random_histories_never_leak_or_share_blocks(seed, num_blocks, block_size, budget):
+def test_random_histories_never_leak_or_share_blocks(enable_chunked_prefill, seed, num_blocks, block_size, budget):
     rng = random.Random(seed)
     max_model_len = min(24, num_blocks * block_size)
-    scheduler = make_scheduler(num_blocks, 4, budget, block_size, max_model_len)
+    scheduler = make_scheduler(num_blocks, 4, budget, block_size, max_model_len, enable_chunked_prefill)
     live: list[Sequence] = []
     for step in range(60):
         action = rng.random()
