@@ -45,6 +45,7 @@ from services.frontend.admission import Admission, Slot
 from services.frontend.convert import Chunk, Finish
 from services.frontend.relay import Relay, TokenEvent
 from services.frontend.router import Router
+from services.frontend.routing_policy import RoutingPolicy
 from services.frontend.text_stream import TextStream
 from services.frontend.validation import GenerateInput, fit_to_context, parse_generate_request
 
@@ -53,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FrontendConfig:
-    prefill_addresses: list[str]  # host:port of each prefill worker
-    decode_addresses: list[str]  # host:port of each decode worker
+    prefill_addresses: list[str]  # host:port of each prefill worker; none: decode-side workers prefill everything
+    decode_addresses: list[str]  # host:port of each decode worker or colocated `tandem worker`
     host: str = "0.0.0.0"
     port: int = 50051
     model: str | None = None  # for the tokenizer; None = the embedded SmolLM2
@@ -68,12 +69,13 @@ class FrontendConfig:
     max_output_tokens: int | None = None  # largest max_tokens a request may ask for; None = max_model_len
     tls: ServerTLS | None = None  # the gRPC and HTTP listeners' TLS; None = plaintext
     worker_tls: ClientTLS | None = None  # how worker channels are dialed; None = plaintext
+    # longest prompt a decode worker prefills itself while there are prefill workers (routing_policy.py)
+    max_local_prefill_length: int = 0
 
     def __post_init__(self) -> None:
-        if not self.prefill_addresses:
-            raise ValueError("prefill_addresses: at least one prefill worker is required")
         if not self.decode_addresses:
-            raise ValueError("decode_addresses: at least one decode worker is required")
+            raise ValueError("decode_addresses: at least one decode (or colocated) worker is required")
+        RoutingPolicy(self.max_local_prefill_length)  # ValueError naming the field
         for address in [*self.prefill_addresses, *self.decode_addresses]:
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit():
@@ -126,7 +128,8 @@ class FrontendApp:
         self.metrics = self.obs.metrics  # the OpenAI HTTP layer serves this registry and records nothing more
         self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
                              self.obs.tracing.client_interceptors(), config.worker_tls)
-        self.relay = Relay(self.router, self.obs.tracing, config.migration_limit)
+        self.relay = Relay(self.router, self.obs.tracing, config.migration_limit,
+                           RoutingPolicy(config.max_local_prefill_length))
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)

@@ -64,8 +64,8 @@ class Router:
                  interceptors: list | None = None, tls: ClientTLS | None = None):
         """`interceptors`: client interceptors (tracing) for every worker channel; `tls`: dial every worker
         over TLS (its unary calls, GetStats and the DecodeStream all share the one channel)."""
-        if not prefill_addresses or not decode_addresses:
-            raise ValueError("at least one prefill and one decode address are required")
+        if not decode_addresses:  # without prefill workers, decode-side workers prefill every prompt
+            raise ValueError("at least one decode address is required")
         self._interceptors = list(interceptors or [])
         self._tls = tls
         self.prefill_workers = [self._connect(a, "prefill") for a in prefill_addresses]
@@ -119,7 +119,9 @@ class Router:
             await worker.channel.close()
 
     def is_ready(self) -> bool:
-        return any(w.is_healthy for w in self.prefill_workers) and any(w.is_healthy for w in self.decode_workers)
+        """A decode-side worker answers, and a prefill worker too if the cluster has any."""
+        is_prefill_ready = not self.prefill_workers or any(w.is_healthy for w in self.prefill_workers)
+        return is_prefill_ready and any(w.is_healthy for w in self.decode_workers)
 
     def model_limits(self) -> WorkerStatsData:
         """Stats of a ready worker (model facts: max_model_len, vocab size, EOS ids); the smallest context wins."""
