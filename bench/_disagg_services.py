@@ -141,7 +141,7 @@ def die_with_parent() -> None:
 @dataclass
 class Service:
     name: str  # prefill-0, decode-1, frontend
-    role: str  # prefill | decode | frontend
+    role: str  # prefill | decode | worker (colocated) | frontend
     device: str | None
     popen: subprocess.Popen
     log_path: Path
@@ -204,7 +204,7 @@ class Services:
             service.check_alive()
 
     def workers(self) -> list[Service]:
-        return [s for s in self.started if s.role in ("prefill", "decode")]
+        return [s for s in self.started if s.role in ("prefill", "decode", "worker")]
 
     def stop(self, grace_seconds: float = 20.0) -> None:
         """SIGTERM, frontend first; SIGKILL whatever outlives the grace period."""
