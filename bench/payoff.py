@@ -13,7 +13,8 @@ Workloads (bench/_payoff_figures.py): sharegpt (bench/sharegpt.py's shape) and b
     # 2xH200, one command per topology (each fits a 10-minute call), merged through --previous:
     python bench/payoff.py --topologies 1p1d --budget 540 --output payoff.json
     python bench/payoff.py --topologies 2colocated --budget 540 --previous payoff.json --output payoff.json
-    python bench/payoff.py --topologies 1colocated --budget 540 --previous payoff.json --output payoff.json
+    python bench/payoff.py --topologies 1colocated --single-gpu-check --budget 540 --previous payoff.json \
+        --output payoff.json
     python bench/payoff.py --topologies 1p1d-local --budget 540 --previous payoff.json --output payoff.json
     # CPU functional run
     python bench/payoff.py --device cpu --model dummy:tiny --num-requests 6 --max-input-len 40 \\
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--start-timeout", type=float, default=300.0)
     add("--client-processes", type=int, default=default_client_processes())
     add("--log-dir", default=None)
+    add("--single-gpu-check", action="store_true",
+        help="also LLMEngine alone on --gpu-a (before any service starts), then 1colocated at saturation and at "
+             "80%% of it: serving throughput against offline, and TTFT p50 under load")
     add("--previous", default=None, help="JSON of an earlier command of the same workload: its runs are kept")
     add("--output", default=None)
     args = parser.parse_args(argv)
@@ -184,6 +189,9 @@ def run_topology(topology: str, args, model: dict, workloads: dict, report: dict
                       f"{run['num_hand_offs']} hand-offs, {run['num_errors']} errors", flush=True)
                 report["summary"] = summarize(report)
                 write_json(args.output, report)
+        if topology == "1colocated" and args.single_gpu_check and "engine" in report["single_gpu"]:
+            single_gpu_runs(clients, target, services, workloads["sharegpt"], args, clock, report["single_gpu"])
+            write_json(args.output, report)
         report["topologies_done"].append(topology)
     except ServiceFailure as exc:
         report["failure"] = f"{topology}: {exc}"
@@ -194,6 +202,35 @@ def run_topology(topology: str, args, model: dict, workloads: dict, report: dict
     finally:
         services.stop()
         save_service_logs_tail(services, report)
+
+
+def engine_baseline(args, model: dict, log_dir: Path, clock: Clock) -> dict:
+    """`LLMEngine` alone on --gpu-a on the ShareGPT requests, all at once (bench/disagg.py's baseline, in a
+    subprocess whose GPU memory is gone before the services start)."""
+    from bench.disagg import run_baseline
+
+    baseline_args = argparse.Namespace(**{**vars(args), "baseline_device": args.gpu_a})
+    baseline_args.max_model_len = args.max_input_len + args.max_output_len
+    result = run_baseline(baseline_args, model, log_dir, max(10.0, clock.limit(args.time_limit, 0)))
+    return {"output_tokens_per_s": result["useful_output_tokens_per_s"], "truncated": result.get("truncated")}
+
+
+def single_gpu_runs(clients: ClientPool, target: Target, services: Services, workload: dict, args, clock: Clock,
+                    single_gpu: dict) -> None:
+    """One colocated worker on all the ShareGPT requests at once (saturation), then at 80% of the request
+    rate it reached: its throughput against the engine's, and its TTFT p50 under that load."""
+    saturation = measured_run("1colocated/sharegpt/saturation", clients, target, services, workload, float("inf"),
+                              args, clock.limit(args.time_limit))
+    load_rate = 0.8 * saturation["requests_per_s"]
+    loaded = measured_run("1colocated/sharegpt/load-80", clients, target, services, workload, load_rate, args,
+                          clock.limit(args.time_limit))
+    engine = single_gpu["engine"]["output_tokens_per_s"]
+    single_gpu.update(
+        saturation={k: saturation[k] for k in ("output_tokens_per_s", "requests_per_s", "ttft_ms", "num_errors")},
+        load_80={k: loaded[k] for k in ("rate", "output_tokens_per_s", "ttft_ms", "itl_ms", "num_errors")},
+        throughput_vs_engine=saturation["output_tokens_per_s"] / engine if engine else None)
+    print(f"single GPU: {single_gpu['throughput_vs_engine'] or 0:.2f}x the engine's tok/s at saturation; TTFT p50 "
+          f"{loaded['ttft_ms']['p50'] or 0:.0f} ms at {load_rate:.2f} req/s (80%)", flush=True)
 
 
 def build_workloads(args, vocab_size: int) -> dict:
@@ -211,7 +248,7 @@ def new_report(args, model: dict, workloads: dict) -> dict:
                       for name, w in workloads.items()},
         "slo": {"ttft_s": args.ttft_slo, "itl_ms": args.itl_slo, "burst_fraction": args.burst_fraction,
                 "burst_prompt_len": args.burst_prompt_len, "burst_size": args.burst_size},
-        "runs": {}, "summary": {}, "topologies_done": [], "skipped": [], "failure": None,
+        "runs": {}, "summary": {}, "single_gpu": {}, "topologies_done": [], "skipped": [], "failure": None,
     }
 
 
@@ -223,6 +260,7 @@ def merge_previous(report: dict, path: str) -> None:
         raise SystemExit(f"--previous {path}: a different workload or SLO, not merging")
     for key, run in previous.get("runs", {}).items():
         report["runs"].setdefault(key, run)
+    report["single_gpu"].update(previous.get("single_gpu", {}))
     report["topologies_done"] += [t for t in previous.get("topologies_done", []) if t not in report["topologies_done"]]
 
 
@@ -238,6 +276,12 @@ def main(argv=None) -> int:
         merge_previous(report, args.previous)
     started = time.monotonic()
     try:
+        if args.single_gpu_check:
+            try:
+                report["single_gpu"]["engine"] = engine_baseline(args, model, log_dir, clock)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                report["failure"] = f"engine baseline: {exc}"
+            write_json(args.output, report)
         with OtlpCollector() as collector, ClientPool(args.client_processes) as clients:
             for topology in args.topologies:
                 if clock.limit(args.time_limit) < SHUTDOWN_RESERVE_SECONDS:

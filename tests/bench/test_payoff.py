@@ -89,14 +89,21 @@ def test_cpu_runs_of_every_topology_merge_into_one_consistent_report(tmp_path):
               "--max-input-len", str(MAX_INPUT_LEN), "--max-output-len", str(MAX_OUTPUT_LEN),
               "--burst-prompt-len", str(BURST_LEN), "--burst-size", "2", "--rates", ",".join(map(str, RATES)),
               "--max-local-prefill-length", str(MAX_INPUT_LEN), "--warmup-requests", "1", "--client-processes", "1"]
-    first, _ = run_bench("payoff.py", [*common, "--topologies", "1p1d,1colocated", "--log-dir", str(tmp_path / "a")],
-                         tmp_path, timeout=400)
+    first, _ = run_bench("payoff.py", [*common, "--topologies", "1p1d,1colocated", "--single-gpu-check",
+                                       "--log-dir", str(tmp_path / "a")], tmp_path, timeout=400)
     assert first["failure"] is None and first["topologies_done"] == ["1p1d", "1colocated"]
+    single_gpu = first["single_gpu"]  # one colocated worker against the engine alone on the same requests
+    assert single_gpu["engine"]["output_tokens_per_s"] > 0 and not single_gpu["engine"]["truncated"]
+    assert single_gpu["saturation"]["num_errors"] == single_gpu["load_80"]["num_errors"] == 0
+    assert single_gpu["load_80"]["rate"] == pytest.approx(0.8 * single_gpu["saturation"]["requests_per_s"])
+    assert single_gpu["throughput_vs_engine"] == pytest.approx(
+        single_gpu["saturation"]["output_tokens_per_s"] / single_gpu["engine"]["output_tokens_per_s"])
     previous = tmp_path / "first.json"
     previous.write_text((tmp_path / "payoff.json").read_text())
     result, stdout = run_bench("payoff.py", [*common, "--topologies", "1p1d-local,2colocated", "--previous",
                                              str(previous), "--log-dir", str(tmp_path / "b")], tmp_path, timeout=400)
     assert result["failure"] is None and result["skipped"] == []
+    assert result["single_gpu"] == single_gpu  # kept from --previous
     assert sorted(result["topologies_done"]) == ["1colocated", "1p1d", "1p1d-local", "2colocated"]
     prompts, output_lens = sharegpt_workload(NUM_REQUESTS, VOCAB_SIZE, MAX_INPUT_LEN, MAX_OUTPUT_LEN)
     long_prompts, _, long_indices = burst_workload(prompts, output_lens, VOCAB_SIZE, 0.3, BURST_LEN)
