@@ -287,10 +287,14 @@ class ClientPool:
         return len(self._processes)
 
     def run(self, api: str, target: Target, records: list[RequestRecord], prompts: list[list[int]], rate: float,
-            seed: int, time_limit: float) -> ClientRun:
-        """Sends `records` at Poisson arrivals of `rate` (seeded; inf = all at once), split round-robin
-        across the processes; every process starts the same arrival schedule at the same instant."""
-        offsets = poisson_arrivals(len(records), rate, seed)
+            seed: int, time_limit: float, offsets: list[float] | None = None) -> ClientRun:
+        """Sends `records` at Poisson arrivals of `rate` (seeded; inf = all at once), or at `offsets`
+        (seconds after the start, one per record) when given, split round-robin across the processes;
+        every process starts the same arrival schedule at the same instant."""
+        if offsets is None:
+            offsets = poisson_arrivals(len(records), rate, seed)
+        elif len(offsets) != len(records):
+            raise ValueError(f"offsets: one per record, got {len(offsets)} for {len(records)}")
         num_active = max(1, min(self.num_processes, len(records)))
         active = self._connections[:num_active]
         for index, connection in enumerate(active):

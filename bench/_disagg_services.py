@@ -141,7 +141,7 @@ def die_with_parent() -> None:
 @dataclass
 class Service:
     name: str  # prefill-0, decode-1, frontend
-    role: str  # prefill | decode | frontend
+    role: str  # prefill | decode | worker (colocated) | frontend
     device: str | None
     popen: subprocess.Popen
     log_path: Path
@@ -213,7 +213,7 @@ class Services:
             service.check_alive()
 
     def workers(self) -> list[Service]:
-        return [s for s in self.started if s.role in ("prefill", "decode")]
+        return [s for s in self.started if s.role in ("prefill", "decode", "worker")]
 
     def cpu_seconds(self) -> dict[str, float | None]:
         """CPU time each service process has used so far, all its threads (None where unreadable)."""

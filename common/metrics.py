@@ -36,7 +36,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "tandem:"
-ROLES = ("frontend", "prefill", "decode")
+ROLES = ("frontend", "prefill", "decode", "worker")  # worker: a colocated `tandem worker`
 # vLLM's FinishReason values (request_success_total{finished_reason}).
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 

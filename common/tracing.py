@@ -35,7 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace.status import Status, StatusCode
 
-ROLES = ("frontend", "prefill", "decode")
+ROLES = ("frontend", "prefill", "decode", "worker")  # worker: a colocated `tandem worker`
 SERVICE_NAME_PREFIX = "tandem-"
 ENV_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 # gRPC calls that make no spans: probes and the frontend's load polling run every few seconds and

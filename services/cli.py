@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "frontend": ("services.frontend.main", "run the frontend service"),
     "prefill": ("services.prefill.main", "run a prefill worker"),
     "decode": ("services.decode.main", "run a decode worker"),
+    "worker": ("services.decode.colocated", "run a colocated worker (prefill and decode in one engine)"),
     "generate": ("services.client", "stream an answer from a running frontend"),
     "offline": ("services.offline", "batch inference from a JSONL file in one process"),
 }

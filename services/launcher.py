@@ -2,6 +2,8 @@
 
     tandem serve [--num-prefill 1] [--num-decode 1] [--port 50051] [engine flags, e.g. --model, --block-size]
                  [--device cuda:0 | --prefill-devices 0 --decode-devices 1]
+    tandem serve --colocated [--num-workers 1] [--device cuda:0 | --worker-devices 0 1]
+                 [--worker-gpu-memory-utilization X]
                  [--prefill-gpu-memory-utilization X] [--decode-gpu-memory-utilization Y]
                  [--worker-host 127.0.0.1] [--otlp-traces-endpoint URL] [--log-dir DIR]
                  [--ssl-certfile C --ssl-keyfile K [--ssl-ca-certs CA] [--ssl-cert-reqs 2]]
@@ -12,6 +14,10 @@ into its configs as a dry run; a bad one is a one-line error and exit code 2. Th
 and D decode workers (gRPC on free ports, each prefill's KV listener on a port picked here so that the
 decode workers can be told which KV senders to trust), waits until they are SERVING, starts the
 frontend pointed at them, waits for it, and prints where to connect.
+
+With --colocated it starts colocated workers instead (`tandem worker`: one engine serves whole requests,
+prefill and decode; no prefill worker and no KV hand-off, `--allowed-kv-senders none`), by default one
+on the --device, and the frontend sends them every prompt. `--worker-devices 0 1` puts one on each GPU.
 
 While it runs, a worker that dies is restarted on its port after a back-off and the others keep
 serving (`services.supervisor`). The frontend is not restarted: if it dies, everything stops and
@@ -41,7 +47,7 @@ import time
 from pathlib import Path
 
 from common.tls import ClientTLS, ServerTLS, add_server_tls_args, server_tls_from_args
-from services.placement import PlacementFlags, WorkerPlacement, describe, place_workers
+from services.placement import PlacementFlags, WorkerPlacement, describe, place_colocated_workers, place_workers
 from services.supervisor import Launcher, Service, dial_address
 
 __all__ = ["Launcher", "Service", "build_parser", "main"]
@@ -73,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-gpu-memory-utilization", type=float, default=None, metavar="SHARE",
                         help="each decode worker's share of its GPU (default: what is left of 0.9, split evenly)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--colocated", action="store_true",
+                        help="colocated workers (tandem worker: prefill and decode in one engine) instead of "
+                             "prefill and decode workers")
+    parser.add_argument("--num-workers", type=int, default=1, help="--colocated: workers to start")
+    parser.add_argument("--worker-devices", nargs="+", default=[], metavar="GPU",
+                        help="--colocated: GPU indices for the workers (round-robin), e.g. 0 1: one per GPU")
+    parser.add_argument("--worker-gpu-memory-utilization", type=float, default=None, metavar="SHARE",
+                        help="--colocated: each worker's share of its GPU (default: 0.9 split evenly)")
     parser.add_argument("--host", default="0.0.0.0", help="frontend bind address")
     parser.add_argument("--port", type=int, default=50051, help="frontend port (0 = any free port)")
     parser.add_argument("--http-port", type=int, default=8000,
@@ -100,11 +114,28 @@ def plan_workers(args: argparse.Namespace, num_gpus: int | None) -> list[WorkerP
     """Checks the placement flags (ValueError: one line naming the flag) before anything starts."""
     if args.gpu_memory_utilization is not None:
         raise ValueError("--gpu-memory-utilization is per worker here: use --prefill-gpu-memory-utilization "
-                         "and --decode-gpu-memory-utilization")
+                         "and --decode-gpu-memory-utilization (--worker-gpu-memory-utilization with --colocated)")
+    if args.colocated:
+        _check_no_disaggregation_flags(args)
+        return place_colocated_workers(args.num_workers, args.device, tuple(args.worker_devices),
+                                       args.worker_gpu_memory_utilization, num_gpus)
+    for flag in ("num_workers", "worker_devices", "worker_gpu_memory_utilization"):
+        if getattr(args, flag) != build_parser().get_default(flag):
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --colocated")
     flags = PlacementFlags(args.num_prefill, args.num_decode, args.device, tuple(args.prefill_devices),
                            tuple(args.decode_devices), args.prefill_gpu_memory_utilization,
                            args.decode_gpu_memory_utilization)
     return place_workers(flags, num_gpus)
+
+
+def _check_no_disaggregation_flags(args: argparse.Namespace) -> None:
+    """--colocated starts no prefill or decode worker: their flags would be silently ignored."""
+    defaults = build_parser()
+    for flag in ("num_prefill", "num_decode", "prefill_devices", "decode_devices", "prefill_gpu_memory_utilization",
+                 "decode_gpu_memory_utilization", "kv_lease_seconds"):
+        if getattr(args, flag) != defaults.get_default(flag):
+            raise ValueError(f"--{flag.replace('_', '-')} does not go with --colocated (no prefill or decode "
+                             f"workers; --num-workers, --worker-devices)")
 
 
 def kv_host(args: argparse.Namespace) -> str:
@@ -132,8 +163,10 @@ def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_arg
         argv += ["--kv-host", kv_host(args), "--kv-port", str(kv_ports[placement.name])]
         if args.kv_lease_seconds is not None:
             argv += ["--kv-lease-seconds", str(args.kv_lease_seconds)]
-    else:
+    elif kv_ports:
         argv += ["--allowed-kv-senders", ",".join(f"{kv_host(args)}:{port}" for port in kv_ports.values())]
+    else:  # colocated: no prefill worker, so no hand-off is ever legitimate
+        argv += ["--allowed-kv-senders", "none"]
     if args.otlp_traces_endpoint:
         argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     return [*argv, *tls_argv(args), *placement.argv(), *engine_argv]
@@ -146,8 +179,9 @@ def frontend_argv(args: argparse.Namespace, prefill_addresses: list[str], decode
     if args.otlp_traces_endpoint:
         argv += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     argv += tls_argv(args)
-    return [*argv, "--prefill-addresses", ",".join(prefill_addresses),
-            "--decode-addresses", ",".join(decode_addresses)]
+    if prefill_addresses:
+        argv += ["--prefill-addresses", ",".join(prefill_addresses)]
+    return [*argv, "--decode-addresses", ",".join(decode_addresses)]
 
 
 def _check_own_flags(args: argparse.Namespace, engine_argv: list[str]) -> None:
@@ -170,6 +204,7 @@ def check_flags(args: argparse.Namespace, engine_argv: list[str], placements: li
     """Every worker's command line by name, each parsed and built into its configs by the worker's own
     code without starting anything; ValueError (one line) for the first flag that would fail."""
     from services.common.worker_cli import check_worker_argv
+    from services.decode.colocated import ROLE as WORKER
     from services.decode.main import ROLE as DECODE
     from services.prefill.main import ROLE as PREFILL
 
@@ -178,7 +213,7 @@ def check_flags(args: argparse.Namespace, engine_argv: list[str], placements: li
     parsed = {}
     for placement in placements:
         try:
-            role = PREFILL if placement.role == "prefill" else DECODE
+            role = {"prefill": PREFILL, "decode": DECODE, "worker": WORKER}[placement.role]
             parsed[placement.name] = check_worker_argv(role, argvs[placement.name][1:])
         except ValueError as exc:
             raise ValueError(f"{placement.name}: {exc}") from None
@@ -237,12 +272,13 @@ def _start_system(launcher: Launcher, args: argparse.Namespace, placements: list
                   argvs: dict[str, list[str]]) -> tuple[Service, list[Service], list[Service]]:
     workers = [launcher.start(p.name, argvs[p.name], is_restartable=True) for p in placements]
     prefills = [w for w, p in zip(workers, placements) if p.role == "prefill"]
-    decodes = [w for w, p in zip(workers, placements) if p.role == "decode"]
+    decodes = [w for w, p in zip(workers, placements) if p.role != "prefill"]  # decode or colocated workers
     for line in describe(placements):
         print(line, flush=True)
     where = "" if args.log_dir else ", removed at exit"
-    print(f"starting {args.num_prefill} prefill and {args.num_decode} decode workers (logs in {launcher.log_dir}"
-          f"{where})", flush=True)
+    kinds = (f"{len(decodes)} colocated" if args.colocated else
+             f"{len(prefills)} prefill and {len(decodes)} decode")
+    print(f"starting {kinds} workers (logs in {launcher.log_dir}{where})", flush=True)
     launcher.wait_ready([*prefills, *decodes], args.ready_timeout)
     frontend = launcher.start("frontend", frontend_argv(args, [s.address for s in prefills],
                                                         [s.address for s in decodes]))

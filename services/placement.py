@@ -154,3 +154,40 @@ def _is_cuda_index(device: str) -> bool:
 def _floor(share: float) -> float:
     """Rounded down to 4 decimals, so that printed shares never add up past the total."""
     return math.floor(share * 10_000 + 1e-9) / 10_000
+
+
+# ---- colocated workers (`tandem serve --colocated`) ----------------------------------------------
+
+
+def place_colocated_workers(num_workers: int, device: str, worker_devices: tuple[str, ...],
+                            worker_gpu_memory_utilization: float | None, num_gpus: int | None) -> list[WorkerPlacement]:
+    """`num_workers` colocated workers ("worker-0", ...): round-robin over `worker_devices` (GPU indices)
+    when given, else all on `device`; the workers on one GPU split 0.9 of it evenly unless
+    `worker_gpu_memory_utilization` gives each its share. ValueError (one line, naming the flag)."""
+    if num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
+    share = worker_gpu_memory_utilization
+    if share is not None and not 0 < share <= 1:
+        raise ValueError(f"--worker-gpu-memory-utilization must be in (0, 1], got {share:g}")
+    if worker_devices:
+        if device not in ("auto", "cuda"):
+            raise ValueError(f"--device {device} cannot be combined with --worker-devices")
+        indices = parse_gpu_indices(worker_devices, "--worker-devices")
+        _check_visible(indices, "--worker-devices", num_gpus)
+        devices = [f"cuda:{indices[i % len(indices)]}" for i in range(num_workers)]
+    else:
+        if device not in ("auto", "cpu", "cuda") and not _is_cuda_index(device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if device.startswith("cuda"):
+            _check_visible([int(device.partition(":")[2] or 0)], "--device", num_gpus)
+        devices = [device] * num_workers
+    placements = []
+    for index, worker_device in enumerate(devices):
+        is_on_gpu = worker_device != "cpu" and not (worker_device == "auto" and num_gpus == 0)
+        num_here = devices.count(worker_device)
+        if is_on_gpu and share is not None and num_here * share > 1 + 1e-9:
+            raise ValueError(f"the workers on {worker_device} would use {num_here * share:.4g} of it: {num_here} "
+                             f"x --worker-gpu-memory-utilization {share:g} > 1")
+        gpu_share = (share if share is not None else _floor(GPU_SHARE / num_here)) if is_on_gpu else None
+        placements.append(WorkerPlacement(f"worker-{index}", "worker", worker_device, gpu_share))
+    return placements

@@ -1,7 +1,8 @@
-"""compose.yaml's services run here as plain processes, exactly as compose starts them (command line and
-environment; hosts -> 127.0.0.1, ports -> free ones, Jaeger -> an in-process OTLP collector): each turns
-healthy by its own compose healthcheck, the frontend answers on its published gRPC and HTTP ports,
-and one request leaves one trace across the three services.
+"""compose.yaml's services (the two-GPU pair; the single-GPU profile's colocated worker and its frontend)
+run here as plain processes, exactly as compose starts them (command line and environment; hosts ->
+127.0.0.1, ports -> free ones, Jaeger -> an in-process OTLP collector): each turns healthy by its own
+compose healthcheck, the frontend answers on its published gRPC and HTTP ports, and one request leaves
+one trace across the services.
 
 The image's model link (/opt/tandem/models/SmolLM2-135M-Instruct.gguf) points at the embedded GGUF
 here; /cache is this machine's Tandem cache, like compose's persistent `model-cache` volume, so the
@@ -10,6 +11,7 @@ GGUF conversion happens once, not on every run. UCX_TLS names CUDA transports: U
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -22,7 +24,9 @@ import pytest
 from common.model.registry import embedded_gguf_path, models_cache_dir
 from common.otlp_collector import OtlpCollector
 from protos import generation_pb2 as g
+from protos import worker_pb2
 from protos.generation_pb2_grpc import GenerationStub
+from protos.worker_pb2_grpc import DecodeWorkerStub
 from tests.e2e.cluster import REPO_ROOT, Processes
 from tests.e2e.observability_helpers import clean_env, scrape
 from tests.helpers.compose_commands import LocalService, local_services
@@ -55,6 +59,20 @@ def _wait_healthy(services: list[LocalService], processes: Processes) -> None:
 @pytest.fixture
 def compose_services(tmp_path):
     """compose's frontend, prefill and decode, healthy, with the collector that stands in for Jaeger."""
+    with _running_compose(tmp_path) as started:
+        yield started
+
+
+@pytest.fixture
+def single_gpu_services(tmp_path):
+    """`docker compose --profile single-gpu up worker frontend-single-gpu`, healthy, with the collector."""
+    with _running_compose(tmp_path, profiles=("single-gpu",), only=("worker", "frontend-single-gpu")) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _running_compose(tmp_path, **selection):
+    """The selected compose services as local processes, started in compose's order and healthy."""
     image_models = tmp_path / "image-models"
     image_models.mkdir()
     (image_models / MODEL_FILE).symlink_to(embedded_gguf_path())
@@ -62,7 +80,7 @@ def compose_services(tmp_path):
                 "/models": str(tmp_path / "host-models")}
     processes = Processes(tmp_path)
     with OtlpCollector() as collector:
-        services = local_services(otlp_endpoint=collector.endpoint, path_map=path_map)
+        services = local_services(otlp_endpoint=collector.endpoint, path_map=path_map, **selection)
         try:
             started: list[LocalService] = []
             for service in services:  # compose's order: a service starts once what it depends on is healthy
@@ -78,7 +96,24 @@ def compose_services(tmp_path):
 def test_compose_services_turn_healthy_and_serve_one_traced_request(compose_services):
     services, collector = compose_services
     assert list(services) == ["prefill", "decode", "frontend"]
-    frontend = services["frontend"]
+    _serve_one_traced_request(services, "frontend", collector,
+                              {"frontend": 9100, "prefill": 9101, "decode": 9102})
+
+
+def test_the_single_gpu_profile_serves_through_one_colocated_worker(single_gpu_services):
+    services, collector = single_gpu_services
+    assert list(services) == ["worker", "frontend-single-gpu"]
+    _serve_one_traced_request(services, "frontend-single-gpu", collector, {"frontend-single-gpu": 9100, "worker": 9103})
+    with grpc.insecure_channel(f"127.0.0.1:{services['worker'].ports[50063]}") as channel:
+        stats = DecodeWorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=30)
+    assert stats.num_requests_served == 1 and stats.num_transfers == 0  # prefilled there, no hand-off
+
+
+def _serve_one_traced_request(services: dict[str, LocalService], frontend_name: str, collector,
+                              metrics_ports: dict[str, int]) -> None:
+    """One HTTP completion through the frontend; one trace across every service; each service's metrics
+    labelled with its role (a compose service's name up to any "-")."""
+    frontend = services[frontend_name]
     assert all(_is_healthy(s) for s in services.values())
 
     with grpc.insecure_channel(f"127.0.0.1:{frontend.ports[50051]}") as channel:
@@ -92,12 +127,14 @@ def test_compose_services_turn_healthy_and_serve_one_traced_request(compose_serv
         completion = json.loads(response.read())
     assert completion["usage"]["completion_tokens"] == 4
 
+    roles = {name: name.split("-")[0] for name in services}
+
     def is_traced(spans) -> bool:
         roots = [s for s in spans if s.name == f"generate {model}"]
         return len(roots) == 1 and {s.service_name for s in spans if s.trace_id == roots[0].trace_id} == {
-            "tandem-frontend", "tandem-prefill", "tandem-decode"}
+            f"tandem-{role}" for role in roles.values()}
 
     collector.wait_for_spans(is_traced, timeout=30)
-    for name, metrics_port in (("frontend", 9100), ("prefill", 9101), ("decode", 9102)):
+    for name, metrics_port in metrics_ports.items():
         samples = scrape(services[name].ports[metrics_port])
-        assert {labels.get("role") for _, labels, _ in samples if "role" in labels} == {name}
+        assert {labels.get("role") for _, labels, _ in samples if "role" in labels} == {roles[name]}

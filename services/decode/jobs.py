@@ -35,9 +35,9 @@ class DecodeFinal:
 class DecodeJob:
     request_id: str
     prompt_token_ids: list[int]
-    first_token_id: int
+    first_token_id: int | None  # token #1 from the prefill worker; None when this worker samples it
     sampling: SamplingParams
-    handle: KVHandle
+    handle: KVHandle | None  # where to pull the prompt's KV; None when the worker prefills it (prefill_here)
     sink: AsyncSink | None = None  # TokenBatch* then DecodeFinal, or an exception; set when the call starts
     # time.monotonic() when the Decode call arrived: admission timeout, TTFT and e2e latency start here
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -47,7 +47,7 @@ class DecodeJob:
     ticket: TransferTicket | None = None
     buffer: torch.Tensor | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in (n: the blocks pulled)
     transfer: TransferStats | None = None
-    num_generated_tokens: int = 1
+    num_generated_tokens: int = 1  # token #1 included: 0 to start with when the worker prefills it
     last_token_id: int | None = None
     last_token_at: float | None = None  # time.monotonic() of the latest streamed token (TTFT, then ITL)
     is_aborted: bool = False  # Abort came while its transfer was in flight
@@ -55,6 +55,7 @@ class DecodeJob:
     trace_parent: Any = None  # the Decode RPC's trace context, parent of this request's spans
     kv_recv_span: Any = None  # open while the KV is being pulled
     generate_span: Any = None  # open while the request decodes
+    is_prefill_here: bool = False  # the worker computes the prompt (no handle, token #1 streams from here)
 
 
 @dataclass

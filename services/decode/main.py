@@ -2,6 +2,9 @@
 
     tandem decode --port 50062 [--allowed-kv-senders 10.0.0.5:7000,...] [engine flags: --model, ...]
 
+It also prefills the requests that come with `prefill_here` instead of a KV handle (the short prompts
+of conditional disaggregation; `tandem worker`, services/decode/colocated.py, takes every prompt so).
+
 Health is NOT_SERVING while the model loads, then SERVING. Flags fall back to TANDEM_* variables.
 A Decode request names the prefill worker to pull its KV from; with --allowed-kv-senders this worker
 dials only those addresses (as the prefill workers advertise them: their --kv-host:--kv-port).
@@ -20,11 +23,18 @@ from services.common.worker_setup import create_receiver, kv_layout
 from services.decode.servicer import DecodeServicer
 from services.decode.worker import DecodeLimits, DecodeWorker
 
+NO_KV_SENDERS = "none"  # --allowed-kv-senders value that refuses every hand-off
+
 
 def _add_decode_args(parser: argparse.ArgumentParser) -> None:
     # Decode steps are all this worker runs: a larger batch than a mixed engine's fills its GPU, and
     # hand-offs beyond it wait for a slot (their token #1 already streamed) instead of decoding.
     parser.set_defaults(max_num_seqs=512)
+    add_handoff_args(parser)
+
+
+def add_handoff_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a worker that takes KV hand-offs (`tandem decode` and `tandem worker`)."""
     parser.add_argument("--kv-transfer-timeout-seconds", type=float, default=float(env("KV_TRANSFER_TIMEOUT_SECONDS", "30")),
                         help="fail a KV pull that takes longer")
     parser.add_argument("--max-num-admitting", type=int, default=int(env("MAX_NUM_ADMITTING", "1024")),
@@ -36,13 +46,17 @@ def _add_decode_args(parser: argparse.ArgumentParser) -> None:
                         default=parse_memory_size(env("MAX_KV_RECEIVING_BYTES", "2GiB")),
                         help="KV bytes pulled at once (receive buffers live outside the KV pool's budget)")
     parser.add_argument("--allowed-kv-senders", default=env("ALLOWED_KV_SENDERS"), metavar="HOST:PORT,...",
-                        help="pull KV only from these prefill KV addresses (default: any, logged once)")
+                        help="pull KV only from these prefill KV addresses; 'none' refuses every hand-off "
+                             "(a colocated worker without prefill workers); default: any, logged once")
 
 
 def parse_kv_senders(text: str | None) -> frozenset[str] | None:
-    """'h1:7000,h2:7000' -> those addresses; None (any sender) when the flag is not given."""
+    """'h1:7000,h2:7000' -> those addresses; 'none' -> no address (every hand-off is refused); None (any
+    sender) when the flag is not given."""
     if text is None:
         return None
+    if text.strip() == NO_KV_SENDERS:
+        return frozenset()
     addresses = [address.strip() for address in text.split(",") if address.strip()]
     if not addresses:
         raise ValueError("--allowed-kv-senders needs at least one host:port")
@@ -54,7 +68,7 @@ def parse_kv_senders(text: str | None) -> frozenset[str] | None:
     return frozenset(addresses)
 
 
-def _prepare(args: argparse.Namespace) -> StartWorker:
+def prepare_worker(args: argparse.Namespace) -> StartWorker:
     if not args.kv_transfer_timeout_seconds > 0:
         raise ValueError(f"--kv-transfer-timeout-seconds must be > 0, got {args.kv_transfer_timeout_seconds:g}")
     limits = DecodeLimits(args.max_num_admitting, args.kv_admission_timeout_seconds, args.max_kv_receiving_bytes)
@@ -75,7 +89,7 @@ ROLE = WorkerRole(
     service_name="tandem.worker.v1.DecodeWorker",
     servicer_type=DecodeServicer,
     add_args=_add_decode_args,
-    prepare=_prepare,
+    prepare=prepare_worker,
 )
 
 

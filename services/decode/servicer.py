@@ -33,9 +33,11 @@ def job_from_pb(request: worker_pb2.DecodeRequest, vocab_size: int, max_model_le
     check_request_id(request.request_id)
     check_prompt("prompt_token_ids", request.prompt_token_ids, vocab_size, max_model_len)  # length first
     prompt_token_ids = list(request.prompt_token_ids)
+    if request.prefill_here:
+        return _prefill_here_job(request, prompt_token_ids)
     check_token_ids("first_token_id", [request.first_token_id], vocab_size)
     if not request.HasField("kv_handle"):
-        raise InvalidRequest("kv_handle", "is required")
+        raise InvalidRequest("kv_handle", "is required (or set prefill_here)")
     handle = handle_from_pb(request.kv_handle)  # ValueError "kv_handle.<field>: ..."
     return DecodeJob(
         request_id=request.request_id,
@@ -43,6 +45,24 @@ def job_from_pb(request: worker_pb2.DecodeRequest, vocab_size: int, max_model_le
         first_token_id=request.first_token_id,
         sampling=sampling_from_pb(request.sampling, len(prompt_token_ids)),  # ValueError "sampling.<field>: ..."
         handle=handle,
+    )
+
+
+def _prefill_here_job(request: worker_pb2.DecodeRequest, prompt_token_ids: list[int]) -> DecodeJob:
+    """A request this worker prefills itself: nothing of a hand-off may come with it."""
+    if request.HasField("kv_handle"):
+        raise InvalidRequest("kv_handle", "must be absent with prefill_here (the worker computes the prompt)")
+    if request.first_token_id != 0:
+        raise InvalidRequest("first_token_id", f"must be 0 with prefill_here (the worker samples token #1), "
+                                               f"got {request.first_token_id}")
+    return DecodeJob(
+        request_id=request.request_id,
+        prompt_token_ids=prompt_token_ids,
+        first_token_id=None,
+        sampling=sampling_from_pb(request.sampling, len(prompt_token_ids)),  # ValueError "sampling.<field>: ..."
+        handle=None,
+        num_generated_tokens=0,
+        is_prefill_here=True,
     )
 
 

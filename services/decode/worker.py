@@ -49,6 +49,7 @@ from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
 from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
 from services.decode.jobs import DecodeFinal, DecodeJob, DecodeLimits, TokenBatch
+from services.decode.local_prefill import LocalPrefills
 
 __all__ = ["DecodeFinal", "DecodeJob", "DecodeLimits", "DecodeWorker", "TokenBatch"]
 
@@ -73,6 +74,7 @@ class DecodeWorker:
         self._admitting: collections.deque[DecodeJob] = collections.deque()
         self._receiving: dict[str, DecodeJob] = {}
         self._running: dict[str, DecodeJob] = {}
+        self._local_prefills = LocalPrefills(self)  # prefill_here jobs before token #1 (local_prefill.py)
         self._counters = {"served": 0, "transfers": 0, "bytes": 0, "failures": 0}
         self._facts = model_facts(engine)
         self.stats = WorkerStatsData(role="decode", is_ready=False)
@@ -142,7 +144,8 @@ class DecodeWorker:
     def submit(self, job: DecodeJob, sink) -> concurrent.futures.Future:
         """Queues `job`; `sink.put` gets its TokenBatch items, then a DecodeFinal or an exception (from the
         engine thread). Raises if the handle is refused; the future fails if the job could not be queued."""
-        self.check_handle(job)
+        if not job.is_prefill_here:  # a prompt computed here has no handle (local_prefill.py)
+            self.check_handle(job)
         job.sink = sink
         return self.thread.call(lambda: self._enqueue(job))
 
@@ -158,6 +161,9 @@ class DecodeWorker:
     def _enqueue(self, job: DecodeJob) -> None:
         if self._is_known(job.request_id):
             raise InvalidRequest("request_id", f"{job.request_id!r} is already in use")
+        if job.is_prefill_here:
+            self._local_prefills.start(job)
+            return
         if len(self._admitting) >= self.limits.max_num_admitting:
             raise Overloaded(f"{len(self._admitting)} hand-offs wait for KV blocks (max {self.limits.max_num_admitting})")
         self._admitting.append(job)
@@ -168,6 +174,7 @@ class DecodeWorker:
 
     def _poll(self) -> bool:
         self._admit()
+        self._local_prefills.poll()
         self._settle_transfers()
         self._refresh_stats()
         return bool(self._receiving)
@@ -371,7 +378,9 @@ class DecodeWorker:
         engine_stats = self.engine.stats()
         num_waiting = engine_stats.num_waiting + len(self._admitting) + len(self._receiving)
         self.stats = refresh_worker_stats("decode", engine_stats, self.obs.metrics, self._counters, self.layout,
-                                          self._facts, num_waiting, **self._cache_summary.stats_fields(engine_stats))
+                                          self._facts, num_waiting,
+                                          num_queued_prompt_tokens=self._local_prefills.num_queued_prompt_tokens,
+                                          **self._cache_summary.stats_fields(engine_stats))
 
 
 def _describe_hash_mismatch(handle_hashes, own_hashes: list[bytes]) -> str:

@@ -44,6 +44,7 @@ from services.common.observability import Observability
 from services.frontend.admission import Admission, Slot
 from services.frontend.convert import Chunk, Finish
 from services.frontend.relay import Relay, TokenEvent
+from services.frontend.request_path import PathPolicy
 from services.frontend.router import Router
 from services.frontend.router_metrics import RouterMetrics
 from services.frontend.routing_policy import DEFAULT_ROUTER_MODE, RouterMode, RoutingConfig, parse_router_mode
@@ -55,8 +56,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FrontendConfig:
-    prefill_addresses: list[str]  # host:port of each prefill worker
-    decode_addresses: list[str]  # host:port of each decode worker
+    prefill_addresses: list[str]  # host:port of each prefill worker; none: decode-side workers prefill everything
+    decode_addresses: list[str]  # host:port of each decode worker or colocated `tandem worker`
     host: str = "0.0.0.0"
     port: int = 50051
     model: str | None = None  # for the tokenizer; None = the embedded SmolLM2
@@ -72,12 +73,13 @@ class FrontendConfig:
     worker_tls: ClientTLS | None = None  # how worker channels are dialed; None = plaintext
     router_mode: RouterMode | str = DEFAULT_ROUTER_MODE  # which worker gets a request (routing_policy.py)
     kv_overlap_score_weight: float = 1.0  # kv mode: how much a cached prompt token counts against load
+    # longest prompt a decode worker prefills itself while there are prefill workers (request_path.py)
+    max_local_prefill_length: int = 0
 
     def __post_init__(self) -> None:
-        if not self.prefill_addresses:
-            raise ValueError("prefill_addresses: at least one prefill worker is required")
         if not self.decode_addresses:
-            raise ValueError("decode_addresses: at least one decode worker is required")
+            raise ValueError("decode_addresses: at least one decode (or colocated) worker is required")
+        PathPolicy(self.max_local_prefill_length)  # ValueError naming the field
         for address in [*self.prefill_addresses, *self.decode_addresses]:
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit():
@@ -136,7 +138,8 @@ class FrontendApp:
         self.router = Router(config.prefill_addresses, config.decode_addresses, config.stats_refresh_seconds,
                              self.obs.tracing.client_interceptors(), config.worker_tls, config.routing,
                              RouterMetrics(self.metrics.registry, model_name))
-        self.relay = Relay(self.router, self.obs.tracing, config.migration_limit)
+        self.relay = Relay(self.router, self.obs.tracing, config.migration_limit,
+                           PathPolicy(config.max_local_prefill_length))
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)

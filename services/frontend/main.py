@@ -1,9 +1,12 @@
 """`tandem frontend`: the public gRPC service (tokenize, route, relay, detokenize).
 
     tandem frontend --prefill-addresses h1:50061,h2:50061 --decode-addresses h3:50062 [--port 50051]
+    tandem frontend --decode-addresses h1:50063,h2:50063          # colocated workers only (tandem worker)
 
 Every flag falls back to a TANDEM_* environment variable (e.g. TANDEM_PREFILL_ADDRESSES), which is
-what compose files set. Health turns SERVING once at least one prefill and one decode worker answer.
+what compose files set. Health turns SERVING once a decode-side worker answers, and a prefill worker
+too when any is given. Which prompts skip the prefill workers: --max-local-prefill-length
+(services/frontend/request_path.py).
 
 TLS: --ssl-certfile/--ssl-keyfile serve gRPC and HTTP over TLS (--ssl-cert-reqs 2 + --ssl-ca-certs:
 mutual TLS), and the frontend then dials its workers over TLS too, trusting --ssl-ca-certs and
@@ -47,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-addresses", default=_env("PREFILL_ADDRESSES"),
                         help="comma-separated host:port of prefill workers (env TANDEM_PREFILL_ADDRESSES)")
     parser.add_argument("--decode-addresses", default=_env("DECODE_ADDRESSES"),
-                        help="comma-separated host:port of decode workers (env TANDEM_DECODE_ADDRESSES)")
+                        help="comma-separated host:port of decode workers and colocated `tandem worker`s (env "
+                             "TANDEM_DECODE_ADDRESSES); without --prefill-addresses they prefill every prompt")
+    parser.add_argument("--max-local-prefill-length", type=int, default=int(_env("MAX_LOCAL_PREFILL_LENGTH", "0")),
+                        help="conditional disaggregation: a prompt of at most this many tokens skips the prefill "
+                             "workers when a decode worker has room for it, and that worker prefills it "
+                             "(env TANDEM_MAX_LOCAL_PREFILL_LENGTH; 0 = never while prefill workers exist)")
     parser.add_argument("--host", default=_env("HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
     parser.add_argument("--model", default=_env("MODEL"), help="model whose tokenizer to use; default: embedded SmolLM2")
@@ -152,7 +160,7 @@ def main(argv: list[str]) -> int:
             decode_addresses=_addresses(args.decode_addresses),
             host=args.host, port=args.port, model=args.model,
             max_num_requests=args.max_num_requests, stats_refresh_seconds=args.stats_refresh_seconds,
-            migration_limit=args.migration_limit,
+            migration_limit=args.migration_limit, max_local_prefill_length=args.max_local_prefill_length,
             router_mode=args.router_mode, kv_overlap_score_weight=args.kv_overlap_score_weight,
             api_key=args.api_key or None, max_request_bytes=args.max_request_bytes,
             max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,

@@ -2,6 +2,9 @@
 
     pick workers -> Prefill (unary) -> TokenEvent(token #1)  [sent before any KV moves]
                  -> the decode worker's shared DecodeStream (decode_streams.py) -> TokenEvent(...)* -> FinishEvent
+    or, when the path policy keeps the prompt off the prefill workers (request_path.py: no prefill
+    worker in the cluster, or a short prompt and a decode worker with room):
+    pick a decode-side worker -> its DecodeStream with prefill_here -> TokenEvent(token #1, ...)* -> FinishEvent
 
 Each pick is a `route` span (which worker, of which kind), a sibling of the RPC span that follows it;
 the request's part of the DecodeStream has its own `.../DecodeWorker/Decode` CLIENT span.
@@ -40,6 +43,7 @@ from services.common.errors import MAX_REQUEST_ID_LENGTH, DeadlineExceeded, Serv
 from services.common.worker_messages import FINISH_REASON_FROM_PB, logprobs_from_pb, sampling_to_pb
 from services.frontend.decode_streams import DecodeStreamClient, RequestUpdates, WorkerRequestError, error_from_pb
 from services.frontend.router import Router, WorkerHandle
+from services.frontend.request_path import PathPolicy, RequestPath, choose_path, has_room
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +69,13 @@ class WorkerStreamError(ServiceError):
 
 class Relay:
     def __init__(self, router: Router, tracing_handle: tracing.TracingHandle | None = None,
-                 migration_limit: int = 3):
-        """`migration_limit`: how many times one request may move off a lost decode worker (0 = never)."""
+                 migration_limit: int = 3, policy: PathPolicy | None = None):
+        """`migration_limit`: how many times one request may move off a lost decode worker (0 = never);
+        `policy`: when a decode worker prefills a request itself (default: only without prefill workers)."""
         if migration_limit < 0:
             raise ValueError(f"migration_limit: must be >= 0, got {migration_limit}")
         self._router = router
+        self._policy = policy or PathPolicy()
         self._migration_limit = migration_limit
         self._tracing = tracing_handle or tracing.init_tracing("frontend", "")
         self._background: set[asyncio.Task] = set()  # abort calls in flight (kept referenced)
@@ -140,7 +146,16 @@ class Relay:
         time_remaining: Callable[[], float | None],
         touched: list[WorkerHandle],
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """One prefill -> decode pass; appends each worker it reaches to `touched` (the caller aborts them)."""
+        """One pass: prefill -> decode, or the whole request on one worker when the routing policy says so
+        (`request_path.py`); appends each worker it reaches to `touched` (the caller aborts them)."""
+        local = self._local_worker(request_id, prompt_token_ids)
+        if local is not None:
+            touched.append(local)
+            request = worker_pb2.DecodeRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                               sampling=sampling_pb, prefill_here=True)
+            async for event in self._decode(local, request, len(prompt_token_ids), time_remaining):
+                yield event
+            return
         prefill = self._route(request_id, "prefill", lambda: self._router.pick_prefill(prompt_token_ids))
         touched.append(prefill)
         with self._router.track(prefill, len(prompt_token_ids)):
@@ -161,21 +176,36 @@ class Relay:
         # picked now: its load is known best after the prefill
         decode = self._route(request_id, "decode", lambda: self._router.pick_decode(prompt_token_ids))
         touched.append(decode)
+        request = worker_pb2.DecodeRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                           first_token_id=response.first_token_id, sampling=sampling_pb,
+                                           kv_handle=response.kv_handle)
+        async for event in self._decode(decode, request, 0, time_remaining):
+            yield event
+
+    def _local_worker(self, request_id: str, prompt_token_ids: list[int]) -> WorkerHandle | None:
+        """The decode-side worker that prefills this request itself, or None for the disaggregated path."""
+        has_prefill_workers = bool(self._router.prefill_workers)
+        num_prompt_tokens = len(prompt_token_ids)
+        if not self._policy.may_go_local(num_prompt_tokens, has_prefill_workers):
+            return None
+        worker = self._route(request_id, "decode", lambda: self._router.pick_decode(prompt_token_ids))
+        path = choose_path(self._policy, num_prompt_tokens, has_prefill_workers,
+                           has_room(worker.stats, num_prompt_tokens))
+        return worker if path is RequestPath.LOCAL else None
+
+    async def _decode(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest, num_prompt_tokens: int,
+                      time_remaining: Callable[[], float | None]) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Sends `request` down the worker's DecodeStream and relays its tokens; `num_prompt_tokens`: the
+        prompt tokens the worker computes (0 for a hand-off), counted against it while the request runs."""
         # The request's own span for its part of the worker's shared DecodeStream; a detached span,
         # since a current one could not be kept across this generator's yields.
         decode_span = self._tracing.tracer.start_span(DECODE_RPC_SPAN, kind=trace.SpanKind.CLIENT,
-                                                      attributes={Attr.REQUEST_ID: request_id})
+                                                      attributes={Attr.REQUEST_ID: request.request_id})
+        request.trace_context.update(tracing.inject_context(trace.set_span_in_context(decode_span)))
         updates: RequestUpdates | None = None
         try:
-            with self._router.track(decode):
-                updates = await self._start_decode(decode, worker_pb2.DecodeRequest(
-                    request_id=request_id,
-                    prompt_token_ids=prompt_token_ids,
-                    first_token_id=response.first_token_id,
-                    sampling=sampling_pb,
-                    kv_handle=response.kv_handle,
-                    trace_context=tracing.inject_context(trace.set_span_in_context(decode_span)),
-                ))
+            with self._router.track(decode, num_prompt_tokens):
+                updates = await self._start_decode(decode, request)
                 async for event in self._relay_updates(decode, updates, time_remaining):
                     yield event
         except Exception as error:

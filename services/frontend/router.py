@@ -87,9 +87,10 @@ class Router:
         """`interceptors`: client interceptors (tracing) for every worker channel; `tls`: dial every worker
         over TLS (its unary calls, GetStats and the DecodeStream all share the one channel); `routing`: the
         policy (default: cache-aware); `metrics`: where decisions are counted; `cache_limits` and `clock`:
-        how worker cache summaries are bounded and aged."""
-        if not prefill_addresses or not decode_addresses:
-            raise ValueError("at least one prefill and one decode address are required")
+        how worker cache summaries are bounded and aged. Without prefill addresses, decode-side workers
+        prefill every prompt."""
+        if not decode_addresses:
+            raise ValueError("at least one decode address is required")
         self._interceptors = list(interceptors or [])
         self._tls = tls
         self.routing = routing or RoutingConfig()
@@ -155,7 +156,9 @@ class Router:
             await worker.channel.close()
 
     def is_ready(self) -> bool:
-        return any(w.is_healthy for w in self.prefill_workers) and any(w.is_healthy for w in self.decode_workers)
+        """A decode-side worker answers, and a prefill worker too if the cluster has any."""
+        is_prefill_ready = not self.prefill_workers or any(w.is_healthy for w in self.prefill_workers)
+        return is_prefill_ready and any(w.is_healthy for w in self.decode_workers)
 
     def model_limits(self) -> WorkerStatsData:
         """Stats of a ready worker (model facts: max_model_len, vocab size, EOS ids); the smallest context wins."""

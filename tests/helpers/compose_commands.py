@@ -2,9 +2,14 @@
 
     services = local_services(variables={"TANDEM_MODEL": "dummy:tiny"}, otlp_endpoint=None,
                               path_map={"/cache": str(tmp_path)})
+    # what `docker compose --profile single-gpu up worker frontend-single-gpu` starts
+    services = local_services(profiles=("single-gpu",), only=("worker", "frontend-single-gpu"))
     for service in services:                       # dependencies first
         argv = [sys.executable, "-m", "services.cli", *service.argv[1:]]
         subprocess.Popen(argv, env={**os.environ, **service.env})
+
+Which services: those without `profiles` and those of an active profile (`profiles`), as compose
+picks them; with `only`, just those named and what they depend on, as `compose up NAME...` does.
 
 What changes on the way (everything else is kept, so a test runs exactly what compose runs):
 - `${VAR}`, `${VAR:-default}`, `${VAR-default}` are interpolated from `variables` (like compose does
@@ -155,6 +160,26 @@ def _rewrite_command(command: list[str], owner: str, names: set[str], skipped: s
     return rewritten
 
 
+def _selected(services: dict[str, dict[str, Any]], profiles: tuple[str, ...], only: tuple[str, ...] | None) -> set[str]:
+    """The services compose would start: unprofiled or of an active profile; with `only`, those named
+    and (transitively) what they depend on."""
+    active = {name for name, service in services.items()
+              if not service.get("profiles") or set(service["profiles"]) & set(profiles)}
+    if only is None:
+        return active
+    unknown = [name for name in only if name not in active]
+    if unknown:
+        raise ValueError(f"no active service named {unknown} (profiles {list(profiles)})")
+    chosen: set[str] = set()
+    pending = list(only)
+    while pending:
+        name = pending.pop()
+        if name not in chosen:
+            chosen.add(name)
+            pending += list(services[name].get("depends_on") or [])
+    return chosen
+
+
 def _start_order(services: dict[str, dict[str, Any]]) -> list[str]:
     order: list[str] = []
 
@@ -180,11 +205,15 @@ def local_services(
     path_map: Mapping[str, str] | None = None,
     skip: tuple[str, ...] = ("jaeger",),
     port_factory: Callable[[], int] = free_port,
+    profiles: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
 ) -> list[LocalService]:
-    """Every compose service but `skip`, rewritten to run on this machine, dependencies first."""
+    """Every compose service of the active `profiles` (or `only` those and their dependencies) but `skip`,
+    rewritten to run on this machine, dependencies first."""
     data = load_compose(compose_path)
     all_services = _interpolate_tree(data["services"], variables or {})
-    names, skipped = set(all_services), set(skip)
+    selected = _selected(all_services, profiles, only)
+    names, skipped = set(all_services), set(skip) | (set(all_services) - selected)
     path_map = dict(path_map or {})
     ports = _PortMap(port_factory)
     prepared: dict[str, dict[str, Any]] = {}

@@ -3,6 +3,10 @@ engines on a tiny random Llama (with SmolLM2's tokenizer), the in-process `fake`
 
     system = InProcessSystem(folder, model, model_config, decode_overrides={"num_kv_blocks": 8})
     system.start()            # prefill + decode workers, then the frontend, on a background event loop
+    # a mixed cluster: two colocated workers beside the pair, short prompts kept off the prefill worker
+    InProcessSystem(..., num_colocated=2, frontend_overrides={"max_local_prefill_length": 8})
+    # colocated serving: the frontend knows no prefill worker (the pair's prefill worker idles)
+    InProcessSystem(..., num_colocated=1, routes_to_prefill=False)
     stub = GenerationStub(grpc.insecure_channel(system.frontend_address))
     system.stop()
 """
@@ -37,9 +41,16 @@ ENGINE_SETTINGS = dict(device="cpu", num_kv_blocks=64, max_model_len=128, block_
 class InProcessSystem:
     def __init__(self, folder, model, model_config, prefill_overrides=None, decode_overrides=None,
                  lease_seconds: float = 30.0, decode_limits: DecodeLimits | None = None,
-                 otlp_endpoint: str | None = None, frontend_overrides: dict | None = None):
+                 otlp_endpoint: str | None = None, frontend_overrides: dict | None = None,
+                 num_colocated: int = 0, colocated_overrides: dict | None = None, routes_to_prefill: bool = True):
         """`otlp_endpoint`: export every service's spans there (tracing is off without it);
-        `frontend_overrides`: FrontendConfig fields (api_key, max_num_requests, ...)."""
+        `frontend_overrides`: FrontendConfig fields (api_key, max_num_requests, ...); `num_colocated`:
+        colocated workers the frontend routes to beside the decode worker; `routes_to_prefill`: False gives the frontend no prefill address."""
+        self._num_colocated = num_colocated
+        self._colocated_overrides = colocated_overrides or {}
+        self._routes_to_prefill = routes_to_prefill
+        self.colocated_workers: list[DecodeWorker] = []
+        self.colocated_addresses: list[str] = []
         self._folder = folder
         self._model, self._model_config = model, model_config
         self._prefill_overrides = prefill_overrides or {}
@@ -93,7 +104,10 @@ class InProcessSystem:
             self._cleanups.append((server, worker))
         self.prefill_address = f"127.0.0.1:{prefill_server.port}"
         self.decode_address = f"127.0.0.1:{decode_server.port}"
-        config = FrontendConfig([self.prefill_address], [self.decode_address], stats_refresh_seconds=0.1,
+        for _ in range(self._num_colocated):
+            await self._start_colocated()
+        config = FrontendConfig([self.prefill_address] if self._routes_to_prefill else [],
+                                [self.decode_address, *self.colocated_addresses], stats_refresh_seconds=0.1,
                                 **self._frontend_overrides)
         self.app = FrontendApp(config, load_tokenizer(self._folder), "tiny", self.observability["frontend"])
         frontend_server = await start_server(
@@ -105,6 +119,26 @@ class InProcessSystem:
         await frontend_server.mark_serving()
         self._frontend_server = frontend_server
         self.frontend_address = f"127.0.0.1:{frontend_server.port}"
+
+    async def _start_colocated(self) -> None:
+        """One colocated worker (`tandem worker`: the decode worker's code; in a mixed cluster it takes
+        hand-offs from the prefill worker too)."""
+        engine = self._engine(self._colocated_overrides)
+        receiver = create_receiver("fake", kv_layout(engine), 10.0)
+        name = f"worker-{len(self.colocated_workers)}"
+        self.observability[name] = self._observability("worker")
+        worker = DecodeWorker(engine, receiver, self._decode_limits, self.observability[name])
+        servicer = DecodeServicer()
+        server = await start_server(
+            lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
+            ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0,
+            self.observability[name].tracing.server_interceptors())
+        worker.start()
+        servicer.worker = worker
+        await server.mark_serving()
+        self._cleanups.append((server, worker))
+        self.colocated_workers.append(worker)
+        self.colocated_addresses.append(f"127.0.0.1:{server.port}")
 
     def stop(self) -> None:
         """Stops every server and worker (idempotent)."""
@@ -138,21 +172,29 @@ class InProcessSystem:
                     worker_pb2_grpc.DecodeWorkerStub(d).GetStats(request))
 
     def wait_until_idle(self, timeout_seconds: float = 10.0) -> tuple[worker_pb2.WorkerStats, worker_pb2.WorkerStats]:
-        """Polls both workers until every KV block is free and nothing runs or waits; returns the stats."""
+        """Polls every worker until every KV block is free and nothing runs or waits; returns the prefill
+        and decode workers' stats."""
         deadline = time.monotonic() + timeout_seconds
         while True:
             prefill, decode = self.worker_stats()
+            colocated = [decode_stats(address) for address in self.colocated_addresses]
             is_idle = all(s.num_free_blocks == s.num_total_blocks and s.num_running == 0 and s.num_waiting == 0
-                          for s in (prefill, decode)) and prefill.num_held_leases == 0
+                          for s in (prefill, decode, *colocated)) and prefill.num_held_leases == 0
             if is_idle or time.monotonic() > deadline:
                 return prefill, decode
             time.sleep(0.05)
 
 
+def decode_stats(address: str) -> worker_pb2.WorkerStats:
+    with grpc.insecure_channel(address) as channel:
+        return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+
+
 def assert_idle(system: InProcessSystem) -> None:
-    """Both workers hold nothing: every KV block free, no request running or queued, no lease."""
+    """Every worker holds nothing: every KV block free, no request running or queued, no lease."""
     prefill, decode = system.wait_until_idle()
-    for stats in (prefill, decode):
+    colocated = [decode_stats(address) for address in system.colocated_addresses]
+    for stats in (prefill, decode, *colocated):
         assert stats.num_free_blocks == stats.num_total_blocks, stats
         assert stats.num_running == 0 and stats.num_waiting == 0, stats
     assert prefill.num_held_leases == 0
