@@ -138,12 +138,18 @@ def merge_previous(report: dict, path: str) -> None:
         report["runs"].setdefault(name, run)
 
 
+def is_engine_run(name: str) -> bool:
+    """The baseline runs ("engine", "engine-step-at-a-time"), as opposed to runs through the services."""
+    return name == "engine" or name.startswith("engine-")
+
+
 def add_ratios(report: dict) -> None:
     engine = report["runs"].get("engine")
+    engine_speed = engine["useful_output_tokens_per_s"] if engine else None
     for name, run in report["runs"].items():
+        speed = run["useful_output_tokens_per_s"] if is_engine_run(name) else run["output_tokens_per_s"]
         if name != "engine":
-            run["ratio_to_engine"] = (run["output_tokens_per_s"] / engine["useful_output_tokens_per_s"]
-                                      if engine and engine["useful_output_tokens_per_s"] else None)
+            run["ratio_to_engine"] = speed / engine_speed if engine_speed else None
 
 
 def _number(value, digits: int = 1) -> str:
@@ -171,12 +177,14 @@ def table(report: dict) -> str:
     headers = ["run", "requests", "tok/s", "vs engine", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50",
                "gap1→2 p50", "kv p50 ms", "kv GB/s p50", "kv share p50", "client CPU", "frontend CPU", "compiles", "errors"]
     rows = []
-    engine = report["runs"].get("engine")
-    if engine:
-        rows.append([f"engine 1 GPU ({engine.get('device', '')})", engine["num_requests"],
-                     _number(engine["useful_output_tokens_per_s"]), "1.00x", *["-"] * 12,
-                     "cut" if engine.get("truncated") else 0])
-    rows += [_service_row(report, name, run) for name, run in report["runs"].items() if name != "engine"]
+    for name, engine in report["runs"].items():
+        if is_engine_run(name):
+            label = "engine 1 GPU" if name == "engine" else f"{name} 1 GPU"
+            ratio = engine.get("ratio_to_engine", 1.0 if name == "engine" else None)
+            rows.append([f"{label} ({engine.get('device', '')})", engine["num_requests"],
+                         _number(engine["useful_output_tokens_per_s"]), "-" if ratio is None else f"{ratio:.2f}x",
+                         *["-"] * 12, "cut" if engine.get("truncated") else 0])
+    rows += [_service_row(report, name, run) for name, run in report["runs"].items() if not is_engine_run(name)]
     workload = report["workload"]
     devices = report["devices"]
     title = (f"{report['model']['shape']} {report['dtype']}, vocab {report['model']['vocab_size']}, prefill on "

@@ -109,6 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--decode-device", default=None, help="one, or one per decode worker (comma separated); default: "
                                               "--device, else cuda:1")
     add("--baseline-device", default=None, help="the engine baseline's device; default: the prefill device")
+    add("--baseline-step-at-a-time", action="store_true",
+        help="also run the baseline with --no-enable-chunked-prefill (a step of prefill or of decode, never "
+             "both), as the run engine-step-at-a-time")
+    add("--baseline-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+        help=argparse.SUPPRESS)  # internal: the baseline child's --enable-chunked-prefill
     add("--num-decode", type=int, default=1, help="decode workers")
     add("--prefill-args", default="", help='extra flags for the prefill worker, e.g. "--num-kv-blocks 8000" '
                                            '(one flag alone: --prefill-args=--enforce-eager)')
@@ -172,6 +177,7 @@ def baseline_child(args) -> int:
         model=args.model, load_format=args.load_format or "auto", dtype=args.dtype, device=args.baseline_device,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
         max_model_len=args.max_model_len, kv_cache_memory_bytes=None if device.type == "cuda" else 1 << 28,
+        enable_chunked_prefill=args.baseline_chunked_prefill,
     )
     engine = LLMEngine(config)
     prompts, output_lens = sharegpt_workload(args.num_requests, engine.model_config.vocab_size,
@@ -179,15 +185,16 @@ def baseline_child(args) -> int:
     result = run_tandem(engine, prompts, output_lens, args.time_limit)
     result.update(workload=workload_summary(prompts, output_lens), environment=environment(device),
                   device=args.baseline_device, num_kv_blocks=engine.allocator.num_blocks,
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(), enable_chunked_prefill=args.baseline_chunked_prefill)
     del engine
     free_device_memory(device)
     write_json(args.baseline_output, result)
     return 0
 
 
-def run_baseline(args, model: dict, log_dir: Path, time_limit: float) -> dict:
-    """The engine baseline in a subprocess (so its GPU memory is gone before the services start)."""
+def run_baseline(args, model: dict, log_dir: Path, time_limit: float, chunked_prefill: bool = True) -> dict:
+    """The engine baseline in a subprocess (so its GPU memory is gone before the services start);
+    `chunked_prefill`: mixed steps (the engine's default) or a step of prefill or of decode."""
     output = log_dir / "engine-baseline.json"
     output.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--baseline-output", str(output),
@@ -195,7 +202,8 @@ def run_baseline(args, model: dict, log_dir: Path, time_limit: float) -> dict:
                "--baseline-device", args.baseline_device, "--device", args.baseline_device,
                "--num-requests", str(args.num_requests), "--max-input-len", str(args.max_input_len),
                "--max-output-len", str(args.max_output_len), "--max-num-seqs", str(args.max_num_seqs),
-               "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--time-limit", str(time_limit)]
+               "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--time-limit", str(time_limit),
+               "--baseline-chunked-prefill" if chunked_prefill else "--no-baseline-chunked-prefill"]
     log_path = log_dir / "engine-baseline.log"
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                                       env=dict(os.environ, PYTHONUNBUFFERED="1")) as child:
@@ -365,6 +373,10 @@ def run_engine_phase(args, model: dict, report: dict, log_dir: Path, clock: Cloc
         report["runs"]["engine"] = run_baseline(args, model, log_dir, max(10.0, clock.limit(args.time_limit, 0)))
         report["phases_done"].append("engine")
         print(f"engine: {report['runs']['engine']['useful_output_tokens_per_s']:.1f} tok/s", flush=True)
+        if args.baseline_step_at_a_time:
+            run = run_baseline(args, model, log_dir, max(10.0, clock.limit(args.time_limit, 0)), chunked_prefill=False)
+            report["runs"]["engine-step-at-a-time"] = run
+            print(f"engine, step at a time: {run['useful_output_tokens_per_s']:.1f} tok/s", flush=True)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         report["failure"] = f"engine baseline: {exc}"
         print(exc, flush=True)

@@ -194,3 +194,16 @@ def test_a_service_that_dies_fails_the_run_with_its_log_tail(tmp_path):
     result = json.loads(output.read_text())
     assert "decode-0 exited with code 2" in result["failure"] and "max_num_seqs" in result["failure"]
     assert result["runs"] == {} and "decode-0 exited with code 2" in completed.stdout
+
+
+def test_every_run_is_compared_with_the_mixed_step_engine_baseline():
+    from bench._disagg_report import add_ratios, is_engine_run
+
+    report = {"runs": {"engine": {"useful_output_tokens_per_s": 200.0},
+                       "engine-step-at-a-time": {"useful_output_tokens_per_s": 150.0},
+                       "grpc-inf": {"output_tokens_per_s": 220.0}}}
+    add_ratios(report)
+    assert report["runs"]["engine-step-at-a-time"]["ratio_to_engine"] == 0.75
+    assert report["runs"]["grpc-inf"]["ratio_to_engine"] == 1.1
+    assert "ratio_to_engine" not in report["runs"]["engine"]
+    assert [name for name in report["runs"] if is_engine_run(name)] == ["engine", "engine-step-at-a-time"]
