@@ -47,6 +47,17 @@ def num_blocks_for_budget(layout: KVLayout, memory_bytes: int) -> int:
     return memory_bytes // layout.bytes_per_block
 
 
+@dataclass(frozen=True)
+class TransferBuffer:
+    """Where a KV transfer lands: `tensor`, writable outside stream order once `is_ready()`."""
+
+    tensor: torch.Tensor  # [num_layers, 2, n, block_size, Hkv, D]
+    ready: "torch.cuda.Event | None"  # completes when no kernel queued before the allocation can touch it
+
+    def is_ready(self) -> bool:
+        return self.ready is None or self.ready.query()
+
+
 class KVPool:
     """Owns the single KV tensor; block ids come from `BlockAllocator`."""
 
@@ -59,7 +70,6 @@ class KVPool:
         # Zeroed so that reading a padded (never written) slot can never produce NaN/Inf.
         self.kv = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=self.device)
         self._gather_stream: torch.cuda.Stream | None = None  # CUDA: created by the first gather
-        self._receive_stream: torch.cuda.Stream | None = None  # CUDA: allocates transfer buffers, runs nothing
 
     @property
     def num_bytes(self) -> int:
@@ -90,24 +100,20 @@ class KVPool:
             self._gather_stream = torch.cuda.Stream(self.device)  # non-blocking: no implicit sync with stream 0
         return self._gather_stream
 
-    def new_transfer_buffer(self, num_blocks: int) -> torch.Tensor:
-        """An uninitialised [num_layers, 2, num_blocks, block_size, Hkv, D] buffer for a KV transfer to land
-        in, which a transport may write outside stream order without waiting for the device.
+    def new_transfer_buffer(self, num_blocks: int) -> "TransferBuffer":
+        """An uninitialised [num_layers, 2, num_blocks, block_size, Hkv, D] buffer for KV bytes that a
+        transport writes outside stream order; write into it only once `is_ready()`.
 
-        A buffer allocated on the compute stream may reuse memory that kernels queued there still read
-        or write, so a transport writing it at once would first have to wait for the whole queue (with
-        asynchronous scheduling, the step in flight and the one after it). On CUDA this one comes from a
-        stream of its own on which nothing runs: its memory was last used by an earlier transfer buffer,
-        which `scatter_blocks` marked as used by the compute stream, so the allocator hands it out again
-        only once the kernels reading it have completed.
+        It comes from the current stream's memory, which kernels queued before this call may still be
+        using: an event recorded now completes once they have all run. The host never waits for it (a
+        wait here would stall the engine thread behind the steps in flight); the caller polls instead.
         """
-        shape = self.layout.block_shape(num_blocks)
-        if self.device.type != "cuda":
-            return torch.empty(shape, dtype=self.layout.dtype, device=self.device)
-        if self._receive_stream is None:
-            self._receive_stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._receive_stream):
-            return torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+        tensor = torch.empty(self.layout.block_shape(num_blocks), dtype=self.layout.dtype, device=self.device)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return TransferBuffer(tensor, ready)
 
     def scatter_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Writes `data` [num_layers, 2, len(block_ids), block_size, Hkv, D] into the given blocks.
@@ -119,10 +125,7 @@ class KVPool:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         if data.dtype != self.layout.dtype:
             raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.dtype}")
-        data = data.to(self.device)
-        if data.is_cuda:  # a buffer of another stream (new_transfer_buffer) is not reused before this copy ran
-            data.record_stream(torch.cuda.current_stream(self.device))
-        self.kv.index_copy_(2, self._index(block_ids), data)
+        self.kv.index_copy_(2, self._index(block_ids), data.to(self.device))
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         """The block ids as a device tensor, copied without making the host wait for the stream: a plain

@@ -414,7 +414,7 @@ class KVReceiver(abc.ABC):
         [L, 2, n, BS, Hkv, D] (n = the blocks pulled); raises ValueError on a bad destination or index.
 
         The bytes land outside any CUDA stream's order: no queued kernel may still use `destination`'s
-        memory (allocate it with `KVPool.new_transfer_buffer`, or synchronize first)."""
+        memory (a `KVPool.new_transfer_buffer` once ready, or synchronize first)."""
 
     def poll(self, ticket: TransferTicket) -> TransferState:
         return ticket.state

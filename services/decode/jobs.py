@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from common.engine.kv_reservation import KVReservation
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
+from common.kv.kv_pool import TransferBuffer
 from common.transfer.base import KVHandle, TransferStats, TransferTicket
 from services.common.engine_thread import AsyncSink
 
@@ -45,7 +45,7 @@ class DecodeJob:
     block_hashes: list[bytes] | None = None  # the prompt's full blocks' hashes, checked against the handle's
     reservation: KVReservation | None = None  # reserved blocks (reused ones first), once admitted
     ticket: TransferTicket | None = None
-    buffer: torch.Tensor | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in (n: the blocks pulled)
+    buffer: TransferBuffer | None = None  # [L, 2, n, BS, Hkv, D] the pull lands in (n: the blocks pulled)
     transfer: TransferStats | None = None
     num_generated_tokens: int = 1  # token #1 included: 0 to start with when the worker prefills it
     last_token_id: int | None = None

@@ -182,7 +182,7 @@ class DecodeWorker:
     def _admit(self) -> None:
         """Reserves blocks for waiting hand-offs in arrival order and starts their pulls, while the bytes
         being pulled stay under `max_receiving_bytes`."""
-        receiving_bytes = sum(job.buffer.nbytes for job in self._receiving.values() if job.buffer is not None)
+        receiving_bytes = sum(job.buffer.tensor.nbytes for job in self._receiving.values() if job.buffer is not None)
         while self._admitting:
             job = self._admitting[0]
             if time.monotonic() - job.enqueued_at > self.limits.admission_timeout_seconds:
@@ -207,24 +207,39 @@ class DecodeWorker:
             receiving_bytes += self.layout.bytes_per_block * job.reservation.num_pulled_blocks
 
     def _begin_pull(self, job: DecodeJob) -> None:
-        """Pulls the blocks the reservation lacks: [reused ones | pulled ones] -> only the latter move."""
+        """Pulls the blocks the reservation lacks: [reused ones | pulled ones] -> only the latter move.
+        The pull starts once its buffer is ready (`_start_pull`, polled like the transfers)."""
         reservation = job.reservation
         job.kv_recv_span = self.obs.start_detached_span(SpanName.KV_RECV, job.trace_parent, {
             Attr.REQUEST_ID: job.request_id, **kv_reuse_attributes(reservation.num_reused_blocks,
                                                                    reservation.num_cached_tokens)})
         try:
             job.buffer = self.engine.kv_pool.new_transfer_buffer(reservation.num_pulled_blocks)
-            trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
-            job.ticket = self.receiver.begin(job.handle, job.buffer, trace_context,
-                                             first_block_index=reservation.num_reused_blocks)
+            self._start_pull(job)
         except Exception as exc:  # noqa: BLE001 - the RPC gets the error, the blocks are freed
             self._drop(job, exc)
             return
         self._receiving[job.request_id] = job
 
+    def _start_pull(self, job: DecodeJob) -> None:
+        """Begins the UCX pull if no queued kernel can still touch the buffer (else: next poll)."""
+        if not job.buffer.is_ready():
+            return
+        trace_context = tracing.inject_context(trace.set_span_in_context(job.kv_recv_span))
+        job.ticket = self.receiver.begin(job.handle, job.buffer.tensor, trace_context,
+                                         first_block_index=job.reservation.num_reused_blocks)
+
     def _settle_transfers(self) -> None:
         for request_id, job in list(self._receiving.items()):
             try:
+                if job.ticket is None:  # its buffer was not ready yet: nothing can write it, so an abort is final
+                    if job.is_aborted:
+                        del self._receiving[request_id]
+                        self.engine.abort_request(request_id)  # frees the reserved blocks
+                        _end_spans(job, "aborted")
+                    else:
+                        self._start_pull(job)
+                    continue
                 if self.receiver.poll(job.ticket) is TransferState.PENDING:
                     continue
                 del self._receiving[request_id]
@@ -260,7 +275,7 @@ class DecodeWorker:
         job.generate_span = self.obs.start_detached_span(SpanName.DECODE_GENERATE, job.trace_parent, {
             Attr.REQUEST_ID: job.request_id, Attr.KV_BLOCKS: reservation.num_pulled_blocks,
             **kv_reuse_attributes(reservation.num_reused_blocks, reservation.num_cached_tokens)})
-        self.engine.kv_pool.scatter_blocks(reservation.pulled_block_ids, buffer)
+        self.engine.kv_pool.scatter_blocks(reservation.pulled_block_ids, buffer.tensor)
         self.engine.add_decode_request(
             job.request_id, job.prompt_token_ids, job.first_token_id, job.sampling, reservation.block_ids
         )

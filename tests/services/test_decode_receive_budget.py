@@ -68,3 +68,62 @@ def test_a_running_request_keeps_no_receive_buffer(make_system):
         assert len(destinations) == 1 and destinations[0]() is None
         stream.cancel()
     assert_idle(system)
+
+
+class _Gate:
+    """Stands in for a CUDA event recorded after the receive buffer's allocation: not complete until opened."""
+
+    def __init__(self):
+        self.is_open = False
+
+    def query(self) -> bool:
+        return self.is_open
+
+
+def _gated_buffers(worker) -> list[_Gate]:
+    from common.kv.kv_pool import TransferBuffer
+
+    gates: list[_Gate] = []
+    allocate = worker.engine.kv_pool.new_transfer_buffer
+
+    def gated(num_blocks):
+        gates.append(_Gate())
+        return TransferBuffer(allocate(num_blocks).tensor, gates[-1])
+
+    worker.engine.kv_pool.new_transfer_buffer = gated
+    return gates
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_pull_starts_only_once_its_buffer_is_ready_and_an_abort_before_that_frees_everything(make_system):
+    system = make_system()
+    worker = system.decode_worker
+    gates = _gated_buffers(worker)
+    begun = _pulls_in_flight_at_each_begin(system)
+    request = g.GenerateRequest(token_ids=g.TokenIds(ids=list(range(100, 140))),
+                                sampling=g.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    with grpc.insecure_channel(system.frontend_address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        waiting = stub.Generate(request, timeout=60)
+        next(waiting)  # token #1 came from the prefill worker; the hand-off waits for its buffer
+        _wait_for(lambda: len(gates) == 1)
+        assert begun == []  # no bytes may land while queued kernels could still use that memory
+        waiting.cancel()  # abandoned before its pull ever started
+        assert_idle(system)
+        assert begun == []
+
+        finishing = stub.Generate(request, timeout=60)
+        _wait_for(lambda: len(gates) == 2)
+        assert begun == []
+        gates[1].is_open = True
+        responses = list(finishing)
+    assert responses[-1].final.usage.completion_tokens == 5 and len(begun) == 1
+    assert_idle(system)

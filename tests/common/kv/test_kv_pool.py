@@ -68,20 +68,18 @@ def test_gather_from_another_thread_is_complete_and_never_waits_for_the_compute_
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_transfer_buffer_scatters_into_the_pool_and_is_not_reused_while_the_scatter_may_read_it(device):
+def test_a_transfer_buffer_is_ready_only_once_the_kernels_queued_before_it_have_run(device):
     pool = KVPool(LAYOUT, num_blocks=6, device=device)
-    buffer = pool.new_transfer_buffer(2)
-    assert buffer.shape == LAYOUT.block_shape(2) and buffer.dtype == LAYOUT.dtype and buffer.device == pool.kv.device
-    data = torch.randn(LAYOUT.block_shape(2))
-    buffer.copy_(data)
     if pool.kv.is_cuda:
-        torch.cuda.synchronize(pool.kv.device)  # the data is in place, as after a finished transfer
-        torch.cuda._sleep(200_000_000)  # keep the compute stream busy well past the scatter's launch
-    pool.scatter_blocks([4, 1], buffer)
-    address = buffer.data_ptr()
-    del buffer
-    again = pool.new_transfer_buffer(2)
-    if pool.kv.is_cuda:  # the scatter has not run yet: its source must not be handed out to be overwritten
-        assert again.data_ptr() != address
+        torch.cuda._sleep(200_000_000)  # a step still running on the compute stream, maybe on this memory
+    buffer = pool.new_transfer_buffer(2)
+    tensor = buffer.tensor
+    assert tensor.shape == LAYOUT.block_shape(2) and tensor.dtype == LAYOUT.dtype and tensor.device == pool.kv.device
+    if pool.kv.is_cuda:
+        assert not buffer.is_ready()
         torch.cuda.synchronize(pool.kv.device)
+    assert buffer.is_ready()
+    data = torch.randn(LAYOUT.block_shape(2))
+    tensor.copy_(data)  # as a transfer would write it
+    pool.scatter_blocks([4, 1], tensor)
     assert torch.equal(pool.kv[:, :, [4, 1]].cpu(), data)
