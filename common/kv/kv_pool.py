@@ -80,24 +80,39 @@ class KVPool:
         return self.kv[layer_index]
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copies the given blocks out: [num_layers, 2, len(block_ids), block_size, Hkv, D], contiguous.
+        """Copies the given blocks out: [num_layers, 2, len(block_ids), block_size, Hkv, D], contiguous,
+        complete when this returns (`start_gather` without the wait)."""
+        gathered = self.start_gather(block_ids)
+        if gathered.ready is not None:
+            gathered.ready.synchronize()
+        return gathered.tensor
 
-        The copy is complete when this returns, so it may be read outside stream order (UCX does).
+    def start_gather(self, block_ids: list[int]) -> TransferBuffer:
+        """Queues the copy of the given blocks out ([num_layers, 2, len(block_ids), block_size, Hkv, D],
+        contiguous); read it outside stream order (UCX does) only once `is_ready()`.
+
         On CUDA it runs on a side stream of its own: a hand-off never waits for the forward passes
         queued on the compute stream. That is safe because the blocks it reads were written by a
         step that already finished (its sampled token was read back before the blocks were offered).
+        The side stream has the highest priority, so its small copies take the SMs as soon as a
+        running kernel frees them instead of queueing behind a whole prefill forward, and nothing here
+        makes the host wait: a sender serving many pulls keeps serving while their copies run.
         """
         if self.device.type != "cuda":
-            return self.kv.index_select(2, self._index(block_ids))
+            return TransferBuffer(self.kv.index_select(2, self._index(block_ids)), None)
+        self._check_ids(block_ids)
         stream = self._copy_stream()
         with torch.cuda.stream(stream):
-            gathered = self.kv.index_select(2, self._index(block_ids))
-        stream.synchronize()
-        return gathered
+            index = self._index(block_ids)
+            gathered = self.kv.index_select(2, index)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return TransferBuffer(gathered, ready)
 
     def _copy_stream(self) -> "torch.cuda.Stream":
         if self._gather_stream is None:
-            self._gather_stream = torch.cuda.Stream(self.device)  # non-blocking: no implicit sync with stream 0
+            # non-blocking: no implicit sync with stream 0; a priority past the device's range means its highest
+            self._gather_stream = torch.cuda.Stream(self.device, priority=-(1 << 10))
         return self._gather_stream
 
     def new_transfer_buffer(self, num_blocks: int) -> "TransferBuffer":
@@ -127,12 +142,15 @@ class KVPool:
             raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.dtype}")
         self.kv.index_copy_(2, self._index(block_ids), data.to(self.device))
 
-    def _index(self, block_ids: list[int]) -> torch.Tensor:
-        """The block ids as a device tensor, copied without making the host wait for the stream: a plain
-        host-to-device copy from pageable memory would wait for every kernel queued before it."""
+    def _check_ids(self, block_ids: list[int]) -> None:
         for block_id in block_ids:
             if not 0 <= block_id < self.num_blocks:
                 raise ValueError(f"block id {block_id} is outside 0..{self.num_blocks - 1}")
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """The block ids as a device tensor for the current stream, copied without making the host wait:
+        a plain host-to-device copy from pageable memory would wait for every kernel queued before it."""
+        self._check_ids(block_ids)
         index = torch.tensor(block_ids, dtype=torch.int64)
         if self.device.type != "cuda":
             return index

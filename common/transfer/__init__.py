@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from common.transfer.base import (
+    Gathered,
     KVBlockSource,
     KVHandle,
     KVInvalidPull,
@@ -44,7 +44,7 @@ def _check_backend(backend: str) -> None:
 def create_sender(
     backend: str,
     layout: KVLayout,
-    gather_blocks: Callable[[list[int]], torch.Tensor],
+    gather_blocks: Callable[[list[int]], Gathered],
     on_release: OnRelease,
     host: str | None = None,
     port: int = 0,

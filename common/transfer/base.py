@@ -24,11 +24,14 @@ import secrets
 import threading
 import urllib.parse
 from dataclasses import dataclass, field, fields
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Union
 
 import torch
 
 from common.kv.block_hash import BLOCK_HASH_BYTES
+
+if TYPE_CHECKING:
+    from common.kv.kv_pool import TransferBuffer
 
 
 class TransferState(enum.Enum):
@@ -331,6 +334,20 @@ def check_destination(layout: KVLayout, handle: KVHandle, destination: torch.Ten
         raise ValueError(f"destination: dtype {destination.dtype} != layout dtype {layout.torch_dtype}")
     if not destination.is_contiguous():
         raise ValueError("destination: must be contiguous")
+
+
+# What a sender's gather callable returns: the gathered tensor, complete, or a buffer still being filled
+# (a KVPool.start_gather TransferBuffer: `tensor`, and `is_ready()` once it may be read).
+Gathered = Union[torch.Tensor, "TransferBuffer"]
+
+
+def gathered_tensor(gathered: Gathered) -> torch.Tensor:
+    """The tensor of a gather result, waiting for it to be complete."""
+    if isinstance(gathered, torch.Tensor):
+        return gathered
+    if gathered.ready is not None:
+        gathered.ready.synchronize()
+    return gathered.tensor
 
 
 def check_gathered(layout: KVLayout, num_blocks: int, gathered: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from common.transfer import protocol
 from common.transfer.base import (
+    Gathered,
     KVHandle,
     KVLayout,
     KVReceiver,
@@ -26,6 +27,7 @@ from common.transfer.base import (
     TransferStats,
     TransferTicket,
     check_gathered,
+    gathered_tensor,
 )
 from common.transfer.offers import BookedSender
 
@@ -40,7 +42,7 @@ class FakeKVSender(BookedSender):
     def __init__(
         self,
         layout: KVLayout,
-        gather_blocks: Callable[[list[int]], torch.Tensor],
+        gather_blocks: Callable[[list[int]], Gathered],
         on_release: OnRelease,
         host: str = "fake",
         port: int = 0,
@@ -67,7 +69,7 @@ class FakeKVSender(BookedSender):
         offer, block_ids = self._claim(pull)
         start = time.monotonic()
         try:
-            gathered = self._gather_blocks(block_ids)  # [L, 2, n, BS, Hkv, D]: only the blocks pulled
+            gathered = gathered_tensor(self._gather_blocks(block_ids))  # [L, 2, n, BS, Hkv, D]: only the blocks pulled
             check_gathered(self.layout, len(block_ids), gathered)
             destination.copy_(gathered)
         except Exception as error:

@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from common.transfer.base import (
+    Gathered,
     KVHandle,
     KVInvalidPull,
     KVLayout,
@@ -233,7 +233,7 @@ class BookedSender(KVSender):
     def __init__(
         self,
         layout: KVLayout,
-        gather_blocks: Callable[[list[int]], torch.Tensor],
+        gather_blocks: Callable[[list[int]], Gathered],
         on_release: OnRelease,
         ack_timeout_seconds: float,
     ) -> None:

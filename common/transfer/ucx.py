@@ -33,6 +33,7 @@ import torch
 
 from common.transfer import protocol
 from common.transfer.base import (
+    Gathered,
     KVHandle,
     KVLayout,
     KVReceiver,
@@ -49,6 +50,8 @@ from common.transfer.offers import BookedSender, Offer
 from common.transfer.ucx_runtime import UcxRuntime, endpoint_transport, ucx_buffer
 
 logger = logging.getLogger(__name__)
+
+_GATHER_POLL_SECONDS = 0.0002  # how often a pull whose gather is still on the device checks it
 
 
 def _consume_outcome(task: asyncio.Future) -> None:
@@ -73,7 +76,7 @@ class UcxKVSender(BookedSender):
     def __init__(
         self,
         layout: KVLayout,
-        gather_blocks: Callable[[list[int]], torch.Tensor],
+        gather_blocks: Callable[[list[int]], Gathered],
         on_release: OnRelease,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -179,9 +182,7 @@ class UcxKVSender(BookedSender):
         """Sends `block_ids` (the offer's blocks the pull asked for) and waits for the ack."""
         start = time.monotonic()
         try:
-            # On the loop itself: a CUDA gather runs on its own stream and takes ~0.1 ms, less than
-            # a hop to another thread and back would.
-            gathered = self._gather(block_ids)
+            gathered = await self._gather(block_ids)
         except Exception as error:
             await self._refuse(endpoint, pull.response_tag, KVTransferError(f"gather failed: {error}"))
             raise
@@ -206,8 +207,14 @@ class UcxKVSender(BookedSender):
         )
         self._book.finish(pull.transfer_id, is_ok, stats)
 
-    def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        gathered = self._gather_blocks(block_ids)  # [L, 2, n, BS, Hkv, D], complete on return
+    async def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        """[L, 2, n, BS, Hkv, D], complete. A gather still running on the device (a KVPool.start_gather
+        buffer) is polled, never waited for: the loop goes on serving other pulls meanwhile."""
+        gathered = self._gather_blocks(block_ids)
+        if not isinstance(gathered, torch.Tensor):
+            while not gathered.is_ready():
+                await asyncio.sleep(_GATHER_POLL_SECONDS)
+            gathered = gathered.tensor
         check_gathered(self.layout, len(block_ids), gathered)
         return gathered
 

@@ -40,7 +40,7 @@ def _prepare(args: argparse.Namespace) -> StartWorker:
 
     def start(engine, obs: Observability, cleanup: contextlib.ExitStack) -> WorkerParts:
         worker = PrefillWorker(engine, args.kv_lease_seconds, args.max_num_waiting, obs)
-        sender = create_sender(args.kv_transfer_backend, worker.layout, engine.kv_pool.gather_blocks,
+        sender = create_sender(args.kv_transfer_backend, worker.layout, engine.kv_pool.start_gather,
                                worker.on_release, args.kv_host, args.kv_port)
         cleanup.callback(sender.close)
         worker.attach_sender(sender)

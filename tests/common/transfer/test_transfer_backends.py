@@ -247,3 +247,48 @@ def test_malformed_address_raises_value_error_at_begin(sender, receiver, address
     malformed = type(handle)(handle.transfer_id, address, 3, 1, handle.layout_signature)
     with pytest.raises(ValueError, match="address"):
         receiver.begin(malformed, _destination(LAYOUT, 1))
+
+
+class _Gate:
+    """Stands in for the CUDA event of a gather still running on the device."""
+
+    def __init__(self):
+        self.is_open = False
+
+    def query(self) -> bool:
+        return self.is_open
+
+    def synchronize(self) -> None:
+        while not self.is_open:
+            time.sleep(0.001)
+
+
+def test_a_gather_still_on_the_device_is_polled_while_other_pulls_are_served(backend, pool, releases):
+    """The sender's gather may return a buffer still being filled: its pull waits for it without
+    holding up a pull whose blocks are ready, and then moves the right bytes."""
+    from common.kv.kv_pool import TransferBuffer
+
+    gates: dict[int, _Gate] = {}
+
+    def start_gather(block_ids):
+        gate = gates.setdefault(block_ids[0], _Gate() if block_ids[0] == 7 else None)
+        return TransferBuffer(pool.kv.index_select(2, torch.tensor(block_ids)), gate)
+
+    if backend == "fake":
+        gates[7] = _Gate()
+        gates[7].is_open = True  # the fake sender copies on the receiver's thread: it waits, it cannot poll
+    sender = create_sender(backend, LAYOUT, start_gather, lambda *args: releases.put(args), ack_timeout_seconds=5)
+    receiver = create_receiver(backend, LAYOUT, timeout_seconds=20)
+    try:
+        slow = receiver.begin(sender.offer(new_transfer_id(), [7, 8], 32, 30), _destination(LAYOUT, 2))
+        fast = receiver.begin(sender.offer(new_transfer_id(), [3], 16, 30), _destination(LAYOUT, 1))
+        receiver.wait(fast, 20)
+        if backend == "ucx":
+            assert slow.state is TransferState.PENDING  # its gather has not finished
+            gates[7].is_open = True
+        receiver.wait(slow, 20)
+        assert torch.equal(slow.destination, pool.kv[:, :, [7, 8]])
+        assert torch.equal(fast.destination, pool.kv[:, :, [3]])
+    finally:
+        receiver.close()
+        sender.close()
