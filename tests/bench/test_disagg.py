@@ -114,9 +114,13 @@ def _check_service_run(run: dict, name: str, prompts: list[list[int]], output_le
     assert run["client_event_loop"] in ("uvloop", "asyncio")
     assert set(run["service_cpu_fractions"]) == {"prefill-0", "decode-0", "frontend"}
     assert all(fraction > 0 for fraction in run["service_cpu_fractions"].values())  # each did work in the run
-    kv = run["kv"]  # one hand-off per request, each moving exactly its prompt's whole blocks
+    kv = run["kv"]  # one hand-off per request
     assert kv["num_sends"] == kv["num_recvs"] == num_requests and kv["num_failed_spans"] == 0
-    assert kv["total_bytes"] == sum(_kv_bytes(len(p)) for p in prompts)
+    whole_prompts = sum(_kv_bytes(len(p)) for p in prompts)
+    if name == "grpc-inf":  # the first run of these prompts: every hand-off moves its prompt's whole blocks
+        assert kv["total_bytes"] == whole_prompts
+    else:  # the same prompts again: the decode worker still holds their full blocks and pulls only the rest
+        assert 0 < kv["total_bytes"] < whole_prompts
     assert sum(kv["transports"]["send"].values()) == num_requests
     assert "None" not in kv["transports"]["send"] and "fake" not in kv["transports"]["send"]
     assert 0 < kv["send_ms"]["p50"] and 0 < kv["gb_per_s"]["p50"] and 0 < kv["ttft_share"]["p50"] < 1
