@@ -95,6 +95,16 @@ def _tokenizer_source(choice: str) -> Path | None:
         return None
 
 
+def add_model_args(parser) -> None:
+    """The flags every services bench shares for the model it serves (`prepare_model` reads them)."""
+    add = parser.add_argument
+    add("--model", default="dummy:llama-3-8b", help="dummy:<preset>, an HF folder or a .gguf file")
+    add("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    add("--vocab-size", type=int, default=49152, help="dummy models: vocabulary size (the tokenizer's)")
+    add("--tokenizer", default="auto", help="dummy models: auto (embedded if installed, else synthetic), "
+                                            "embedded, synthetic, or a folder with tokenizer files")
+
+
 def prepare_model(args, folder: Path) -> dict:
     """{"path", "load_format", "vocab_size", "tokenizer", "shape"} of what every process serves."""
     from common.model.registry import resolve_model

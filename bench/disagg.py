@@ -81,8 +81,8 @@ from bench._disagg_client import ClientPool, RequestRecord, Target  # noqa: E402
 from bench._disagg_report import (  # noqa: E402
     add_ratios, client_figures, kv_figures, merge_previous, new_report, table, wait_for_kv_spans)
 from bench._disagg_services import (  # noqa: E402
-    REPO_ROOT, ServiceFailure, Services, all_worker_stats, compile_counts, prepare_model, save_metrics,
-    save_service_logs_tail, start_services, stats_dict)
+    REPO_ROOT, ServiceFailure, Services, add_model_args, all_worker_stats, compile_counts, prepare_model,
+    save_metrics, save_service_logs_tail, start_services, stats_dict)
 from bench.sharegpt import sharegpt_workload, workload_summary  # noqa: E402
 from common.otlp_collector import OtlpCollector, save_spans  # noqa: E402
 from protos import generation_pb2, generation_pb2_grpc  # noqa: E402
@@ -99,11 +99,7 @@ def default_client_processes() -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default="dummy:llama-3-8b", help="dummy:<preset>, an HF folder or a .gguf file")
-    add("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    add("--vocab-size", type=int, default=49152, help="dummy models: vocabulary size (the tokenizer's)")
-    add("--tokenizer", default="auto", help="dummy models: auto (embedded if installed, else synthetic), "
-                                            "embedded, synthetic, or a folder with tokenizer files")
+    add_model_args(parser)
     add("--device", default=None, help="default for the three devices below (cuda:0, cpu, ...)")
     add("--prefill-device", default=None, help="default: --device, else cuda:0")
     add("--decode-device", default=None, help="one, or one per decode worker (comma separated); default: "

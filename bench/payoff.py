@@ -46,7 +46,7 @@ from bench._common import write_json  # noqa: E402
 from bench._disagg_client import ClientPool, RequestRecord, Target  # noqa: E402
 from bench._disagg_report import client_figures  # noqa: E402
 from bench._disagg_services import (  # noqa: E402
-    ServiceFailure, Services, all_worker_stats, engine_argv, prepare_model, save_service_logs_tail)
+    ServiceFailure, Services, add_model_args, all_worker_stats, engine_argv, prepare_model, save_service_logs_tail)
 from bench._payoff_figures import (  # noqa: E402
     TOPOLOGIES, WORKLOADS, burst_offsets, burst_workload, run_key, slo_figures, summarize, table)
 from bench.disagg import SHUTDOWN_RESERVE_SECONDS, Clock, default_client_processes  # noqa: E402
@@ -57,10 +57,7 @@ from common.otlp_collector import OtlpCollector  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default="dummy:llama-3-8b", help="dummy:<preset>, an HF folder or a .gguf file")
-    add("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    add("--vocab-size", type=int, default=49152, help="dummy models: vocabulary size (the tokenizer's)")
-    add("--tokenizer", default="auto", help="dummy models: auto, embedded, synthetic or a tokenizer folder")
+    add_model_args(parser)
     add("--device", default=None, help="every worker's device (cpu for a functional run); default: GPUs a and b")
     add("--gpu-a", default="cuda:0", help="prefill worker, the first colocated worker")
     add("--gpu-b", default="cuda:1", help="decode worker, the second colocated worker")

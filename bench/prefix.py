@@ -54,7 +54,8 @@ from bench._common import format_table, percentiles, write_json  # noqa: E402
 from bench._disagg_client import ClientPool, RequestRecord, send_grpc  # noqa: E402
 from bench._disagg_report import kv_bytes_by_request, wait_for_kv_spans  # noqa: E402
 from bench._disagg_services import (  # noqa: E402
-    ServiceFailure, Services, all_worker_stats, prepare_model, save_service_logs_tail, start_services)
+    ServiceFailure, Services, add_model_args, all_worker_stats, prepare_model, save_service_logs_tail,
+    start_services)
 from common.otlp_collector import OtlpCollector  # noqa: E402
 
 CONFIGS = {  # name: (extra prefill/decode worker flags, frontend flags)
@@ -68,10 +69,7 @@ SHUTDOWN_RESERVE_SECONDS = 25.0
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default="dummy:llama-3-8b", help="dummy:<preset>, an HF folder or a .gguf file")
-    add("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    add("--vocab-size", type=int, default=49152, help="dummy models: vocabulary size (the tokenizer's)")
-    add("--tokenizer", default="auto", help="dummy models: auto, embedded, synthetic, or a tokenizer folder")
+    add_model_args(parser)
     add("--device", default=None, help="default for the devices below (cuda:0, cpu, ...)")
     add("--prefill-device", default=None, help="one per prefill worker (comma separated), or one for all; "
                                                "default: --device, else cuda:0")

@@ -31,28 +31,9 @@ class RecordingPool(Pool):
         return super().gather_blocks(block_ids)
 
 
-@pytest.fixture(params=["fake", "ucx"])
-def backend(request):
-    return request.param
-
-
 @pytest.fixture
 def pool():
     return RecordingPool(LAYOUT)
-
-
-@pytest.fixture
-def sender(backend, pool, releases):
-    sender = create_sender(backend, LAYOUT, pool.gather_blocks, lambda *args: releases.put(args), ack_timeout_seconds=5)
-    yield sender
-    sender.close()
-
-
-@pytest.fixture
-def receiver(backend):
-    receiver = create_receiver(backend, LAYOUT, timeout_seconds=20)
-    yield receiver
-    receiver.close()
 
 
 def _destination(num_blocks: int) -> torch.Tensor:

@@ -37,28 +37,9 @@ class Pool:
         return self.kv.index_select(2, torch.tensor(block_ids))
 
 
-@pytest.fixture(params=["fake", "ucx"])
-def backend(request):
-    return request.param
-
-
 @pytest.fixture
 def pool():
     return Pool(LAYOUT)
-
-
-@pytest.fixture
-def sender(backend, pool, releases):
-    sender = create_sender(backend, LAYOUT, pool.gather_blocks, lambda *args: releases.put(args), ack_timeout_seconds=5)
-    yield sender
-    sender.close()
-
-
-@pytest.fixture
-def receiver(backend):
-    receiver = create_receiver(backend, LAYOUT, timeout_seconds=20)
-    yield receiver
-    receiver.close()
 
 
 def _destination(layout: KVLayout, num_blocks: int) -> torch.Tensor:
