@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import time
+import zlib
 import urllib.request
 from dataclasses import dataclass
 
@@ -71,9 +72,13 @@ def start_system(processes: Processes, prefix: str, extra_argv: list[str]) -> Sy
 
 def generate(address: str, request_id: str, num_prompt_tokens: int, max_tokens: int,
              metadata: tuple = ()) -> g.Final:
-    """One greedy request on a token-id prompt of exactly `num_prompt_tokens`; returns its Final."""
+    """One greedy request on a token-id prompt of exactly `num_prompt_tokens`; returns its Final.
+
+    Each request id gets a prompt of its own (its first token differs), so no request finds another's
+    blocks in a worker's prefix cache: every hand-off moves its prompt's whole blocks."""
+    first = 1000 + zlib.crc32(request_id.encode()) % 30000
     request = g.GenerateRequest(
-        request_id=request_id, token_ids=g.TokenIds(ids=list(range(1000, 1000 + num_prompt_tokens))),
+        request_id=request_id, token_ids=g.TokenIds(ids=list(range(first, first + num_prompt_tokens))),
         sampling=g.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     with grpc.insecure_channel(address) as channel:
         responses = list(generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=120,

@@ -6,8 +6,9 @@ port, SERVING, within BACK_WITHIN_SECONDS of the kill, so the shared system is w
 
 Every wait is on observable state (tokens received, GetModelInfo, GetStats, health, the ready file's
 pids), never a sleep standing in for one:
-- before starting, both decode workers are routable and every pool is idle, so the router (fewest
-  in-flight requests first) spreads the 8 streams over both workers and the killed one surely serves some;
+- before starting, both decode workers are routable and every pool is idle, and the 8 prompts share no
+  prefix, so the router spreads the 8 streams over both workers (the second run follows the blocks the
+  first left on each) and the killed one surely serves some;
 - the ready file is rewritten in place when a worker comes back: a half-written one is read again.
 """
 
@@ -20,18 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from protos import generation_pb2 as g
 from tests.e2e.cluster import is_serving, wait_for_empty_pools, worker_stats
 
-PROMPTS = ["The lighthouse keeper", "Once upon a time, in a small village", "The recipe calls for",
-           "Rivers flow to the sea because", "The old train station", "In the year 2050,", "My favourite season is",
-           "The scientist opened the box and"]
+# Token-id prompts with no block in common (a text prompt would start with the chat template's system
+# prompt): the cache-aware router then has no shared prefix to keep them together, and balances them.
+PROMPTS = [[200 + 97 * index + offset for offset in range(12 + index)] for index in range(8)]
 MAX_TOKENS = 48
 NUM_TOKENS_BEFORE_KILL = 4  # every stream has this many tokens before the kill: each request is decoding
 BACK_WITHIN_SECONDS = 60.0
 SETTLE_SECONDS = 60.0  # for earlier tests' requests to end and every worker to be routable
 
 
-def _request(text: str) -> g.GenerateRequest:
-    return g.GenerateRequest(text=text, sampling=g.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
-                                                                  ignore_eos=True))
+def _request(prompt: list[int]) -> g.GenerateRequest:
+    return g.GenerateRequest(token_ids=g.TokenIds(ids=prompt), sampling=g.SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
 
 
 def _token_ids(responses) -> list[int]:
@@ -67,11 +68,11 @@ def _wait_until_back(cluster, name: str, address: str, old_pid: int, killed_at: 
 def test_eight_streams_finish_unchanged_when_their_decode_worker_is_killed(cluster, stub):
     _wait_until_settled(cluster, stub)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        expected = list(pool.map(lambda text: _token_ids(stub.Generate(_request(text), timeout=300)), PROMPTS))
+        expected = list(pool.map(lambda prompt: _token_ids(stub.Generate(_request(prompt), timeout=300)), PROMPTS))
     assert all(len(token_ids) == MAX_TOKENS for token_ids in expected)
     _wait_until_settled(cluster, stub)
 
-    streams = [stub.Generate(_request(text), timeout=300) for text in PROMPTS]
+    streams = [stub.Generate(_request(prompt), timeout=300) for prompt in PROMPTS]
     received: list[list[int]] = [[] for _ in PROMPTS]
     for stream, token_ids in zip(streams, received):
         while len(token_ids) < NUM_TOKENS_BEFORE_KILL:
@@ -88,10 +89,10 @@ def test_eight_streams_finish_unchanged_when_their_decode_worker_is_killed(clust
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         rests = list(pool.map(list, streams))
-    for text, token_ids, rest, want in zip(PROMPTS, received, rests, expected):
-        assert rest[-1].HasField("final") and rest[-1].final.finish_reason == g.FINISH_REASON_LENGTH, text
-        assert rest[-1].final.usage.completion_tokens == MAX_TOKENS, text
-        assert token_ids + _token_ids(rest) == want, text
+    for prompt, token_ids, rest, want in zip(PROMPTS, received, rests, expected):
+        assert rest[-1].HasField("final") and rest[-1].final.finish_reason == g.FINISH_REASON_LENGTH, prompt
+        assert rest[-1].final.usage.completion_tokens == MAX_TOKENS, prompt
+        assert token_ids + _token_ids(rest) == want, prompt
     frontend_log = cluster.serve.log_path.parent / "serve" / "frontend.log"
     assert "migrating it after" in frontend_log.read_text(errors="replace")
 
