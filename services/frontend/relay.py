@@ -80,6 +80,7 @@ class Relay:
         self._tracing = tracing_handle or tracing.init_tracing("frontend", "")
         self._background: set[asyncio.Task] = set()  # abort calls in flight (kept referenced)
         self._decode_streams: dict[str, DecodeStreamClient] = {}  # by decode worker address
+        router.on_worker_closed.append(self._close_decode_stream)
 
     async def run(
         self,
@@ -229,6 +230,14 @@ class Relay:
         if stream is None:
             stream = self._decode_streams[worker.address] = DecodeStreamClient(worker.stub, worker.address)
         return stream
+
+    def _close_decode_stream(self, worker: WorkerHandle) -> None:
+        """The worker drained and left the cluster: its stream goes (a worker at that address later gets a
+        stream of its own, on its own channel)."""
+        stream = self._decode_streams.get(worker.address)
+        if stream is not None and stream.stub is worker.stub:
+            del self._decode_streams[worker.address]
+            stream.close()
 
     async def _start_decode(self, worker: WorkerHandle, request: worker_pb2.DecodeRequest) -> RequestUpdates:
         try:
