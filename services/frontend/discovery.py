@@ -1,7 +1,7 @@
 """Finds workers while the frontend runs, so scaling a Deployment needs no frontend restart.
 
     --decode-discovery dns:tandem-decode:50071   every A and AAAA record of the name (a headless Service)
-    --decode-discovery file:/etc/tandem/decode   one host:port per line ('#' starts a comment), re-read on change
+    --decode-discovery file:/etc/tandem/decode   one host:port per line ('#' starts a comment), re-read each refresh
 
     every refresh:  source.addresses() ─► wanted = static addresses ∪ discovered
                     ─► Router.add_worker(new)       routed to from its first ready GetStats on
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -85,11 +84,11 @@ class DnsSource:
 
 @dataclass
 class FileSource:
-    """The addresses listed in a file, re-read when its size, mtime or inode changes (a ConfigMap volume
-    swaps a symlink, which changes the inode)."""
+    """The addresses listed in a file, read at every refresh and parsed again when its text changed (a
+    small file: reading it beats trusting mtimes, which some filesystems keep to the second)."""
 
     path: str
-    _signature: tuple[int, int, int] | None = field(default=None, init=False, repr=False)
+    _text: str | None = field(default=None, init=False, repr=False)
     _last: frozenset[str] = field(default=frozenset(), init=False, repr=False)
 
     def __str__(self) -> str:
@@ -97,16 +96,13 @@ class FileSource:
 
     async def addresses(self) -> frozenset[str]:
         try:
-            stat = os.stat(self.path)
-            signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            if signature == self._signature:
-                return self._last
             with open(self.path, encoding="utf-8") as file:
                 text = file.read()
-        except OSError as error:
-            raise DiscoveryError(f"reading {self.path}: {error.strerror or error}") from None
-        self._last = parse_address_list(text, self.path)  # ValueError -> DiscoveryError below
-        self._signature = signature
+        except (OSError, UnicodeDecodeError) as error:
+            raise DiscoveryError(f"reading {self.path}: {getattr(error, 'strerror', None) or error}") from None
+        if text != self._text:
+            self._last = parse_address_list(text, self.path)  # DiscoveryError: the last set stands
+            self._text = text
         return self._last
 
 

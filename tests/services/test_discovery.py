@@ -1,7 +1,6 @@
 """Worker discovery: DNS and file sources, and the router's add / retire (drain) hook they drive."""
 
 import asyncio
-import os
 import socket
 
 import pytest
@@ -79,12 +78,15 @@ def test_file_is_read_again_when_it_changes_and_a_bad_line_is_named(tmp_path):
     path.write_text("# decode workers\n10.0.0.1:50071\n\n  10.0.0.2:50071  # second\n")
     source = FileSource(str(path))
     assert asyncio.run(source.addresses()) == {"10.0.0.1:50071", "10.0.0.2:50071"}
-    path.write_text("10.0.0.3:50071\n")
-    os.utime(path, ns=(1, 1))  # a distinct mtime even on a coarse clock
+    path.write_text("10.0.0.4:50071\n")
+    assert asyncio.run(source.addresses()) == {"10.0.0.4:50071"}
+    path.write_text("10.0.0.3:50071\n")  # the same size and, on a coarse clock, the same mtime
     assert asyncio.run(source.addresses()) == {"10.0.0.3:50071"}
     path.write_text("10.0.0.3:50071\nnot-an-address\n")
     with pytest.raises(DiscoveryError, match=r"decode:2: expected host:port, got 'not-an-address'"):
         asyncio.run(source.addresses())
+    path.write_text("10.0.0.3:50071\n10.0.0.5:50071\n")  # fixed
+    assert asyncio.run(source.addresses()) == {"10.0.0.3:50071", "10.0.0.5:50071"}
     path.unlink()
     with pytest.raises(DiscoveryError, match="No such file"):
         asyncio.run(source.addresses())
