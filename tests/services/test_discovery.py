@@ -172,3 +172,15 @@ def test_the_frontend_may_start_with_discovery_instead_of_addresses():
         FrontendConfig([], ["h:1"], prefill_discovery="tandem-prefill:50061")
     with pytest.raises(ValueError, match="discovery_refresh_seconds"):
         FrontendConfig([], [], decode_discovery="file:/x", discovery_refresh_seconds=0)
+
+
+def test_the_frontend_command_line_takes_discovery_flags_or_their_env(monkeypatch, capsys):
+    from services.frontend import main as frontend_main
+
+    monkeypatch.setattr(frontend_main, "configure_process", lambda log_level: None)  # leave pytest's logging be
+    assert frontend_main.main(["--decode-discovery", "tandem-decode:50071"]) == 2
+    assert "decode_discovery: expected dns:HOST:PORT or file:PATH" in capsys.readouterr().out
+    monkeypatch.setenv("TANDEM_DECODE_DISCOVERY", "dns:tandem-decode:50071")
+    monkeypatch.setenv("TANDEM_DISCOVERY_REFRESH_SECONDS", "2.5")
+    args = frontend_main.build_parser().parse_args([])
+    assert (args.decode_discovery, args.discovery_refresh_seconds) == ("dns:tandem-decode:50071", 2.5)
