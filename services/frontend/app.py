@@ -151,6 +151,7 @@ class FrontendApp:
                              RouterMetrics(self.metrics.registry, model_name))
         self.relay = Relay(self.router, self.obs.tracing, config.migration_limit,
                            PathPolicy(config.max_local_prefill_length))
+        self.router.on_worker_closed.append(self.relay.close_decode_stream)
         discovery = config.discovery
         self.discovery = WorkerDiscovery(
             self.router, discovery.sources(),

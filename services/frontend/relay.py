@@ -80,7 +80,6 @@ class Relay:
         self._tracing = tracing_handle or tracing.init_tracing("frontend", "")
         self._background: set[asyncio.Task] = set()  # abort calls in flight (kept referenced)
         self._decode_streams: dict[str, DecodeStreamClient] = {}  # by decode worker address
-        router.on_worker_closed.append(self._close_decode_stream)
 
     async def run(
         self,
@@ -231,9 +230,9 @@ class Relay:
             stream = self._decode_streams[worker.address] = DecodeStreamClient(worker.stub, worker.address)
         return stream
 
-    def _close_decode_stream(self, worker: WorkerHandle) -> None:
-        """The worker drained and left the cluster: its stream goes (a worker at that address later gets a
-        stream of its own, on its own channel)."""
+    def close_decode_stream(self, worker: WorkerHandle) -> None:
+        """The worker drained and left the cluster (Router.on_worker_closed): its stream goes; a worker at
+        that address later gets a stream of its own, on its own channel."""
         stream = self._decode_streams.get(worker.address)
         if stream is not None and stream.stub is worker.stub:
             del self._decode_streams[worker.address]

@@ -13,7 +13,7 @@ until it answers again, and what it had cached is forgotten. No ready worker of 
 Workers come and go while the frontend runs (services/frontend/discovery.py): `add_worker` routes to a
 new one from its first ready GetStats on; `retire_worker` drains one: no new request goes there, the
 requests in flight finish on it, and its channel closes once none is left (`on_worker_closed` callbacks
-run first, so the relay drops its DecodeStream to it).
+run first: the app has the relay drop its DecodeStream to it).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class Router:
             worker = self._connect(address, role)
             logger.info("%s worker %s added", role, address)
         workers.append(worker)
-        with contextlib.suppress(RuntimeError):  # no running loop: the next refresh polls it
+        if _has_running_loop():  # else the first refresh polls it
             self._in_background(self._refresh_one(worker))
         return worker
 
@@ -291,6 +291,14 @@ class Router:
     def mark_unhealthy(self, worker: WorkerHandle) -> None:
         """After an UNAVAILABLE answer: skip the worker until the next successful GetStats."""
         worker.is_healthy = False
+
+
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _num_blocks(num_tokens: int, block_size: int) -> int:

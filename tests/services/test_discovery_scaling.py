@@ -134,6 +134,7 @@ def test_a_listed_worker_gets_requests_within_5s_and_an_unlisted_one_drains_with
     # once idle (and the close grace has passed) it leaves the frontend
     _wait_for(lambda: added not in system.app.router.retired_workers, 15, "the drained worker closed")
     assert _handle(system, address) is None
+    assert address not in system.app.relay._decode_streams  # its DecodeStream went with it
     assert_idle(system)
 
 
