@@ -21,6 +21,8 @@ import threading
 import weakref
 from typing import Any, Coroutine
 
+from common.transfer.transport_report import report_transport
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,7 +115,8 @@ def endpoint_transport(endpoint: Any, memory_type: str) -> str:
     """The transport UCX uses for large tagged sends of `memory_type` ("host"/"cuda") on this endpoint.
 
     Reads `ucp_ep_print_info`: the row for unbounded message sizes of the tagged-send table, or,
-    when that table is not built yet, the transports of the endpoint's bulk-data (rma_bw) lanes.
+    when that table is not built yet, the transports of the endpoint's bulk-data (rma_bw) lanes. The
+    first time a transport is seen it is logged (a loud warning for GPU memory over TCP).
     """
     known = _transport_cache.setdefault(endpoint, {})
     if memory_type not in known:
@@ -122,6 +125,7 @@ def endpoint_transport(endpoint: Any, memory_type: str) -> str:
         except Exception:  # diagnostics only: never fail a transfer over it
             logger.debug("could not read UCX endpoint info", exc_info=True)
             known[memory_type] = "unknown"
+        report_transport(known[memory_type], memory_type)
     return known[memory_type]
 
 

@@ -43,6 +43,7 @@ from services.common.errors import Cancelled, InvalidRequest, Unavailable
 from services.common.observability import Observability
 from services.frontend.admission import Admission, Slot
 from services.frontend.convert import Chunk, Finish
+from services.frontend.discovery import DEFAULT_REFRESH_SECONDS, DiscoveryConfig, WorkerDiscovery
 from services.frontend.relay import Relay, TokenEvent
 from services.frontend.request_path import PathPolicy
 from services.frontend.router import Router
@@ -75,10 +76,16 @@ class FrontendConfig:
     kv_overlap_score_weight: float = 1.0  # kv mode: how much a cached prompt token counts against load
     # longest prompt a decode worker prefills itself while there are prefill workers (request_path.py)
     max_local_prefill_length: int = 0
+    # dns:HOST:PORT or file:PATH: workers found while running, beside the static addresses (discovery.py)
+    prefill_discovery: str | None = None
+    decode_discovery: str | None = None
+    discovery_refresh_seconds: float = DEFAULT_REFRESH_SECONDS
 
     def __post_init__(self) -> None:
-        if not self.decode_addresses:
-            raise ValueError("decode_addresses: at least one decode (or colocated) worker is required")
+        if not self.decode_addresses and self.decode_discovery is None:
+            raise ValueError("decode_addresses: at least one decode (or colocated) worker is required "
+                             "(or decode_discovery)")
+        self.discovery  # validates the discovery fields
         PathPolicy(self.max_local_prefill_length)  # ValueError naming the field
         for address in [*self.prefill_addresses, *self.decode_addresses]:
             host, _, port = address.rpartition(":")
@@ -104,6 +111,10 @@ class FrontendConfig:
     @property
     def routing(self) -> RoutingConfig:
         return RoutingConfig(parse_router_mode(self.router_mode), self.kv_overlap_score_weight)
+
+    @property
+    def discovery(self) -> DiscoveryConfig:
+        return DiscoveryConfig(self.prefill_discovery, self.decode_discovery, self.discovery_refresh_seconds)
 
 
 HTTP_CALLER = "http"  # the caller of HTTP requests: no gRPC Abort reaches them
@@ -140,14 +151,24 @@ class FrontendApp:
                              RouterMetrics(self.metrics.registry, model_name))
         self.relay = Relay(self.router, self.obs.tracing, config.migration_limit,
                            PathPolicy(config.max_local_prefill_length))
+        self.router.on_worker_closed.append(self.relay.close_decode_stream)
+        discovery = config.discovery
+        self.discovery = WorkerDiscovery(
+            self.router, discovery.sources(),
+            {"prefill": config.prefill_addresses, "decode": config.decode_addresses},
+            discovery.refresh_seconds) if discovery.is_enabled else None
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
     async def start(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.start()
         self.router.start()
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.close()
         for active in list(self._active.values()):
             active.task.cancel()
         await self.relay.drain()

@@ -90,7 +90,7 @@ class _Stream:
 
 class DecodeStreamClient:
     def __init__(self, stub, address: str):
-        self._stub = stub
+        self.stub = stub  # the worker's DecodeWorkerStub (on its channel)
         self.address = address
         self._stream: _Stream | None = None
 
@@ -142,7 +142,7 @@ class DecodeStreamClient:
 
     def _open(self) -> _Stream:
         if self._stream is None or self._stream.call.done() or self._stream.is_broken:
-            self._stream = _Stream(self._stub.DecodeStream())
+            self._stream = _Stream(self.stub.DecodeStream())
             self._stream.reader = asyncio.get_running_loop().create_task(self._read(self._stream))
         return self._stream
 

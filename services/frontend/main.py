@@ -2,6 +2,11 @@
 
     tandem frontend --prefill-addresses h1:50061,h2:50061 --decode-addresses h3:50062 [--port 50051]
     tandem frontend --decode-addresses h1:50063,h2:50063          # colocated workers only (tandem worker)
+    tandem frontend --prefill-discovery dns:tandem-prefill:50061 --decode-discovery dns:tandem-decode:50071
+
+Workers found while running (services/frontend/discovery.py): --prefill-discovery / --decode-discovery
+take dns:HOST:PORT (every address of a headless Service) or file:PATH (host:port lines), read again every
+--discovery-refresh-seconds; a worker that disappears is drained, not failed.
 
 Every flag falls back to a TANDEM_* environment variable (e.g. TANDEM_PREFILL_ADDRESSES), which is
 what compose files set. Health turns SERVING once a decode-side worker answers, and a prefill worker
@@ -28,6 +33,7 @@ from common.tls import ClientTLS, add_server_tls_args, server_tls_from_args, wit
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
 from services.frontend.app import FrontendApp, FrontendConfig
+from services.frontend.discovery import DEFAULT_REFRESH_SECONDS
 from services.frontend.openai.server import start_http_server
 from services.frontend.routing_policy import DEFAULT_ROUTER_MODE, RouterMode
 from services.frontend.servicer import GenerationServicer, add_generation_servicer
@@ -52,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-addresses", default=_env("DECODE_ADDRESSES"),
                         help="comma-separated host:port of decode workers and colocated `tandem worker`s (env "
                              "TANDEM_DECODE_ADDRESSES); without --prefill-addresses they prefill every prompt")
+    parser.add_argument("--prefill-discovery", default=_env("PREFILL_DISCOVERY"), metavar="dns:HOST:PORT|file:PATH",
+                        help="find prefill workers while running: every A/AAAA record of HOST (a headless "
+                             "Service), or the host:port lines of a file; added to --prefill-addresses "
+                             "(env TANDEM_PREFILL_DISCOVERY)")
+    parser.add_argument("--decode-discovery", default=_env("DECODE_DISCOVERY"), metavar="dns:HOST:PORT|file:PATH",
+                        help="the same for decode workers and colocated `tandem worker`s (env "
+                             "TANDEM_DECODE_DISCOVERY)")
+    parser.add_argument("--discovery-refresh-seconds", type=float,
+                        default=float(_env("DISCOVERY_REFRESH_SECONDS", str(DEFAULT_REFRESH_SECONDS))),
+                        help="how often discovery resolves or re-reads its sources (env "
+                             "TANDEM_DISCOVERY_REFRESH_SECONDS)")
     parser.add_argument("--max-local-prefill-length", type=int, default=int(_env("MAX_LOCAL_PREFILL_LENGTH", "0")),
                         help="conditional disaggregation: a prompt of at most this many tokens skips the prefill "
                              "workers when a decode worker has room for it, and that worker prefills it "
@@ -166,6 +183,8 @@ def main(argv: list[str]) -> int:
             max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
             max_output_tokens=int(args.max_output_tokens) if args.max_output_tokens else None,
             tls=server_tls_from_args(args), worker_tls=worker_tls_from_args(args),
+            prefill_discovery=args.prefill_discovery or None, decode_discovery=args.decode_discovery or None,
+            discovery_refresh_seconds=args.discovery_refresh_seconds,
         )
     except ValueError as exc:
         print(f"tandem frontend: {exc}")

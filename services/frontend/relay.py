@@ -230,6 +230,14 @@ class Relay:
             stream = self._decode_streams[worker.address] = DecodeStreamClient(worker.stub, worker.address)
         return stream
 
+    def close_decode_stream(self, worker: WorkerHandle) -> None:
+        """The worker drained and left the cluster (Router.on_worker_closed): its stream goes; a worker at
+        that address later gets a stream of its own, on its own channel."""
+        stream = self._decode_streams.get(worker.address)
+        if stream is not None and stream.stub is worker.stub:
+            del self._decode_streams[worker.address]
+            stream.close()
+
     async def _start_decode(self, worker: WorkerHandle, request: worker_pb2.DecodeRequest) -> RequestUpdates:
         try:
             return await self._decode_stream(worker).start(request)

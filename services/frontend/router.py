@@ -9,6 +9,11 @@ summary in its GetStats and from the requests routed to it since (services/front
 
 A background task polls every worker's GetStats; a worker that fails it (or is not ready) is skipped
 until it answers again, and what it had cached is forgotten. No ready worker of a kind -> `Unavailable`.
+
+Workers come and go while the frontend runs (services/frontend/discovery.py): `add_worker` routes to a
+new one from its first ready GetStats on; `retire_worker` drains one: no new request goes there, the
+requests in flight finish on it, and its channel closes once none is left (`on_worker_closed` callbacks
+run first: the app has the relay drop its DecodeStream to it).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 _STATS_TIMEOUT_SECONDS = 2.0
 _FALLBACK_BLOCK_SIZE = 16  # a worker that has not reported its KV layout (nothing cached is known)
+# A drained worker's channel closes this long after its last request ended, and lets RPCs still on it
+# (the background Aborts a request's end sends) finish for as long again.
+_RETIRED_CLOSE_GRACE_SECONDS = 5.0
+ROLES = ("prefill", "decode")
 ROUTE_CACHED_TOKENS = "tandem.route.cached_tokens"  # `route` span: prompt tokens the picked worker holds
 # A decode worker's DecodeStream gets a fixed receive window (gRPC's 64 KiB default, BDP probing off so
 # it never grows): once this frontend falls behind reading it, the worker's writes wait and it merges
@@ -64,6 +73,7 @@ class WorkerHandle:
     num_routed: int = field(default=0)  # requests routed here since start
     cache_view: WorkerCacheView = field(default_factory=WorkerCacheView)  # what it is believed to hold
     num_blocks_routed_since_stats: int = 0  # decode: prompt blocks sent here since its last GetStats
+    idle_since: float | None = None  # retired (draining): when it was last seen with no request in flight
 
     @property
     def block_size(self) -> int:
@@ -88,9 +98,7 @@ class Router:
         over TLS (its unary calls, GetStats and the DecodeStream all share the one channel); `routing`: the
         policy (default: cache-aware); `metrics`: where decisions are counted; `cache_limits` and `clock`:
         how worker cache summaries are bounded and aged. Without prefill addresses, decode-side workers
-        prefill every prompt."""
-        if not decode_addresses:
-            raise ValueError("at least one decode address is required")
+        prefill every prompt; with none of either, workers arrive through `add_worker`."""
         self._interceptors = list(interceptors or [])
         self._tls = tls
         self.routing = routing or RoutingConfig()
@@ -99,8 +107,11 @@ class Router:
         self._clock = clock
         self.prefill_workers = [self._connect(a, "prefill") for a in prefill_addresses]
         self.decode_workers = [self._connect(a, "decode") for a in decode_addresses]
+        self.retired_workers: list[WorkerHandle] = []  # draining: in flight requests finish, none is added
+        self.on_worker_closed: list[Callable[[WorkerHandle], None]] = []  # called as a retired worker closes
         self._refresh_seconds = refresh_seconds
         self._refresh_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # first GetStats of added workers, channel closes
         # round-robin turns and rotation among ties, one counter per kind so picks of one kind never skew
         # the other
         self._turns = {"prefill": itertools.count(), "decode": itertools.count()}
@@ -142,7 +153,68 @@ class Router:
     async def _refresh_forever(self) -> None:
         while True:
             await self.refresh()
+            self.close_drained_workers()
             await asyncio.sleep(self._refresh_seconds)
+
+    def workers_of(self, role: str) -> list[WorkerHandle]:
+        if role not in ROLES:
+            raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
+        return self.prefill_workers if role == "prefill" else self.decode_workers
+
+    def add_worker(self, role: str, address: str) -> WorkerHandle:
+        """Routes to the worker at `address` from its first ready GetStats on (polled at once, on a running
+        loop); a worker of that address still draining is taken back as it is."""
+        workers = self.workers_of(role)
+        for worker in workers:
+            if worker.address == address:
+                return worker
+        retired = [w for w in self.retired_workers if w.role == role and w.address == address]
+        if retired:
+            worker = retired[0]
+            self.retired_workers.remove(worker)
+            worker.idle_since = None
+            logger.info("%s worker %s is back before it drained", role, address)
+        else:
+            worker = self._connect(address, role)
+            logger.info("%s worker %s added", role, address)
+        workers.append(worker)
+        if _has_running_loop():  # else the first refresh polls it
+            self._in_background(self._refresh_one(worker))
+        return worker
+
+    def retire_worker(self, role: str, address: str) -> None:
+        """Drains the worker at `address`: no new request goes there, requests in flight finish on it; its
+        channel closes once none is left (`close_drained_workers`). Unknown addresses are ignored."""
+        workers = self.workers_of(role)
+        for worker in workers:
+            if worker.address == address:
+                workers.remove(worker)
+                self.retired_workers.append(worker)
+                logger.info("%s worker %s removed: draining %d requests in flight", role, address,
+                            worker.num_inflight_requests)
+                return
+
+    def close_drained_workers(self) -> None:
+        """Closes each retired worker that has had no request in flight for the close grace."""
+        now = self._clock()
+        for worker in list(self.retired_workers):
+            if worker.num_inflight_requests > 0:
+                worker.idle_since = None
+                continue
+            if worker.idle_since is None:
+                worker.idle_since = now
+            if now - worker.idle_since < _RETIRED_CLOSE_GRACE_SECONDS:
+                continue
+            self.retired_workers.remove(worker)
+            for callback in self.on_worker_closed:
+                callback(worker)
+            self._in_background(worker.channel.close(grace=_RETIRED_CLOSE_GRACE_SECONDS))
+            logger.info("%s worker %s drained and closed", worker.role, worker.address)
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def start(self) -> None:
         self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -152,7 +224,10 @@ class Router:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh_task
-        for worker in self.workers:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for worker in [*self.workers, *self.retired_workers]:
             await worker.channel.close()
 
     def is_ready(self) -> bool:
@@ -168,17 +243,16 @@ class Router:
         return min(ready, key=lambda s: s.max_model_len)
 
     def pick_prefill(self, prompt_token_ids: Sequence[int] = ()) -> WorkerHandle:
-        return self._pick(self.prefill_workers, prompt_token_ids)
+        return self._pick("prefill", self.prefill_workers, prompt_token_ids)
 
     def pick_decode(self, prompt_token_ids: Sequence[int] = ()) -> WorkerHandle:
         """`prompt_token_ids`: the prompt the decode worker is handed (its KV is what it would pull)."""
-        return self._pick(self.decode_workers, prompt_token_ids)
+        return self._pick("decode", self.decode_workers, prompt_token_ids)
 
-    def _pick(self, workers: list[WorkerHandle], prompt_token_ids: Sequence[int]) -> WorkerHandle:
-        role = workers[0].role
+    def _pick(self, role: str, workers: list[WorkerHandle], prompt_token_ids: Sequence[int]) -> WorkerHandle:
         healthy = [w for w in workers if w.is_healthy]
         if not healthy:
-            raise Unavailable(f"no {role} worker is ready ({', '.join(w.address for w in workers)})")
+            raise Unavailable(f"no {role} worker is ready ({', '.join(w.address for w in workers) or 'none known'})")
         is_cache_aware = self.routing.mode is RouterMode.KV and len(prompt_token_ids) > 0
         prompt = PromptKeys(prompt_token_ids)
         cached_blocks = [w.cache_view.num_cached_blocks(prompt.for_block_size(w.block_size)) if is_cache_aware
@@ -217,6 +291,14 @@ class Router:
     def mark_unhealthy(self, worker: WorkerHandle) -> None:
         """After an UNAVAILABLE answer: skip the worker until the next successful GetStats."""
         worker.is_healthy = False
+
+
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _num_blocks(num_tokens: int, block_size: int) -> int:
