@@ -1,4 +1,4 @@
-"""What both workers need around their engine: the KV layout, model facts, stats, the transfer backend."""
+"""What both workers need around their engine: model facts, stats, the transfer backend."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 
 from common import transfer
-from common.transfer import KVLayout
+from common.kv.layout import KVLayout
 from common.transfer.ucx_runtime import UcxRuntime, prefer_busy_progress
 from services.common.worker_messages import WorkerStatsData
 
@@ -17,11 +17,6 @@ TRANSFER_BACKENDS = transfer.BACKENDS
 
 # Triton compiles in this process when its worker was about to report SERVING (None: not yet).
 _num_compiles_at_ready: int | None = None
-
-
-def kv_layout(engine) -> KVLayout:
-    """The engine's KV pool layout as the transfer layer checks it (model name included)."""
-    return KVLayout.from_pool(engine.kv_pool.layout, engine.model_name)
 
 
 def model_facts(engine) -> dict:

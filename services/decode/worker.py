@@ -40,14 +40,15 @@ from common.engine.outputs import RequestOutput
 from common.kv import OutOfKVBlocks
 from common.kv.block_hash import full_block_hashes
 from common.tracing import Attr, SpanName, kv_reuse_attributes
-from common.transfer.base import KVLayoutMismatch, KVReceiver, TransferState
+from common.transfer.base import KVReceiver, TransferState
+from common.transfer.errors import KVLayoutMismatch
 from services.common.cache_summary import CacheSummaryPublisher
 from services.common.engine_thread import AsyncSink, EngineThread
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
 from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
-from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
+from services.common.worker_setup import model_facts, refresh_worker_stats
 from services.decode.jobs import DecodeFinal, DecodeJob, DecodeLimits, TokenBatch
 from services.decode.local_prefill import LocalPrefills
 
@@ -65,7 +66,7 @@ class DecodeWorker:
         self._is_any_sender_logged = False
         self.receiver = receiver
         self.limits = limits
-        self.layout = kv_layout(engine)
+        self.layout = engine.kv_pool.layout
         self.vocab_size: int = engine.model_config.vocab_size
         self.max_model_len: int = engine.max_model_len
         self.obs = observability or Observability.disabled("decode", engine.model_name)

@@ -30,14 +30,15 @@ from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common import tracing
 from common.tracing import Attr, SpanName, kv_reuse_attributes
-from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
+from common.transfer.base import KVSender, TransferOutcome
+from common.transfer.handle import KVHandle, TransferStats, new_transfer_id
 from services.common.cache_summary import CacheSummaryPublisher
 from services.common.engine_thread import EngineThread
 from services.common.errors import Cancelled, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
 from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
-from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
+from services.common.worker_setup import model_facts, refresh_worker_stats
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class PrefillWorker:
         self.stats = WorkerStatsData(role="prefill", is_ready=False)
         self._cache_summary = CacheSummaryPublisher(engine)  # what routers learn of its prefix cache
         self._facts = model_facts(engine)
-        self.layout = kv_layout(engine)
+        self.layout = engine.kv_pool.layout
         self.obs = observability or Observability.disabled("prefill", engine.model_name)
         self._trace_parents: dict[str, Any] = {}  # transfer id -> trace context of its Prefill RPC
 
