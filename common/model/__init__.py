@@ -10,21 +10,13 @@ The names load on first use, so a process that only resolves a model name (the f
 `registry`) imports this package without torch.
 """
 
-import importlib
+from common.lazy_names import lazy_names
 
-_MODULE_OF = {
-    "LlamaForCausalLM": "common.model.llama",
-    "ModelConfig": "common.model.config",
-    "ResolvedModel": "common.model.registry",
-    "RopeScaling": "common.model.config",
-    "WeightLoadError": "common.model.llama",
-    "load_model": "common.model.weights",
-    "resolve_model": "common.model.registry",
+_NAMES_BY_MODULE = {
+    "common.model.config": ("ModelConfig", "RopeScaling"),
+    "common.model.llama": ("LlamaForCausalLM", "WeightLoadError"),
+    "common.model.registry": ("ResolvedModel", "resolve_model"),
+    "common.model.weights": ("load_model",),
 }
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name in _MODULE_OF:
-        return getattr(importlib.import_module(_MODULE_OF[name]), name)
-    raise AttributeError(f"module 'common.model' has no attribute {name!r}")
+__all__ = sorted(name for names in _NAMES_BY_MODULE.values() for name in names)
+__getattr__ = lazy_names(__name__, _NAMES_BY_MODULE)

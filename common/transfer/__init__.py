@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from common.kv.layout import KVLayout
+from common.lazy_names import lazy_names
 from common.transfer.errors import (
     KVInvalidPull,
     KVLayoutMismatch,
@@ -30,14 +31,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("ucx", "fake")
 _INTERFACE_NAMES = ("KVReceiver", "KVSender", "OnRelease", "TransferOutcome", "TransferState", "TransferTicket")
-
-
-def __getattr__(name: str):
-    if name in _INTERFACE_NAMES:
-        from common.transfer import base
-
-        return getattr(base, name)
-    raise AttributeError(f"module 'common.transfer' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {"common.transfer.base": _INTERFACE_NAMES})
 
 
 def _check_backend(backend: str) -> None:
