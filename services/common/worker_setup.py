@@ -1,4 +1,4 @@
-"""What both workers need around their engine: model facts, stats, the transfer backend."""
+"""What both workers need around their engine: the KV layout, model facts, stats, the transfer backend."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ TRANSFER_BACKENDS = transfer.BACKENDS
 
 # Triton compiles in this process when its worker was about to report SERVING (None: not yet).
 _num_compiles_at_ready: int | None = None
+
+
+def kv_layout(engine) -> KVLayout:
+    """The engine's KV pool layout, as the transfer layer checks it (model name included)."""
+    return engine.kv_pool.layout
 
 
 def model_facts(engine) -> dict:

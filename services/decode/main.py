@@ -19,7 +19,7 @@ from common.engine.args import parse_memory_size
 from common.transfer.handle import split_address
 from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
-from services.common.worker_setup import create_receiver
+from services.common.worker_setup import create_receiver, kv_layout
 from services.decode.servicer import DecodeServicer
 from services.decode.worker import DecodeLimits, DecodeWorker
 
@@ -75,7 +75,7 @@ def prepare_worker(args: argparse.Namespace) -> StartWorker:
     allowed_kv_senders = parse_kv_senders(args.allowed_kv_senders)
 
     def start(engine, obs: Observability, cleanup: contextlib.ExitStack) -> WorkerParts:
-        receiver = create_receiver(args.kv_transfer_backend, engine.kv_pool.layout, args.kv_transfer_timeout_seconds)
+        receiver = create_receiver(args.kv_transfer_backend, kv_layout(engine), args.kv_transfer_timeout_seconds)
         cleanup.callback(receiver.close)
         return WorkerParts(DecodeWorker(engine, receiver, limits, obs, allowed_kv_senders))
 

@@ -48,7 +48,7 @@ from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavai
 from services.common.observability import Observability, kv_transfer_attributes
 from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
-from services.common.worker_setup import model_facts, refresh_worker_stats
+from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
 from services.decode.jobs import DecodeFinal, DecodeJob, DecodeLimits, TokenBatch
 from services.decode.local_prefill import LocalPrefills
 
@@ -66,7 +66,7 @@ class DecodeWorker:
         self._is_any_sender_logged = False
         self.receiver = receiver
         self.limits = limits
-        self.layout = engine.kv_pool.layout
+        self.layout = kv_layout(engine)
         self.vocab_size: int = engine.model_config.vocab_size
         self.max_model_len: int = engine.max_model_len
         self.obs = observability or Observability.disabled("decode", engine.model_name)

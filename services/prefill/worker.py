@@ -38,7 +38,7 @@ from services.common.errors import Cancelled, Overloaded, Unavailable
 from services.common.observability import Observability, kv_transfer_attributes
 from services.common.server import fail_service
 from services.common.worker_messages import WorkerStatsData
-from services.common.worker_setup import model_facts, refresh_worker_stats
+from services.common.worker_setup import kv_layout, model_facts, refresh_worker_stats
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class PrefillWorker:
         self.stats = WorkerStatsData(role="prefill", is_ready=False)
         self._cache_summary = CacheSummaryPublisher(engine)  # what routers learn of its prefix cache
         self._facts = model_facts(engine)
-        self.layout = engine.kv_pool.layout
+        self.layout = kv_layout(engine)
         self.obs = observability or Observability.disabled("prefill", engine.model_name)
         self._trace_parents: dict[str, Any] = {}  # transfer id -> trace context of its Prefill RPC
 

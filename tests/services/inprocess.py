@@ -26,7 +26,7 @@ from common.tokenizer import load_tokenizer
 from protos import worker_pb2, worker_pb2_grpc
 from services.common.observability import Observability
 from services.common.server import start_server
-from services.common.worker_setup import create_receiver, create_sender
+from services.common.worker_setup import create_receiver, create_sender, kv_layout
 from services.decode.servicer import DecodeServicer
 from services.decode.worker import DecodeLimits, DecodeWorker
 from services.frontend.app import FrontendApp, FrontendConfig
@@ -84,7 +84,7 @@ class InProcessSystem:
                                "fake", 0)
         prefill.attach_sender(sender)
         decode_engine = self._engine(self._decode_overrides)
-        receiver = create_receiver("fake", decode_engine.kv_pool.layout, 10.0)
+        receiver = create_receiver("fake", kv_layout(decode_engine), 10.0)
         decode = DecodeWorker(decode_engine, receiver, self._decode_limits, self.observability["decode"])
         self.prefill_worker, self.decode_worker, self.sender = prefill, decode, sender
         prefill_servicer, decode_servicer = PrefillServicer(), DecodeServicer()
@@ -124,7 +124,7 @@ class InProcessSystem:
         """One colocated worker (`tandem worker`: the decode worker's code; in a mixed cluster it takes
         hand-offs from the prefill worker too)."""
         engine = self._engine(self._colocated_overrides)
-        receiver = create_receiver("fake", engine.kv_pool.layout, 10.0)
+        receiver = create_receiver("fake", kv_layout(engine), 10.0)
         name = f"worker-{len(self.colocated_workers)}"
         self.observability[name] = self._observability("worker")
         worker = DecodeWorker(engine, receiver, self._decode_limits, self.observability[name])

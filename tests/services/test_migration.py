@@ -19,7 +19,7 @@ from common.engine.sampling_params import SamplingParams
 from protos import worker_pb2, worker_pb2_grpc
 from services.common.observability import Observability
 from services.common.server import start_server
-from services.common.worker_setup import create_receiver
+from services.common.worker_setup import create_receiver, kv_layout
 from services.decode.servicer import DecodeServicer
 from services.decode.worker import DecodeLimits, DecodeWorker
 from services.frontend.decode_streams import WorkerRequestError
@@ -65,7 +65,7 @@ def lost_worker(make_system):
     async def start():
         engine = system._engine({})
         # metrics of its own: each engine reports its own running totals (prefix cache queries, ...)
-        worker = DecodeWorker(engine, create_receiver("fake", engine.kv_pool.layout, 10.0), DecodeLimits(),
+        worker = DecodeWorker(engine, create_receiver("fake", kv_layout(engine), 10.0), DecodeLimits(),
                               Observability.disabled("decode", "tiny"))
         server = await start_server(lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
                                     ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
