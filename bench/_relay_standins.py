@@ -27,7 +27,7 @@ if sys.path and Path(sys.path[0]).resolve() == REPO_ROOT / "bench":
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
-from protos import worker_pb2, worker_pb2_grpc  # noqa: E402
+from protos import kv_layout_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 TEXT = (
     "The old lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father "
@@ -73,8 +73,8 @@ def make_script(tokenizer) -> Script:
 
 
 def _stats(role: str, facts: dict, num_running: int) -> worker_pb2.WorkerStats:
-    layout = worker_pb2.KVLayout(model_name=facts["model"], dtype="bfloat16", block_size=16, num_layers=30,
-                                 num_kv_heads=3, head_dim=64)
+    layout = kv_layout_pb2.KVLayout(model_name=facts["model"], dtype="bfloat16", block_size=16, num_layers=30,
+                                    num_kv_heads=3, head_dim=64)
     return worker_pb2.WorkerStats(role=role, is_ready=True, num_running=num_running, num_free_blocks=100_000,
                                   num_total_blocks=100_000, max_model_len=facts["max_model_len"],
                                   vocab_size=facts["vocab_size"], eos_token_ids=facts["eos_token_ids"],

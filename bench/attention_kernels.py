@@ -128,9 +128,9 @@ def make_paged_batch(args, dtype, device, query_lens, context_lens, seed=0):
 
 def check_against_reference(out, query, kv_cache, metadata, scale, what: str) -> float:
     """Relative error of `out` against the fp32 reference; exits when it exceeds 1e-2."""
-    from kernels.reference import paged_attention_reference
+    from common.attention.backend import REFERENCE
 
-    expected = paged_attention_reference(query.float(), kv_cache.float(), metadata, scale)
+    expected = REFERENCE.paged_attention(query.float(), kv_cache.float(), metadata, scale)
     error = ((out.float() - expected).norm() / expected.norm()).item()
     if not error < 1e-2:  # also catches NaN
         sys.exit(f"{what}: relative error {error:.3e} against the reference, not timing a wrong kernel")
@@ -156,12 +156,13 @@ def bench_decode(args, timer, dtype, batch, context_len, copy_gbps) -> dict:
     scale = args.head_dim**-0.5
     num_splits = choose_num_splits(batch, args.num_kv_heads, context_len, num_multiprocessors(device))
     num_splits = plan_partitions(context_len, num_splits)[1]
-    out = paged_decode_attention(query, kv_cache, metadata, scale)
+    inputs = (metadata.block_tables, metadata.context_lens, metadata.max_context_len)
+    out = paged_decode_attention(query, kv_cache, *inputs, scale)
     num_checked = min(batch, 4)
     checked = first_seqs(metadata, tables, num_checked, args.block_size, device)
     error = check_against_reference(out[:num_checked], query[:num_checked], kv_cache, checked, scale, "decode")
     kv_bytes = 2 * batch * context_len * args.num_kv_heads * args.head_dim * kv_cache.element_size()
-    ms = timer.median_ms(lambda: paged_decode_attention(query, kv_cache, metadata, scale, out=out))
+    ms = timer.median_ms(lambda: paged_decode_attention(query, kv_cache, *inputs, scale, out=out))
     row = {
         "batch": batch, "context_len": context_len, "num_splits": num_splits, "ms": ms,
         "gbps": kv_bytes / ms / 1e6, "fraction_of_copy": kv_bytes / ms / 1e6 / copy_gbps, "rel_error": error,
@@ -169,10 +170,10 @@ def bench_decode(args, timer, dtype, batch, context_len, copy_gbps) -> dict:
     # The other path, for tuning the heuristic: single-pass when it split, else a split into tiles.
     other_splits = 1 if num_splits > 1 else plan_partitions(context_len, min(16, max(2, context_len // 256)))[1]
     if other_splits != num_splits:
-        other = paged_decode_attention(query, kv_cache, metadata, scale, num_splits=other_splits)
+        other = paged_decode_attention(query, kv_cache, *inputs, scale, num_splits=other_splits)
         check_against_reference(other[:num_checked], query[:num_checked], kv_cache, checked, scale, "decode")
         other_ms = timer.median_ms(
-            lambda: paged_decode_attention(query, kv_cache, metadata, scale, num_splits=other_splits, out=other)
+            lambda: paged_decode_attention(query, kv_cache, *inputs, scale, num_splits=other_splits, out=other)
         )
         row["other_num_splits"], row["other_gbps"] = other_splits, kv_bytes / other_ms / 1e6
     return row
@@ -184,9 +185,10 @@ def bench_prefill(args, timer, dtype) -> dict:
     n = args.prompt_len
     query, kv_cache, metadata, _ = make_paged_batch(args, dtype, timer.device, [n], [n])
     scale = args.head_dim**-0.5
-    out = prefill_attention(query, kv_cache, metadata, scale)
+    inputs = (metadata.block_tables, metadata.query_start_locs, metadata.context_lens, metadata.max_query_len)
+    out = prefill_attention(query, kv_cache, *inputs, scale)
     error = check_against_reference(out, query, kv_cache, metadata, scale, "prefill")
-    ms = timer.median_ms(lambda: prefill_attention(query, kv_cache, metadata, scale, out=out))
+    ms = timer.median_ms(lambda: prefill_attention(query, kv_cache, *inputs, scale, out=out))
     flops = 4 * args.num_heads * args.head_dim * (n * (n + 1) // 2)  # QK^T and PV over visible pairs
     return {"prompt_len": n, "ms": ms, "tflops": flops / ms / 1e9, "rel_error": error}
 

@@ -109,7 +109,7 @@ def time_case(engine, runners, args, device, batch, context_len, copy_gbps, weig
     plan = SchedulerPlan(is_prefill=False)
     for seq in seqs:
         plan.add(seq, 1, is_sampled=True)
-    kv_bytes = batch * context_len * kv_bytes_per_token(engine.model_config, engine.kv_pool.layout.dtype)
+    kv_bytes = batch * context_len * kv_bytes_per_token(engine.model_config, engine.kv_pool.layout.torch_dtype)
     roofline_ms = (weights["total"] + kv_bytes) / copy_gbps / 1e6
     embedding_rows = batch * weights["embedding"] // engine.model_config.vocab_size
     strict_ms = (weights["read_whole"] + embedding_rows + kv_bytes) / copy_gbps / 1e6

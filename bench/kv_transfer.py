@@ -75,18 +75,16 @@ def _prepare_ucx(device: torch.device) -> None:
         UcxRuntime.bind_cuda_device(device.index or 0)
 
 
-def sender_main(layout_signature: str, device_name: str, num_pool_blocks: int, config: Config,
+def sender_main(layout: KVLayout, device_name: str, num_pool_blocks: int, config: Config,
                 commands, events) -> None:
     """The prefill side, in a process of its own: offers on command, reports each release."""
     torch.set_num_threads(1)
     sys.setswitchinterval(config.switch_interval_ms / 1000)
-    from common.kv.kv_pool import KVLayout as PoolLayout, KVPool
+    from common.kv.kv_pool import KVPool
 
     device = torch.device(device_name)
     _prepare_ucx(device)
-    layout = KVLayout.from_signature(layout_signature)
-    pool = KVPool(PoolLayout(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim,
-                             layout.torch_dtype), num_pool_blocks, device)
+    pool = KVPool(layout, num_pool_blocks, device)
     pool.kv.normal_()
 
     def on_release(transfer_id, outcome, stats):
@@ -101,7 +99,7 @@ def sender_main(layout_signature: str, device_name: str, num_pool_blocks: int, c
             _, transfer_id, block_ids = command
             handle = sender.offer(transfer_id, block_ids, len(block_ids) * layout.block_size, 30.0)
             events.put(("handle", handle.transfer_id, handle.address, handle.num_tokens, handle.num_blocks,
-                        handle.layout_signature))
+                        handle.layout))
         elif command[0] == "close":
             if load is not None:
                 load.stop()
@@ -115,7 +113,7 @@ class SenderProcess:
         context = multiprocessing.get_context("spawn")
         self.commands, self.events = context.Queue(), context.Queue()
         self.process = context.Process(target=sender_main, daemon=True, args=(
-            layout.signature(), device, num_pool_blocks, config, self.commands, self.events))
+            layout, device, num_pool_blocks, config, self.commands, self.events))
         self.process.start()
         self.address = self.expect("address")[1]
 
@@ -147,7 +145,7 @@ def run_config(args, layout: KVLayout, config: Config) -> list[dict]:
     rows = []
     try:
         for num_blocks in args.block_counts:
-            destination = torch.empty(layout.transfer_shape(num_blocks), dtype=layout.torch_dtype,
+            destination = torch.empty(layout.block_shape(num_blocks), dtype=layout.torch_dtype,
                                       device=receiver_device)
             send_seconds, recv_seconds, transports = [], [], set()
             for repeat in range(args.warmup + args.repeats):

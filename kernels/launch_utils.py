@@ -150,8 +150,15 @@ def num_multiprocessors(device: torch.device) -> int:
     return 132
 
 
-def check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, block_n: int) -> None:
-    """Shared checks of the decode and prefill launchers (metadata is an AttentionMetadata)."""
+def check_attention_inputs(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks]
+    context_lens: torch.Tensor,  # [num_seqs]
+    block_n: int,
+    query_start_locs: torch.Tensor | None = None,  # [num_seqs + 1]; prefill only
+) -> None:
+    """Shared checks of the decode and prefill launchers."""
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
     num_heads, head_dim = query.shape[1], query.shape[2]
     check_kv_cache(kv_cache, None, head_dim)
@@ -161,17 +168,17 @@ def check_attention_inputs(query: torch.Tensor, kv_cache: torch.Tensor, metadata
         raise ValueError(f"kv_cache is on {kv_cache.device}, query on {query.device}")
     if num_heads % kv_cache.shape[3] != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {kv_cache.shape[3]}")
-    check_tensor("metadata.context_lens", metadata.context_lens, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
-    num_seqs = metadata.context_lens.shape[0]
-    check_tensor("metadata.block_tables", metadata.block_tables, ndim=2, dtypes=INDEX_DTYPES, device=query.device)
-    check_tensor(
-        "metadata.query_start_locs", metadata.query_start_locs, ndim=1, dtypes=INDEX_DTYPES, device=query.device
-    )
-    if metadata.block_tables.shape[0] != num_seqs or metadata.query_start_locs.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"metadata describes {num_seqs} sequences but block_tables has {metadata.block_tables.shape[0]} "
-            f"rows and query_start_locs {metadata.query_start_locs.shape[0]} entries (need num_seqs + 1)"
-        )
+    check_tensor("context_lens", context_lens, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+    num_seqs = context_lens.shape[0]
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=INDEX_DTYPES, device=query.device)
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"context_lens describes {num_seqs} sequences but block_tables has "
+                         f"{block_tables.shape[0]} rows")
+    if query_start_locs is not None:
+        check_tensor("query_start_locs", query_start_locs, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+        if query_start_locs.shape[0] != num_seqs + 1:
+            raise ValueError(f"context_lens describes {num_seqs} sequences but query_start_locs has "
+                             f"{query_start_locs.shape[0]} entries (need num_seqs + 1)")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
 

@@ -15,9 +15,9 @@ normalised partial output and log2-sum-exp, and `_reduce_splits_kernel` merges t
 
     out = sum_p 2^(lse_p - M) * out_p / sum_p 2^(lse_p - M),   M = max_p lse_p
 
-The split plan follows metadata.max_context_len (a host int). Under CUDA-graph capture, build the
-metadata with the largest context the graph will replay (or pass num_splits=1): partitions past
-the captured plan would never run. The single-pass kernel does not depend on max_context_len.
+The split plan follows max_context_len (a host int). Under CUDA-graph capture, pass the largest
+context the graph will replay (or num_splits=1): partitions past the captured plan would never run.
+The single-pass kernel does not depend on max_context_len.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from common.attention.metadata import AttentionMetadata
 from kernels.paged_tiles import load_kv_tile, online_softmax_update
 from kernels.launch_utils import (
     check_attention_inputs,
@@ -188,7 +187,9 @@ def plan_partitions(max_context_len: int, num_splits: int, block_n: int = 64) ->
 def paged_decode_attention(
     query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
-    metadata: AttentionMetadata,  # is_decode; max_context_len >= every context_len
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks] int32: each sequence's blocks, padded
+    context_lens: torch.Tensor,  # [num_seqs] int32: tokens of KV each sequence attends to (incl. the new one)
+    max_context_len: int,  # >= every context_len (host int: it sizes the split plan)
     scale: float,
     *,
     num_splits: int | None = None,  # None: choose_num_splits; 1 forces the single-pass kernel
@@ -196,10 +197,10 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim], query dtype
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """Attention of each sequence's single new token over its whole paged context."""
-    check_attention_inputs(query, kv_cache, metadata, block_n)
-    if not metadata.is_decode or query.shape[0] != metadata.num_seqs:
+    check_attention_inputs(query, kv_cache, block_tables, context_lens, block_n)
+    if query.shape[0] != context_lens.shape[0]:
         raise ValueError(f"decode attention needs one query token per sequence, got {query.shape[0]} "
-                         f"tokens for {metadata.num_seqs} sequences (is_decode={metadata.is_decode})")
+                         f"tokens for {context_lens.shape[0]} sequences")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     out = check_out(out, query)
@@ -209,9 +210,9 @@ def paged_decode_attention(
         return out
     if num_splits is None:
         num_splits = choose_num_splits(
-            num_seqs, num_kv_heads, metadata.max_context_len, num_multiprocessors(query.device)
+            num_seqs, num_kv_heads, max_context_len, num_multiprocessors(query.device)
         )
-    partition_size, num_splits = plan_partitions(metadata.max_context_len, num_splits, block_n)
+    partition_size, num_splits = plan_partitions(max_context_len, num_splits, block_n)
     is_split = num_splits > 1
     if is_split:
         partial_out, lse = _new_split_workspace(num_seqs, num_heads, num_splits, head_dim, query.device)
@@ -221,9 +222,9 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     launch(
         _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits), query.device,
-        query, kv_cache[0], kv_cache[1], metadata.block_tables, metadata.context_lens, partial_out, lse,
+        query, kv_cache[0], kv_cache[1], block_tables, context_lens, partial_out, lse,
         scale * LOG2_E, partition_size,
-        query.stride(0), query.stride(1), metadata.block_tables.stride(0), out.stride(0), out.stride(1),
+        query.stride(0), query.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -238,7 +239,7 @@ def paged_decode_attention(
     if is_split:
         launch(
             _reduce_splits_kernel, (num_seqs, num_heads), query.device,
-            partial_out, lse, metadata.context_lens, out, partition_size, num_splits,
+            partial_out, lse, context_lens, out, partition_size, num_splits,
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=triton.next_power_of_2(head_dim),

@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from common.attention.metadata import AttentionMetadata
 from kernels.paged_tiles import load_kv_tile, online_softmax_update
 from kernels.launch_utils import (
     check_attention_inputs,
@@ -118,9 +117,12 @@ def default_block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device)
 
 
 def prefill_attention(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim] packed as metadata.query_start_locs says
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim] packed as query_start_locs says
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
-    metadata: AttentionMetadata,
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks] int32: each sequence's blocks, padded
+    query_start_locs: torch.Tensor,  # [num_seqs + 1] int32: sequence i owns query rows [start_i, start_i+1)
+    context_lens: torch.Tensor,  # [num_seqs] int32: tokens of KV each sequence attends to (incl. new)
+    max_query_len: int,  # >= every sequence's new tokens (host int: it sizes the grid)
     scale: float,
     *,
     block_m: int | None = None,  # query rows per program (power of two >= 16); None: default_block_sizes
@@ -131,23 +133,20 @@ def prefill_attention(
     default_m, default_n, num_warps, num_stages = default_block_sizes(query.shape[-1], query.dtype, query.device)
     block_m = default_m if block_m is None else block_m
     block_n = default_n if block_n is None else block_n
-    check_attention_inputs(query, kv_cache, metadata, block_n)
+    check_attention_inputs(query, kv_cache, block_tables, context_lens, block_n, query_start_locs)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
-    starts = metadata.query_start_locs_cpu
-    if starts is not None and starts[-1] != query.shape[0]:
-        raise ValueError(f"query has {query.shape[0]} tokens, metadata.query_start_locs ends at {starts[-1]}")
     out = check_out(out, query)
     num_tokens, num_heads, head_dim = query.shape
-    num_seqs, num_kv_heads = metadata.num_seqs, kv_cache.shape[3]
+    num_seqs, num_kv_heads = context_lens.shape[0], kv_cache.shape[3]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    grid = (triton.cdiv(metadata.max_query_len, block_m), num_heads, num_seqs)
+    grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
     launch(
         _prefill_attention_kernel, grid, query.device,
-        query, kv_cache[0], kv_cache[1], metadata.block_tables, metadata.query_start_locs,
-        metadata.context_lens, out, scale * LOG2_E,
-        query.stride(0), query.stride(1), metadata.block_tables.stride(0), out.stride(0), out.stride(1),
+        query, kv_cache[0], kv_cache[1], block_tables, query_start_locs,
+        context_lens, out, scale * LOG2_E,
+        query.stride(0), query.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_KV_HEADS=num_kv_heads,
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,

@@ -11,13 +11,8 @@ Query head h reads KV head h // (num_heads // num_kv_heads) (grouped-query atten
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:  # a runtime import would be circular: common.attention imports this module
-    from common.attention.metadata import AttentionMetadata
 
 
 def write_kv_cache_reference(
@@ -46,30 +41,21 @@ def gather_context_kv(
     return blocks[0, :context_len], blocks[1, :context_len]
 
 
-def paged_attention_reference(
-    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+def decode_attention_reference(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]: one new token per sequence
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
-    metadata: "AttentionMetadata",
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks]
+    context_lens: torch.Tensor,  # [num_seqs]
+    max_context_len: int,  # >= every context_len
     scale: float,
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Causal attention of each sequence's new tokens over its whole paged context."""
-    if metadata.is_decode:
-        return _decode_attention(query, kv_cache, metadata, scale)
-    if metadata.is_mixed:  # one batched pass for the decodes, the per-sequence loop for the prompt chunks
-        num_decode_tokens = metadata.num_decode_tokens
-        decoded = _decode_attention(query[:num_decode_tokens], kv_cache, metadata.decode_part, scale)
-        prefilled = _varlen_attention(query[num_decode_tokens:], kv_cache, metadata.prefill_part, scale)
-        return torch.cat([decoded, prefilled])
-    return _varlen_attention(query, kv_cache, metadata, scale)
-
-
-def _decode_attention(query, kv_cache, metadata, scale):
-    # One new token per sequence: gather every context padded to the longest, mask the padding.
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """Each sequence's one new token over its whole paged context, batched: every context is gathered
+    padded to the longest and the padding masked."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
-    num_blocks = -(-metadata.max_context_len // block_size)
-    tables = metadata.block_tables[:, :num_blocks].long()  # [B, nb]
+    num_blocks = -(-max_context_len // block_size)
+    tables = block_tables[:, :num_blocks].long()  # [B, nb]
     keys = kv_cache[0][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
     values = kv_cache[1][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
     q = query.view(num_seqs, num_kv_heads, group, head_dim).float()  # [B, Hkv, G, D]
@@ -77,22 +63,28 @@ def _decode_attention(query, kv_cache, metadata, scale):
     v = values.permute(0, 2, 1, 3).float()  # [B, Hkv, S, D]
     scores = torch.matmul(q, k) * scale  # [B, Hkv, G, S]
     positions = torch.arange(num_blocks * block_size, device=query.device)
-    padding = positions[None, :] >= metadata.context_lens[:, None].long()  # [B, S]
+    padding = positions[None, :] >= context_lens[:, None].long()  # [B, S]
     scores.masked_fill_(padding[:, None, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, G, D]
     return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
-def _varlen_attention(query, kv_cache, metadata, scale):
+def prefill_attention_reference(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], packed: sequence i owns rows [starts[i], starts[i+1])
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim], new KV already written
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks]
+    query_start_locs: list[int],  # [num_seqs + 1], on the host
+    context_lens: list[int],  # [num_seqs], on the host
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its whole paged context, one sequence at a time."""
     num_heads = query.shape[1]
     num_kv_heads = kv_cache.shape[3]
     out = torch.empty_like(query)
-    starts = metadata.query_start_locs_cpu or metadata.query_start_locs.tolist()
-    context_lens = metadata.context_lens_cpu or metadata.context_lens.tolist()
     for i, context_len in enumerate(context_lens):
-        start, end = starts[i], starts[i + 1]
+        start, end = query_start_locs[i], query_start_locs[i + 1]
         query_len = end - start
-        keys, values = gather_context_kv(kv_cache, metadata.block_tables[i], context_len)
+        keys, values = gather_context_kv(kv_cache, block_tables[i], context_len)
         q = query[start:end].transpose(0, 1)  # [H, q, D]
         k = keys.transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, dim=0)  # [H, ctx, D]
         v = values.transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, dim=0)

@@ -7,21 +7,15 @@ pull in the model and torch.
 
 from __future__ import annotations
 
-import importlib
+from common.lazy_names import lazy_names
 
-_EXPORTS = {
-    "EngineConfig": "common.engine.config",
-    "LLMEngine": "common.engine.llm_engine",
-    "RequestOutput": "common.engine.outputs",
-    "EngineStats": "common.engine.outputs",
-    "SamplingParams": "common.engine.sampling_params",
-    "TokenLogprobs": "common.engine.sequence",
+_NAMES_BY_MODULE = {
+    "common.engine.config": ("EngineConfig",),
+    "common.engine.llm_engine": ("LLMEngine",),
+    "common.engine.outputs": ("RequestOutput", "EngineStats"),
+    "common.engine.sampling_params": ("SamplingParams",),
+    "common.engine.sequence": ("TokenLogprobs",),
 }
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'common.engine' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = [name for names in _NAMES_BY_MODULE.values() for name in names]
+__getattr__ = lazy_names(__name__, _NAMES_BY_MODULE)

@@ -42,7 +42,8 @@ from common.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
 from common.engine.sequence import Sequence, SequenceStatus, check_finish
 from common.kv.block_allocator import BlockAllocator
 from common.kv.block_hash import extend_block_hashes, full_block_hashes
-from common.kv.kv_pool import KVLayout, KVPool
+from common.kv.kv_pool import KVPool
+from common.kv.layout import KVLayout
 from common.kv.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class LLMEngine:
         self.model, self.model_config = model, model_config
         self.max_model_len = _max_model_len(config, model_config)
         layout = KVLayout(
+            model_name=self.model_name,
             num_layers=model_config.num_hidden_layers,
             block_size=config.block_size,
             num_kv_heads=model_config.num_key_value_heads,

@@ -42,7 +42,8 @@ from common.engine.kv_budget import MemoryProfile
 from common.engine.sampler import Sampler, SamplingRow
 from common.engine.scheduler import SampledToken, SchedulerPlan
 from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, needs_host_tokens
-from common.kv.kv_pool import KVLayout, KVPool
+from common.kv.kv_pool import KVPool
+from common.kv.layout import KVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def _forward_peak_bytes(model, layout: KVLayout, device: torch.device, lengths: 
         count = -(-length // layout.block_size)
         tables.append(list(range(num_blocks, num_blocks + count)))
         num_blocks += count
-    pool = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=device)
+    pool = torch.zeros(layout.block_shape(num_blocks), dtype=layout.torch_dtype, device=device)
     pool_bytes = pool.numel() * pool.element_size()
     metadata = AttentionMetadata.build(lengths, lengths, tables, layout.block_size, device)
     input_ids = torch.zeros(sum(lengths), dtype=torch.int64, device=device)

@@ -145,9 +145,6 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilled or self.running)
-
     @property
     def num_waiting(self) -> int:
         """Sequences not in the running batch: queued prompts, preempted ones and hand-offs awaiting a slot."""

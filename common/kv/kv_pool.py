@@ -1,7 +1,7 @@
 """The paged KV pool: one tensor per worker, every layer's attention reads a view of it.
 
     kv: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]     (2 = K, V)
-    layer(i) -> kv[i]: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    kv[i]: [2, num_blocks, block_size, num_kv_heads, head_dim], the view layer i's attention reads
 
 `gather_blocks` / `scatter_blocks` move a request's blocks to and from one contiguous buffer
 [num_layers, 2, n, block_size, num_kv_heads, head_dim]: that buffer is what the KV hand-off sends.
@@ -13,31 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class KVLayout:
-    """What two workers must agree on before KV blocks can move between them."""
-
-    num_layers: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @property
-    def bytes_per_block(self) -> int:
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element_size
-
-    def block_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    def mismatch(self, other: "KVLayout") -> str | None:
-        """Name of the first field that differs from `other`, or None when they match."""
-        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype"):
-            if getattr(self, name) != getattr(other, name):
-                return name
-        return None
+from common.kv.layout import KVLayout
 
 
 def num_blocks_for_budget(layout: KVLayout, memory_bytes: int) -> int:
@@ -68,16 +44,12 @@ class KVPool:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         # Zeroed so that reading a padded (never written) slot can never produce NaN/Inf.
-        self.kv = torch.zeros(layout.block_shape(num_blocks), dtype=layout.dtype, device=self.device)
+        self.kv = torch.zeros(layout.block_shape(num_blocks), dtype=layout.torch_dtype, device=self.device)
         self._gather_stream: torch.cuda.Stream | None = None  # CUDA: created by the first gather
 
     @property
     def num_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
-
-    def layer(self, layer_index: int) -> torch.Tensor:
-        """[2, num_blocks, block_size, num_kv_heads, head_dim] view of one layer (no copy)."""
-        return self.kv[layer_index]
 
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Copies the given blocks out: [num_layers, 2, len(block_ids), block_size, Hkv, D], contiguous,
@@ -123,7 +95,7 @@ class KVPool:
         using: an event recorded now completes once they have all run. The host never waits for it (a
         wait here would stall the engine thread behind the steps in flight); the caller polls instead.
         """
-        tensor = torch.empty(self.layout.block_shape(num_blocks), dtype=self.layout.dtype, device=self.device)
+        tensor = torch.empty(self.layout.block_shape(num_blocks), dtype=self.layout.torch_dtype, device=self.device)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -138,8 +110,8 @@ class KVPool:
         expected = self.layout.block_shape(len(block_ids))
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
-        if data.dtype != self.layout.dtype:
-            raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.dtype}")
+        if data.dtype != self.layout.torch_dtype:
+            raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.torch_dtype}")
         self.kv.index_copy_(2, self._index(block_ids), data.to(self.device))
 
     def _check_ids(self, block_ids: list[int]) -> None:

@@ -5,19 +5,18 @@
                                attention_backend, model_config=resolved.model_config)
     hidden = model(input_ids, positions, kv_cache, metadata)         # [T, hidden]
     logits = model.compute_logits(hidden[last_token_indices])        # [N, vocab] float32
+
+The names load on first use, so a process that only resolves a model name (the frontend, through
+`registry`) imports this package without torch.
 """
 
-from common.model.config import ModelConfig, RopeScaling
-from common.model.llama import LlamaForCausalLM, WeightLoadError
-from common.model.registry import ResolvedModel, resolve_model
-from common.model.weights import load_model
+from common.lazy_names import lazy_names
 
-__all__ = [
-    "LlamaForCausalLM",
-    "ModelConfig",
-    "ResolvedModel",
-    "RopeScaling",
-    "WeightLoadError",
-    "load_model",
-    "resolve_model",
-]
+_NAMES_BY_MODULE = {
+    "common.model.config": ("ModelConfig", "RopeScaling"),
+    "common.model.llama": ("LlamaForCausalLM", "WeightLoadError"),
+    "common.model.registry": ("ResolvedModel", "resolve_model"),
+    "common.model.weights": ("load_model",),
+}
+__all__ = sorted(name for names in _NAMES_BY_MODULE.values() for name in names)
+__getattr__ = lazy_names(__name__, _NAMES_BY_MODULE)

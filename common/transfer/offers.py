@@ -33,23 +33,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-from common.transfer.base import (
-    Gathered,
-    KVHandle,
+from common.kv.layout import KVLayout
+from common.transfer import protocol
+from common.transfer.base import Gathered, KVSender, OnRelease, TransferOutcome
+from common.transfer.errors import (
     KVInvalidPull,
-    KVLayout,
     KVLayoutMismatch,
-    KVSender,
     KVSizeMismatch,
     KVTransferError,
     KVTransferNotFound,
-    OnRelease,
-    TransferOutcome,
-    TransferStats,
-    check_block_hashes,
-    check_transfer_id,
 )
-from common.transfer import protocol
+from common.transfer.handle import KVHandle, TransferStats, check_block_hashes, check_transfer_id
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +256,7 @@ class BookedSender(KVSender):
         if block_hashes:  # checked before anything is held
             check_block_hashes(block_hashes, num_tokens, self.layout.block_size)
         offer = self._book.add(transfer_id, block_ids, num_tokens, lease_seconds, trace_context)
-        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout.signature(),
+        return KVHandle(transfer_id, self._address, num_tokens, len(offer.block_ids), self.layout,
                         block_hashes)
 
     def _claim(self, pull: protocol.Pull) -> tuple[Offer, list[int]]:

@@ -1,4 +1,5 @@
-"""Control-message framing for the UCX hand-off (protos/kv_transfer.proto), validated before use.
+"""Control-message framing for the UCX hand-off (protos/kv_transfer.proto), validated before use, and
+the KV layout's protobuf form (protos/kv_layout.proto), which the worker API carries too.
 
 Every control message is one UCX message of exactly FRAME_BYTES, so a receiver always posts a
 buffer of a known, small size and concurrent messages on one endpoint never interleave:
@@ -15,16 +16,16 @@ import secrets
 import struct
 from dataclasses import dataclass, fields
 
-from common.transfer.base import (
-    KVHandle,
+from common.kv.layout import KVLayout
+from common.transfer.errors import (
     KVInvalidPull,
-    KVLayout,
     KVLayoutMismatch,
     KVSizeMismatch,
     KVTransferError,
     KVTransferNotFound,
-    check_transfer_id,
 )
+from common.transfer.handle import KVHandle, check_transfer_id
+from protos import kv_layout_pb2
 from protos import kv_transfer_pb2 as pb
 
 FRAME_BYTES = 4096
@@ -123,13 +124,13 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> pb.ControlMessage:
     return message
 
 
-def layout_to_pb(layout: KVLayout, message_type: type = pb.KVLayout):
-    """`message_type`: tandem.kv.v1.KVLayout or tandem.worker.v1.KVLayout (their fields are KVLayout's)."""
-    return message_type(**{f.name: getattr(layout, f.name) for f in fields(KVLayout)})
+def layout_to_pb(layout: KVLayout) -> kv_layout_pb2.KVLayout:
+    """The one KVLayout message (protos/kv_layout.proto), for pull requests, KV handles and worker stats."""
+    return kv_layout_pb2.KVLayout(**{f.name: getattr(layout, f.name) for f in fields(KVLayout)})
 
 
-def layout_from_pb(message) -> KVLayout:
-    """From either KVLayout message; raises ValueError naming the field on an empty or malformed layout."""
+def layout_from_pb(message: kv_layout_pb2.KVLayout) -> KVLayout:
+    """Raises ValueError naming the field on an empty or malformed layout."""
     return KVLayout(**{f.name: getattr(message, f.name) for f in fields(KVLayout)})
 
 

@@ -31,21 +31,11 @@ from typing import Any, Callable
 
 import torch
 
+from common.kv.layout import KVLayout
 from common.transfer import protocol
-from common.transfer.base import (
-    Gathered,
-    KVHandle,
-    KVLayout,
-    KVReceiver,
-    KVTransferError,
-    KVTransferTimeout,
-    OnRelease,
-    TransferStats,
-    TransferTicket,
-    as_bytes,
-    check_gathered,
-    split_address,
-)
+from common.transfer.base import Gathered, KVReceiver, OnRelease, TransferTicket, as_bytes, check_gathered
+from common.transfer.errors import KVTransferError, KVTransferTimeout
+from common.transfer.handle import KVHandle, TransferStats, split_address
 from common.transfer.offers import BookedSender, Offer
 from common.transfer.ucx_runtime import UcxRuntime, endpoint_transport, ucx_buffer
 

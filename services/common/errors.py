@@ -61,13 +61,9 @@ class Cancelled(ServiceError):
 
 
 class DeadlineExceeded(ServiceError):
+    """The request's deadline passed while it waited on a worker."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class HandoffFailed(ServiceError):
-    """A KV hand-off failed for a reason the caller must fix (e.g. mismatched layouts)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 # Longest request id a service accepts (the frontend's limit for client-chosen ids too).

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
-from common.transfer.base import KVHandle, KVLayout, TransferStats
+from common.kv.layout import KVLayout
+from common.transfer.handle import KVHandle, TransferStats
 from common.transfer.protocol import layout_from_pb, layout_to_pb
 from protos import worker_pb2
 
@@ -132,7 +133,7 @@ def stats_to_pb(stats: WorkerStatsData) -> worker_pb2.WorkerStats:
     pb.eos_token_ids.extend(stats.eos_token_ids)
     pb.cached_block_keys.extend(stats.cached_block_keys)
     if stats.layout is not None:
-        pb.layout.CopyFrom(layout_to_pb(stats.layout, worker_pb2.KVLayout))
+        pb.layout.CopyFrom(layout_to_pb(stats.layout))
     return pb
 
 
@@ -152,7 +153,7 @@ def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
         sender_address=handle.address,
         num_tokens=handle.num_tokens,
         num_blocks=handle.num_blocks,
-        layout=layout_to_pb(handle.layout, worker_pb2.KVLayout),
+        layout=layout_to_pb(handle.layout),
         block_hashes=handle.block_hashes,
     )
 
@@ -160,8 +161,7 @@ def handle_to_pb(handle: KVHandle) -> worker_pb2.KVHandle:
 def handle_from_pb(pb: worker_pb2.KVHandle) -> KVHandle:
     """Raises ValueError naming the field (`kv_handle.<field>: ...`) on a malformed handle."""
     try:
-        layout = layout_from_pb(pb.layout)
-        return KVHandle(pb.transfer_id, pb.sender_address, pb.num_tokens, pb.num_blocks, layout.signature(),
+        return KVHandle(pb.transfer_id, pb.sender_address, pb.num_tokens, pb.num_blocks, layout_from_pb(pb.layout),
                         tuple(pb.block_hashes))
     except ValueError as exc:
         raise ValueError(f"kv_handle.{exc}") from exc

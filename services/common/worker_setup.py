@@ -7,7 +7,7 @@ import os
 import sys
 
 from common import transfer
-from common.transfer import KVLayout
+from common.kv.layout import KVLayout
 from common.transfer.ucx_runtime import UcxRuntime, prefer_busy_progress
 from services.common.worker_messages import WorkerStatsData
 
@@ -20,8 +20,8 @@ _num_compiles_at_ready: int | None = None
 
 
 def kv_layout(engine) -> KVLayout:
-    """The engine's KV pool layout as the transfer layer checks it (model name included)."""
-    return KVLayout.from_pool(engine.kv_pool.layout, engine.model_name)
+    """The engine's KV pool layout, as the transfer layer checks it (model name included)."""
+    return engine.kv_pool.layout
 
 
 def model_facts(engine) -> dict:

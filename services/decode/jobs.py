@@ -13,7 +13,8 @@ from common.engine.kv_reservation import KVReservation
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common.kv.kv_pool import TransferBuffer
-from common.transfer.base import KVHandle, TransferStats, TransferTicket
+from common.transfer.base import TransferTicket
+from common.transfer.handle import KVHandle, TransferStats
 from services.common.engine_thread import AsyncSink
 
 

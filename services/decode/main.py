@@ -16,7 +16,7 @@ import argparse
 import contextlib
 
 from common.engine.args import parse_memory_size
-from common.transfer.base import split_address
+from common.transfer.handle import split_address
 from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
 from services.common.worker_setup import create_receiver, kv_layout

@@ -40,7 +40,8 @@ from common.engine.outputs import RequestOutput
 from common.kv import OutOfKVBlocks
 from common.kv.block_hash import full_block_hashes
 from common.tracing import Attr, SpanName, kv_reuse_attributes
-from common.transfer.base import KVLayoutMismatch, KVReceiver, TransferState
+from common.transfer.base import KVReceiver, TransferState
+from common.transfer.errors import KVLayoutMismatch
 from services.common.cache_summary import CacheSummaryPublisher
 from services.common.engine_thread import AsyncSink, EngineThread
 from services.common.errors import Cancelled, InvalidRequest, Overloaded, Unavailable

@@ -30,7 +30,8 @@ from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common import tracing
 from common.tracing import Attr, SpanName, kv_reuse_attributes
-from common.transfer.base import KVHandle, KVSender, TransferOutcome, TransferStats, new_transfer_id
+from common.transfer.base import KVSender, TransferOutcome
+from common.transfer.handle import KVHandle, TransferStats, new_transfer_id
 from services.common.cache_summary import CacheSummaryPublisher
 from services.common.engine_thread import EngineThread
 from services.common.errors import Cancelled, Overloaded, Unavailable

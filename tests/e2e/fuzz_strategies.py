@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from hypothesis import strategies as st
 
 from protos import generation_pb2 as g
+from protos import kv_layout_pb2
 from protos import worker_pb2 as w
 
 VOCAB_SIZE = 49152
@@ -29,6 +30,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DUPLICATE_IDS = ("dup-0", "dup-1")  # drawn often, so concurrent calls share ids
 
 int32s = st.integers(INT32_MIN, INT32_MAX)
+uint32s = st.integers(0, 2**32 - 1)
 int64s = st.integers(INT64_MIN, INT64_MAX)
 floats32 = st.floats(width=32)  # NaN, +-inf, -0.0, subnormals included
 
@@ -341,9 +343,9 @@ class WorkerCall:
 kv_handles = st.builds(w.KVHandle, transfer_id=st.one_of(st.text(max_size=40), st.just("0" * 32)),
                        sender_address=st.one_of(st.text(max_size=20), st.just("127.0.0.1:1")),
                        num_tokens=int32s, num_blocks=int32s,
-                       layout=st.builds(w.KVLayout, model_name=st.text(max_size=8), dtype=st.text(max_size=8),
-                                        block_size=int32s, num_layers=int32s, num_kv_heads=int32s,
-                                        head_dim=int32s))
+                       layout=st.builds(kv_layout_pb2.KVLayout, model_name=st.text(max_size=8), dtype=st.text(max_size=8),
+                                        block_size=uint32s, num_layers=uint32s, num_kv_heads=uint32s,
+                                        head_dim=uint32s))
 tampers = st.one_of(st.just({}), st.fixed_dictionaries({"first_token_id": edge_ints(0, VOCAB_SIZE - 1)}),
                     st.fixed_dictionaries({"prompt_token_ids": token_lists}),
                     st.fixed_dictionaries({"sampling": worker_sampling()}),

@@ -10,13 +10,13 @@ import urllib.request
 from dataclasses import dataclass
 
 import grpc
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.otlp_collector import CollectedSpan, OtlpCollector
 from common.tracing import Attr
+from common.transfer.protocol import layout_from_pb
 from protos import generation_pb2 as g
-from protos import generation_pb2_grpc, worker_pb2
+from protos import generation_pb2_grpc, kv_layout_pb2
 from tests.e2e.cluster import ENGINE_ARGS, Processes, service_env
 
 PREFILL_RPC = "/tandem.worker.v1.PrefillWorker/Prefill"
@@ -91,12 +91,10 @@ def model_name(address: str) -> str:
         return generation_pb2_grpc.GenerationStub(channel).GetModelInfo(g.GetModelInfoRequest(), timeout=30).model_name
 
 
-def kv_bytes(num_prompt_tokens: int, layout: worker_pb2.KVLayout) -> int:
-    """layers x 2 (K, V) x whole blocks x block_size x kv_heads x head_dim x dtype bytes."""
-    num_blocks = -(-num_prompt_tokens // layout.block_size)
-    element_size = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
-    return (layout.num_layers * 2 * num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim
-            * element_size)
+def kv_bytes(num_prompt_tokens: int, layout: kv_layout_pb2.KVLayout) -> int:
+    """Bytes of the whole blocks that hold the prompt's KV (every layer, K and V)."""
+    kv_layout = layout_from_pb(layout)
+    return -(-num_prompt_tokens // kv_layout.block_size) * kv_layout.bytes_per_block
 
 
 # ---- traces -------------------------------------------------------------------------------------

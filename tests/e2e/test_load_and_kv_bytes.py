@@ -4,22 +4,14 @@ hand-off moves exactly the request's KV over UCX (whole blocks; nothing of it in
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 
 from protos import generation_pb2 as g
 from protos import worker_pb2, worker_pb2_grpc
 from tests.e2e.cluster import wait_for_empty_pools, worker_stats
+from tests.e2e.observability_helpers import kv_bytes
 
 NUM_REQUESTS = 32
 MAX_TOKENS = 12
-
-
-def _kv_bytes(num_prompt_tokens: int, layout: worker_pb2.KVLayout) -> int:
-    """layers x 2 (K, V) x whole blocks x block_size x kv_heads x head_dim x dtype bytes."""
-    num_blocks = -(-num_prompt_tokens // layout.block_size)
-    element_size = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
-    return (layout.num_layers * 2 * num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim
-            * element_size)
 
 
 def _run(stub, index: int) -> g.Final:
@@ -40,7 +32,7 @@ def test_concurrent_requests_spread_over_every_worker_and_move_exact_kv(cluster,
         assert stats.num_requests_served > before[address].num_requests_served, f"{address} served nothing"
         assert stats.num_free_blocks == stats.num_total_blocks
     layout = after[cluster.decode[0]].layout
-    expected_bytes = sum(_kv_bytes(f.usage.prompt_tokens, layout) for f in finals)
+    expected_bytes = sum(kv_bytes(f.usage.prompt_tokens, layout) for f in finals)
     for role, addresses in (("prefill", cluster.prefill), ("decode", cluster.decode)):
         moved = sum(after[a].num_transfer_bytes - before[a].num_transfer_bytes for a in addresses)
         count = sum(after[a].num_transfers - before[a].num_transfers for a in addresses)
@@ -57,7 +49,7 @@ def test_one_hand_off_by_hand_reports_ucx_bytes_and_keeps_kv_out_of_grpc(cluster
         response = prefill.Prefill(worker_pb2.PrefillRequest(
             request_id="by-hand", prompt_token_ids=prompt_token_ids, sampling=sampling), timeout=120)
         layout = response.kv_handle.layout
-        expected = _kv_bytes(len(prompt_token_ids), layout)
+        expected = kv_bytes(len(prompt_token_ids), layout)
         assert response.kv_handle.num_blocks == 3 and response.kv_handle.num_tokens == 37
         assert response.ByteSize() < 1024 < expected  # the handle names the KV; it does not carry it
         stream = list(decode.Decode(worker_pb2.DecodeRequest(

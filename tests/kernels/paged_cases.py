@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-import common.attention  # noqa: F401  (imports kernels.reference in an order free of import cycles)
 from common.attention.metadata import AttentionMetadata
-from kernels.reference import paged_attention_reference
+from kernels.paged_decode_attention import paged_decode_attention
+from kernels.prefill_attention import prefill_attention
+from kernels.reference import decode_attention_reference, prefill_attention_reference
 
 
 @dataclass
@@ -30,7 +31,12 @@ class PagedCase:
     def reference(self) -> torch.Tensor:  # [num_tokens, num_heads, head_dim] float32, CPU
         """The float32 PyTorch reference on the CPU, from the (possibly rounded) inputs."""
         query = self.query.detach().float().cpu()
-        return paged_attention_reference(query, self.clean_kv_cache.float(), self.cpu_metadata, self.scale)
+        kv_cache, metadata = self.clean_kv_cache.float(), self.cpu_metadata
+        if metadata.is_decode:
+            return decode_attention_reference(query, kv_cache, metadata.block_tables, metadata.context_lens,
+                                              metadata.max_context_len, self.scale)
+        return prefill_attention_reference(query, kv_cache, metadata.block_tables, metadata.query_start_locs_cpu,
+                                           metadata.context_lens_cpu, self.scale)
 
 
 def build_paged_case(
@@ -88,10 +94,25 @@ def assert_matches_reference(out: torch.Tensor, reference: torch.Tensor) -> None
     torch.testing.assert_close(out.float(), reference.float(), atol=4e-2, rtol=4e-2)
 
 
-def run_against_reference(kernel, case, **kwargs) -> None:
-    """Runs `kernel(query, kv_cache, metadata, scale, out=...)` into a NaN-poisoned output and checks it
-    against the PyTorch reference (every element written, values matching)."""
+def run_decode(case: PagedCase, query: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """The decode kernel on the case (or on `query` in its place), fed from the case's metadata."""
+    metadata = case.metadata
+    return paged_decode_attention(case.query if query is None else query, case.kv_cache, metadata.block_tables,
+                                  metadata.context_lens, metadata.max_context_len, case.scale, **options)
+
+
+def run_prefill(case: PagedCase, query: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """The prefill kernel on the case (or on `query` in its place), fed from the case's metadata."""
+    metadata = case.metadata
+    return prefill_attention(case.query if query is None else query, case.kv_cache, metadata.block_tables,
+                             metadata.query_start_locs, metadata.context_lens, metadata.max_query_len, case.scale,
+                             **options)
+
+
+def run_against_reference(run_kernel, case, **kwargs) -> None:
+    """Runs `run_kernel(case, out=...)` (`run_decode` or `run_prefill`) into a NaN-poisoned output and
+    checks it against the PyTorch reference (every element written, values matching)."""
     out = torch.full_like(case.query, float("nan"))
-    result = kernel(case.query, case.kv_cache, case.metadata, case.scale, out=out, **kwargs)
+    result = run_kernel(case, out=out, **kwargs)
     assert result is out
     assert_matches_reference(out, case.reference())

@@ -16,10 +16,8 @@ from kernels.launch_utils import (
     variant_key,
     variant_keys,
 )
-from kernels.paged_decode_attention import paged_decode_attention
-from kernels.prefill_attention import prefill_attention
 from tests.helpers.devices import DEVICES
-from tests.kernels.paged_cases import assert_matches_reference, build_paged_case
+from tests.kernels.paged_cases import assert_matches_reference, build_paged_case, run_decode, run_prefill
 
 
 def kernel_keys(keys: set, name: str) -> set:
@@ -53,11 +51,11 @@ def test_decode_and_prefill_keys_ignore_the_block_table_width():
     keys_by_kernel = {"_paged_decode_kernel": set(), "_prefill_attention_kernel": set()}
     for num_blocks in (1, 16, 17):
         context_lens = [3, 4 * (num_blocks - 1) + 2]
-        for query_lens, kernel in (([1, 1], paged_decode_attention), ([2, 2], prefill_attention)):
+        for query_lens, run_kernel in (([1, 1], run_decode), ([2, 2], run_prefill)):
             case = build_paged_case(query_lens, context_lens, head_dim=32, num_kv_heads=2, group=2, block_size=4)
             assert case.metadata.block_tables.shape[1] == num_blocks
             with recording_variant_keys() as keys:
-                out = kernel(case.query, case.kv_cache, case.metadata, case.scale)
+                out = run_kernel(case)
             assert_matches_reference(out, case.reference())
             for name in keys_by_kernel:
                 keys_by_kernel[name] |= kernel_keys(keys, name)
@@ -69,8 +67,7 @@ def test_split_reduce_key_ignores_the_number_of_splits():
     reduce_keys = set()
     for num_splits in (2, 3, 11):
         with recording_variant_keys() as keys:
-            out = paged_decode_attention(case.query, case.kv_cache, case.metadata, case.scale,
-                                         num_splits=num_splits, block_n=16)
+            out = run_decode(case, num_splits=num_splits, block_n=16)
         assert_matches_reference(out, case.reference())
         reduce_keys |= kernel_keys(keys, "_reduce_splits_kernel")
     assert len(reduce_keys) == 1

@@ -7,9 +7,9 @@ bfloat16 over the same cases, plus larger batches that would be too slow to inte
 import pytest
 import torch
 
-from paged_cases import build_paged_case, decode_context_lens, run_against_reference
+from paged_cases import build_paged_case, decode_context_lens, run_against_reference, run_decode
 from kernels import paged_decode_attention as decode_module
-from kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
+from kernels.paged_decode_attention import choose_num_splits
 from tests.helpers.devices import DEVICES, device_dtypes
 
 FP32_ON_CPU_FP32_BF16_ON_CUDA = device_dtypes([torch.float32], [torch.float32, torch.bfloat16])
@@ -30,7 +30,7 @@ def split_workspaces(monkeypatch):
 
 
 def _run_decode(case, **kwargs):
-    run_against_reference(paged_decode_attention, case, **kwargs)
+    run_against_reference(run_decode, case, **kwargs)
 
 
 @pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)
@@ -140,7 +140,7 @@ def _bad(field):
         ("dtype", {}, "kv_cache dtype"),
         ("heads", {}, "not a multiple of num_kv_heads"),
         ("tokens", {}, "one query token per sequence"),
-        ("block_tables", {}, "metadata.block_tables must have dtype"),
+        ("block_tables", {}, "block_tables must have dtype"),
         ("context_lens", {}, "describes 1 sequences"),
         (None, {"block_n": 24}, "block_n"),
         (None, {"num_splits": 0}, "num_splits"),
@@ -150,4 +150,4 @@ def _bad(field):
 def test_decode_rejects_bad_inputs(field, kwargs, message):
     case = _bad(field)
     with pytest.raises(ValueError, match=message):
-        paged_decode_attention(case.query, case.kv_cache, case.metadata, case.scale, **kwargs)
+        run_decode(case, **kwargs)

@@ -7,7 +7,7 @@ bfloat16 over the same cases, plus long prompts that would be too slow to interp
 import pytest
 import torch
 
-from paged_cases import build_paged_case, run_against_reference
+from paged_cases import build_paged_case, run_against_reference, run_prefill
 from kernels.prefill_attention import prefill_attention
 from tests.helpers.devices import DEVICES, device_dtypes
 
@@ -29,7 +29,7 @@ def chunked_prompts(block_size):
 
 
 def _run_prefill(case, **kwargs):
-    run_against_reference(prefill_attention, case, **kwargs)
+    run_against_reference(run_prefill, case, **kwargs)
 
 
 @pytest.mark.parametrize("device, dtype", FP32_ON_CPU_FP32_BF16_ON_CUDA)
@@ -108,12 +108,14 @@ def test_prefill_long_ragged_prompts(head_dim, group, block_size, tiles, device,
 def test_prefill_rejects_bad_options(kwargs, message):
     case = build_paged_case([5, 7], [5, 20], head_dim=64, num_kv_heads=2, group=2, block_size=16)
     with pytest.raises(ValueError, match=message):
-        prefill_attention(case.query, case.kv_cache, case.metadata, case.scale, **kwargs)
+        run_prefill(case, **kwargs)
 
 
-def test_prefill_rejects_query_not_matching_metadata():
+def test_prefill_rejects_inputs_that_do_not_fit_together():
     case = build_paged_case([5, 7], [5, 20], head_dim=64, num_kv_heads=2, group=2, block_size=16)
-    with pytest.raises(ValueError, match="query has 11 tokens"):
-        prefill_attention(case.query[:11], case.kv_cache, case.metadata, case.scale)
     with pytest.raises(ValueError, match="kv_cache head_dim"):
-        prefill_attention(case.query[..., :32], case.kv_cache, case.metadata, case.scale)
+        run_prefill(case, query=case.query[..., :32])
+    metadata = case.metadata
+    with pytest.raises(ValueError, match="query_start_locs has 2 entries"):
+        prefill_attention(case.query, case.kv_cache, metadata.block_tables, metadata.query_start_locs[:2],
+                          metadata.context_lens, metadata.max_query_len, case.scale)

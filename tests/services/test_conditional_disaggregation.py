@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.transfer.base import KVLayout
+from common.kv.layout import KVLayout
 from services.common.worker_messages import WorkerStatsData
 from services.frontend.app import FrontendConfig
 from services.frontend.request_path import RequestPath, PathPolicy, choose_path, has_room

@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client import CollectorRegistry
 
 from common.kv.block_hash import full_block_hashes, routing_key
-from common.transfer.base import KVLayout
+from common.kv.layout import KVLayout
 from protos import worker_pb2
 from services.common.worker_messages import WorkerStatsData, stats_to_pb
 from services.frontend.cache_view import CacheViewLimits

@@ -23,7 +23,8 @@ from common.engine.llm_engine import LLMEngine
 from common.engine.model_runner import ModelRunner
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import Sequence
-from common.kv.kv_pool import KVLayout, KVPool
+from common.kv.kv_pool import KVPool
+from common.kv.layout import KVLayout
 from tests.common.engine.engine_helpers import run_to_completion
 from tests.helpers.devices import CPU, on_cuda
 
@@ -92,7 +93,8 @@ def decoding_seqs(block_size: int, context_lens: list[int], seed: int = 0) -> li
 @torch.inference_mode()
 def test_padding_rows_change_neither_logits_nor_sequence_kv(tiny_model):
     model, config = tiny_model
-    layout = KVLayout(config.num_hidden_layers, 4, config.num_key_value_heads, config.head_dim, torch.float32)
+    layout = KVLayout(model_name="tiny", num_layers=config.num_hidden_layers, block_size=4,
+                      num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, dtype="float32")
     pool = KVPool(layout, 64, "cpu")
     pool.kv.copy_(torch.randn_like(pool.kv))  # finite values everywhere a stray read could reach
     scratch = 63

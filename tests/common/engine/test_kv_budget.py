@@ -11,12 +11,12 @@ from common.engine import kv_budget, model_runner
 from common.engine.args import add_engine_args, engine_config_from_args
 from common.engine.config import EngineConfig
 from common.engine.kv_budget import MemoryProfile, kv_bytes_for_utilization, num_kv_blocks
-from common.kv.kv_pool import KVLayout
+from common.kv.layout import KVLayout
 
 GIB = 2**30
 H200_BYTES = int(139.8 * GIB)
 # SmolLM2-135M in bfloat16: 30 layers x K,V x 3 heads x 64 x 2 B = 23,040 bytes a token
-SMOLLM2 = KVLayout(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16)
+SMOLLM2 = KVLayout(model_name="SmolLM2", num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16")
 
 
 def _profile(free_bytes: int, total_bytes: int = H200_BYTES) -> MemoryProfile:

@@ -4,7 +4,7 @@ of waiting prompts. Scheduler decisions only; tokens are fed back by the test.""
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SampledToken
 from common.engine.sequence import Sequence
-from tests.common.engine.test_scheduler import _handed_off, make_seq, run_step
+from tests.common.engine.test_scheduler import _handed_off, has_work, make_seq, run_step
 from tests.common.engine.test_scheduler import make_scheduler as make_any_scheduler
 
 
@@ -78,7 +78,7 @@ def test_a_step_that_preempts_takes_no_prompts_and_the_preempted_comes_back():
         run_step(scheduler)
     plan, _ = run_step(scheduler)  # b re-prefills prompt + its 2 outputs, then new fits beside it
     assert plan.request_ids[0] == "b" and plan.query_lens[0] == 9 and plan.num_decodes == 0
-    while scheduler.has_work():
+    while has_work(scheduler):
         run_step(scheduler)
     assert scheduler.allocator.usage == 0.0
 

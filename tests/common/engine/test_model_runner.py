@@ -5,12 +5,14 @@ import torch
 from common.engine.model_runner import ModelRunner, _sampling_row
 from common.engine.sampling_params import SamplingParams
 from common.engine.sequence import Sequence
-from common.kv.kv_pool import KVLayout, KVPool
+from common.kv.kv_pool import KVPool
+from common.kv.layout import KVLayout
 
 
 def make_runner(tiny_model) -> ModelRunner:
     model, config = tiny_model
-    layout = KVLayout(config.num_hidden_layers, 4, config.num_key_value_heads, config.head_dim, torch.float32)
+    layout = KVLayout(model_name="tiny", num_layers=config.num_hidden_layers, block_size=4,
+                      num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim, dtype="float32")
     return ModelRunner(model, KVPool(layout, 16, "cpu"), torch.device("cpu"), seed=0, max_num_seqs=8, max_model_len=64)
 
 

@@ -29,6 +29,11 @@ def make_seq(request_id, num_prompt_tokens, max_tokens=8, ignore_eos=True):
     return Sequence(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos))
 
 
+def has_work(scheduler) -> bool:
+    """Sequences still queued or running, as the engine's stats count them."""
+    return scheduler.num_waiting + len(scheduler.running) > 0
+
+
 def run_step(scheduler, token_id=5):
     plan = scheduler.schedule()
     samples = [SampledToken(token_id, None) if sampled else None for sampled in plan.is_sampled]
@@ -123,7 +128,7 @@ def test_handoff_that_waited_for_a_slot_decodes_without_a_prefill_step():
     _handed_off(scheduler, "b", 6, max_tokens=8)
     _handed_off(scheduler, "c", 7, max_tokens=8)  # running is full: c waits with its blocks
     plans = []
-    while scheduler.has_work():
+    while has_work(scheduler):
         plans.append(run_step(scheduler)[0])
     assert not any(plan.is_prefill for plan in plans)
     assert plans[2].request_ids == ["b", "c"]  # a finished its 3 tokens in step 2; c took its slot at once
@@ -151,7 +156,7 @@ def test_abort_frees_blocks_from_any_queue():
     scheduler.add(b)
     scheduler.abort(a)
     scheduler.abort(b)
-    assert scheduler.allocator.num_free_blocks == 8 and not scheduler.has_work()
+    assert scheduler.allocator.num_free_blocks == 8 and not has_work(scheduler)
     assert a.finish_reason == "abort" and a.status == SequenceStatus.FINISHED
 
 
@@ -199,7 +204,7 @@ def test_random_histories_never_leak_or_share_blocks(enable_chunked_prefill, see
             assert len(seq.block_table) * block_size >= seq.num_computed_tokens
             assert seq.num_computed_tokens > 0 or not seq.block_table
     for _ in range(500):
-        if not scheduler.has_work():
+        if not has_work(scheduler):
             break
         run_step(scheduler)
-    assert not scheduler.has_work() and scheduler.allocator.usage == 0.0
+    assert not has_work(scheduler) and scheduler.allocator.usage == 0.0

@@ -5,16 +5,17 @@ import concurrent.futures
 import pytest
 import torch
 
-from common.kv.kv_pool import KVLayout, KVPool, num_blocks_for_budget
+from common.kv.kv_pool import KVPool, num_blocks_for_budget
+from common.kv.layout import KVLayout
 from tests.helpers.devices import DEVICES
 
-LAYOUT = KVLayout(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+LAYOUT = KVLayout(model_name="m", num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
 
 
 def test_shape_and_layer_view_alias_the_pool():
     pool = KVPool(LAYOUT, num_blocks=5)
     assert pool.kv.shape == (3, 2, 5, 4, 2, 8)
-    pool.layer(1)[0, 2].fill_(7.0)
+    pool.kv[1][0, 2].fill_(7.0)  # layer 1's view, as its attention reads it
     assert torch.all(pool.kv[1, 0, 2] == 7.0) and pool.kv[0].abs().sum() == 0
 
 
@@ -43,12 +44,11 @@ def test_scatter_rejects_wrong_shape_dtype_and_ids():
         pool.gather_blocks([4])
 
 
-def test_budget_sizing_and_layout_mismatch():
+def test_budget_sizing():
     # 2 (K,V) * 3 layers * 4 tokens * 2 heads * 8 dims * 4 bytes = 1536 bytes per block
     assert LAYOUT.bytes_per_block == 1536
     assert num_blocks_for_budget(LAYOUT, 1536 * 10 + 100) == 10
-    other = KVLayout(num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
-    assert LAYOUT.mismatch(other) == "block_size" and LAYOUT.mismatch(LAYOUT) is None
+    assert KVPool(LAYOUT, num_blocks=3).num_bytes == 3 * LAYOUT.bytes_per_block
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +74,7 @@ def test_a_transfer_buffer_is_ready_only_once_the_kernels_queued_before_it_have_
         torch.cuda._sleep(200_000_000)  # a step still running on the compute stream, maybe on this memory
     buffer = pool.new_transfer_buffer(2)
     tensor = buffer.tensor
-    assert tensor.shape == LAYOUT.block_shape(2) and tensor.dtype == LAYOUT.dtype and tensor.device == pool.kv.device
+    assert tensor.shape == LAYOUT.block_shape(2) and tensor.dtype == LAYOUT.torch_dtype and tensor.device == pool.kv.device
     if pool.kv.is_cuda:
         assert not buffer.is_ready()
         torch.cuda.synchronize(pool.kv.device)

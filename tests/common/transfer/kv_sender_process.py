@@ -13,14 +13,13 @@ NUM_POOL_BLOCKS = 64
 def make_pool(layout) -> torch.Tensor:
     """[L, 2, NUM_POOL_BLOCKS, BS, Hkv, D], identical in every process for the same layout."""
     generator = torch.Generator().manual_seed(POOL_SEED)
-    return torch.randn(layout.transfer_shape(NUM_POOL_BLOCKS), generator=generator).to(layout.torch_dtype)
+    return torch.randn(layout.block_shape(NUM_POOL_BLOCKS), generator=generator).to(layout.torch_dtype)
 
 
-def main(layout_signature: str, commands, events, port: int = 0) -> None:
+def main(layout, commands, events, port: int = 0) -> None:
     torch.set_num_threads(1)
-    from common.transfer import KVLayout, create_sender
+    from common.transfer import create_sender
 
-    layout = KVLayout.from_signature(layout_signature)
     kv = make_pool(layout)
 
     def on_release(transfer_id, outcome, stats):
@@ -34,7 +33,7 @@ def main(layout_signature: str, commands, events, port: int = 0) -> None:
             _, transfer_id, block_ids, num_tokens, lease_seconds = command
             handle = sender.offer(transfer_id, block_ids, num_tokens, lease_seconds)
             events.put(("handle", handle.transfer_id, handle.address, handle.num_tokens, handle.num_blocks,
-                        handle.layout_signature))
+                        handle.layout))
         elif command[0] == "close":
             sender.close()
             events.put(("closed",))

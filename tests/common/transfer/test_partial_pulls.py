@@ -37,7 +37,7 @@ def pool():
 
 
 def _destination(num_blocks: int) -> torch.Tensor:
-    return torch.full(LAYOUT.transfer_shape(num_blocks), float("nan"), dtype=LAYOUT.torch_dtype)
+    return torch.full(LAYOUT.block_shape(num_blocks), float("nan"), dtype=LAYOUT.torch_dtype)
 
 
 @pytest.mark.parametrize("first_block_index", [1, 4])
@@ -63,7 +63,7 @@ def test_a_range_that_does_not_end_at_the_offers_last_block_is_refused_and_leave
         sender, receiver, pool, releases):
     handle = sender.offer(new_transfer_id(), [1, 2, 3], 40, 10)
     # a handle claiming 4 blocks: from block 2 the pull asks for 2, which would run past the offer
-    lying = KVHandle(handle.transfer_id, handle.address, 64, 4, handle.layout_signature)
+    lying = KVHandle(handle.transfer_id, handle.address, 64, 4, handle.layout)
     ticket = receiver.begin(lying, _destination(2), first_block_index=2)
     with pytest.raises(KVSizeMismatch, match="num_blocks: prefill=3 decode=2 from block 2"):
         ticket.wait(20)
@@ -102,7 +102,7 @@ def test_the_handle_carries_the_full_blocks_hashes(sender):
 
 
 def test_the_block_range_survives_the_wire_format():
-    handle = KVHandle(new_transfer_id(), "h:1", 40, 3, LAYOUT.signature())
+    handle = KVHandle(new_transfer_id(), "h:1", 40, 3, LAYOUT)
     pull = protocol.new_pull(handle, LAYOUT, {}, first_block_index=2)
     assert (pull.first_block_index, pull.expected_num_blocks, pull.expected_bytes) == (2, 1, LAYOUT.bytes_per_block)
     message = protocol.decode_frame(protocol.encode_frame(protocol.pull_to_message(pull)))

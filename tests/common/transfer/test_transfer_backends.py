@@ -28,7 +28,7 @@ class Pool:
 
     def __init__(self, layout: KVLayout, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
-        shape = layout.transfer_shape(NUM_POOL_BLOCKS)
+        shape = layout.block_shape(NUM_POOL_BLOCKS)
         self.kv = torch.randn(shape, generator=generator).to(layout.torch_dtype)
         self.num_gathers = 0
 
@@ -44,7 +44,7 @@ def pool():
 
 def _destination(layout: KVLayout, num_blocks: int) -> torch.Tensor:
     # Filled with NaN so a transfer that leaves any byte unwritten is caught.
-    return torch.full(layout.transfer_shape(num_blocks), float("nan"), dtype=layout.torch_dtype)
+    return torch.full(layout.block_shape(num_blocks), float("nan"), dtype=layout.torch_dtype)
 
 
 def test_pull_moves_exactly_the_offered_blocks(backend, sender, receiver, pool, releases):
@@ -88,7 +88,7 @@ def test_layout_mismatch_names_block_size_and_leaves_the_offer(backend, sender, 
 
 def test_block_count_mismatch_is_refused_and_leaves_the_offer(sender, receiver, releases):
     handle = sender.offer(new_transfer_id(), [1, 2, 3], 40, 10)
-    lying = type(handle)(handle.transfer_id, handle.address, 20, 2, handle.layout_signature)
+    lying = type(handle)(handle.transfer_id, handle.address, 20, 2, handle.layout)
     ticket = receiver.begin(lying, _destination(LAYOUT, 2))
     with pytest.raises(KVSizeMismatch, match="num_blocks: prefill=3 decode=2"):
         ticket.wait(20)
@@ -99,7 +99,7 @@ def test_block_count_mismatch_is_refused_and_leaves_the_offer(sender, receiver, 
 
 def test_unknown_transfer_id_is_not_found(sender, receiver, releases):
     handle = sender.offer(new_transfer_id(), [1], 4, 10)
-    unknown = type(handle)(new_transfer_id(), handle.address, 4, 1, handle.layout_signature)
+    unknown = type(handle)(new_transfer_id(), handle.address, 4, 1, handle.layout)
     with pytest.raises(KVTransferNotFound):
         receiver.begin(unknown, _destination(LAYOUT, 1)).wait(20)
     assert sender.num_pending == 1 and releases.empty()  # the real offer is untouched
@@ -199,7 +199,7 @@ def test_pull_from_an_address_nobody_serves_fails_cleanly(backend, sender):
     receiver = create_receiver(backend, LAYOUT, timeout_seconds=20, connect_timeout_seconds=1)
     handle = sender.offer(new_transfer_id(), [1], 3, 10)
     address = "fake:65000" if backend == "fake" else "127.0.0.1:1"
-    nowhere = type(handle)(handle.transfer_id, address, 3, 1, handle.layout_signature)
+    nowhere = type(handle)(handle.transfer_id, address, 3, 1, handle.layout)
     try:
         with pytest.raises(KVTransferError, match="cannot connect"):
             receiver.begin(nowhere, _destination(LAYOUT, 1)).wait(20)
@@ -225,7 +225,7 @@ def test_bad_destination_raises_value_error_at_begin(sender, receiver, destinati
 @pytest.mark.parametrize("address", ["no-port", "host:0", "host:99999", ":80"])
 def test_malformed_address_raises_value_error_at_begin(sender, receiver, address):
     handle = sender.offer(new_transfer_id(), [1], 3, 10)
-    malformed = type(handle)(handle.transfer_id, address, 3, 1, handle.layout_signature)
+    malformed = type(handle)(handle.transfer_id, address, 3, 1, handle.layout)
     with pytest.raises(ValueError, match="address"):
         receiver.begin(malformed, _destination(LAYOUT, 1))
 

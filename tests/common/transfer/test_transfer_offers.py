@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from common.transfer.base import (
+from common.transfer import (
     KVInvalidPull,
     KVLayout,
     KVLayoutMismatch,

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.transfer import protocol
-from common.transfer.base import (
+from common.transfer import (
     KVInvalidPull,
     KVLayout,
     KVLayoutMismatch,

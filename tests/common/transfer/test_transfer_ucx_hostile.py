@@ -14,7 +14,7 @@ LAYOUT = KVLayout("m", "float16", 8, 2, 2, 16)
 
 @pytest.fixture
 def pool():
-    return torch.randn(LAYOUT.transfer_shape(10)).half()
+    return torch.randn(LAYOUT.block_shape(10)).half()
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_garbage_from_one_peer_does_not_disturb_other_pulls(sender, pool, releas
     endpoint = _send_raw(sender.address, [payload])
     receiver = create_receiver("ucx", LAYOUT, timeout_seconds=20)
     try:
-        destination = torch.empty(LAYOUT.transfer_shape(2), dtype=torch.float16)
+        destination = torch.empty(LAYOUT.block_shape(2), dtype=torch.float16)
         receiver.begin(handle, destination).wait(20)
         assert torch.equal(destination, pool[:, :, [2, 7]])
         assert releases.get(timeout=10)[:2] == (handle.transfer_id, TransferOutcome.DONE)
@@ -66,10 +66,10 @@ def test_a_pull_for_someone_elses_transfer_cannot_ack_it(sender, releases):
     receiver = create_receiver("ucx", LAYOUT, timeout_seconds=20)
     try:
         assert sender.num_pending == 1 and releases.empty()
-        receiver.begin(handle, torch.empty(LAYOUT.transfer_shape(1), dtype=torch.float16)).wait(20)
+        receiver.begin(handle, torch.empty(LAYOUT.block_shape(1), dtype=torch.float16)).wait(20)
         assert releases.get(timeout=10)[1] is TransferOutcome.DONE
         with pytest.raises(KVTransferNotFound):
-            receiver.begin(handle, torch.empty(LAYOUT.transfer_shape(1), dtype=torch.float16)).wait(20)
+            receiver.begin(handle, torch.empty(LAYOUT.block_shape(1), dtype=torch.float16)).wait(20)
     finally:
         receiver.close()
         UcxRuntime.get().loop.call_soon_threadsafe(endpoint.abort)

@@ -26,7 +26,7 @@ class SenderProcess:
         context = multiprocessing.get_context("spawn")
         self.commands, self.events = context.Queue(), context.Queue()
         self.process = context.Process(
-            target=kv_sender_process.main, args=(layout.signature(), self.commands, self.events, port), daemon=True
+            target=kv_sender_process.main, args=(layout, self.commands, self.events, port), daemon=True
         )
         self.process.start()
         self._early: list[tuple] = []  # events that arrived while waiting for another kind
@@ -75,7 +75,7 @@ def pool():
 
 
 def _destination(layout: KVLayout, num_blocks: int) -> torch.Tensor:
-    return torch.full(layout.transfer_shape(num_blocks), float("nan"), dtype=layout.torch_dtype)
+    return torch.full(layout.block_shape(num_blocks), float("nan"), dtype=layout.torch_dtype)
 
 
 def test_scattered_blocks_arrive_byte_exact_across_processes(sender, receiver, pool):

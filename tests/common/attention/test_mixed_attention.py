@@ -6,10 +6,10 @@ whole step (the reference's per-sequence loop), on the CPU (interpreter) and on 
 import pytest
 import torch
 
+from common.attention import triton_backend
 from common.attention.backend import REFERENCE
 from common.attention.metadata import AttentionMetadata
-from kernels import dispatch
-from kernels.dispatch import TRITON
+from common.attention.triton_backend import TRITON
 from tests.helpers.devices import DEVICES
 from tests.kernels.paged_cases import assert_matches_reference, build_paged_case
 
@@ -40,8 +40,8 @@ def mixed_case(step, device, dtype, head_dim, group, block_size, seed):
 def test_triton_mixed_step_matches_unsplit_attention(monkeypatch, device, step, dtype, head_dim, group, block_size):
     calls = []
     for name in ("paged_decode_attention", "prefill_attention"):
-        real = getattr(dispatch, name)
-        monkeypatch.setattr(dispatch, name,
+        real = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name,
                             lambda *args, real=real, name=name, **kwargs: calls.append(name) or real(*args, **kwargs))
     case = mixed_case(step, device, dtype, head_dim, group, block_size, seed=head_dim + group + block_size)
     assert case.metadata.is_mixed and not case.cpu_metadata.is_mixed

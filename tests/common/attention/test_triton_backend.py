@@ -4,12 +4,12 @@ on the CPU (interpreter) and on CUDA (compiled kernels)."""
 import pytest
 import torch
 
-import common.attention  # noqa: F401  (kernels.reference cannot be the first import of the package)
+from common.attention import triton_backend
 from common.attention.backend import REFERENCE, get_attention_backend
 from common.attention.metadata import AttentionMetadata
-from kernels import dispatch
-from kernels.dispatch import TRITON
+from common.attention.triton_backend import TRITON
 from tests.helpers.devices import DEVICES
+from tests.kernels.paged_cases import build_paged_case
 
 NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 4, 64, 16, 12
 # Sequence A: a 40-token prompt in two chunks (24 + 16) then one decode step.
@@ -29,10 +29,9 @@ def test_triton_backend_matches_reference_over_chunked_prefill_and_decode(monkey
     assert backend is TRITON and backend.name == "triton"
     assert get_attention_backend("auto", torch.device(device)) is (TRITON if device == "cuda" else REFERENCE)
     decode_calls = []
-    real_decode = dispatch.paged_decode_attention
-    monkeypatch.setattr(
-        dispatch, "paged_decode_attention", lambda *args: decode_calls.append(1) or real_decode(*args)
-    )
+    real_decode = triton_backend.paged_decode_attention
+    monkeypatch.setattr(triton_backend, "paged_decode_attention",
+                        lambda *args, **kwargs: decode_calls.append(1) or real_decode(*args, **kwargs))
     generator = torch.Generator().manual_seed(11)
     # The reference runs on the CPU (float32 as written, whatever the device's matmul settings).
     reference_pool = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, generator=generator)
@@ -53,3 +52,15 @@ def test_triton_backend_matches_reference_over_chunked_prefill_and_decode(monkey
         expected = REFERENCE.paged_attention(query, reference_pool, cpu_metadata, HEAD_DIM**-0.5)
         torch.testing.assert_close(out.cpu(), expected, atol=2e-5, rtol=1e-4)
     assert decode_calls == [1]  # only the last step is a decode step
+
+
+def test_prefill_path_rejects_a_query_that_does_not_match_the_metadata():
+    case = build_paged_case([5, 7], [5, 20], head_dim=64, num_kv_heads=2, group=2, block_size=16)
+    with pytest.raises(ValueError, match="query has 11 tokens, metadata.query_start_locs ends at 12"):
+        TRITON.prefill_attention(case.query[:11], case.kv_cache, case.metadata, case.scale)
+
+
+def test_decode_path_refuses_a_prefill_step():
+    case = build_paged_case([5, 7], [5, 20], head_dim=64, num_kv_heads=2, group=2, block_size=16)
+    with pytest.raises(ValueError, match="one query token per sequence"):
+        TRITON.decode_attention(case.query, case.kv_cache, case.metadata, case.scale)
