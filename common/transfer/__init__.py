@@ -13,6 +13,8 @@ from typing import Callable
 
 
 from common.transfer.base import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_TIMEOUT_SECONDS,
     Gathered,
     KVBlockSource,
     KVHandle,
@@ -48,7 +50,7 @@ def create_sender(
     on_release: OnRelease,
     host: str | None = None,
     port: int = 0,
-    ack_timeout_seconds: float = 30.0,
+    ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
 ) -> KVSender:
     """A prefill-side sender; `host` is the address receivers dial (default 127.0.0.1, or "fake")."""
     _check_backend(backend)
@@ -62,7 +64,8 @@ def create_sender(
 
 
 def create_receiver(
-    backend: str, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0
+    backend: str, layout: KVLayout, timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+    connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS,
 ) -> KVReceiver:
     """A decode-side receiver for KV laid out as `layout`."""
     _check_backend(backend)

@@ -33,6 +33,9 @@ from common.kv.block_hash import BLOCK_HASH_BYTES
 if TYPE_CHECKING:
     from common.kv.kv_pool import TransferBuffer
 
+TRANSFER_TIMEOUT_SECONDS = 30.0  # default: a pull completes, and its ack reaches the sender, within this
+CONNECT_TIMEOUT_SECONDS = 5.0  # default: a receiver reaches a sender's listener within this
+
 
 class TransferState(enum.Enum):
     """What `KVReceiver.poll` reports for a ticket."""
@@ -404,7 +407,8 @@ class KVSender(abc.ABC):
 class KVReceiver(abc.ABC):
     """Decode side: pulls offered KV into caller-owned tensors. Methods are thread-safe and non-blocking."""
 
-    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
+    def __init__(self, layout: KVLayout, timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+                 connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS) -> None:
         if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
             raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
         self.layout = layout

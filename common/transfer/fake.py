@@ -17,6 +17,7 @@ import torch
 
 from common.transfer import protocol
 from common.transfer.base import (
+    TRANSFER_TIMEOUT_SECONDS,
     Gathered,
     KVHandle,
     KVLayout,
@@ -46,7 +47,7 @@ class FakeKVSender(BookedSender):
         on_release: OnRelease,
         host: str = "fake",
         port: int = 0,
-        ack_timeout_seconds: float = 30.0,
+        ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
     ) -> None:
         super().__init__(layout, gather_blocks, on_release, ack_timeout_seconds)
         with _registry_lock:

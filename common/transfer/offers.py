@@ -34,6 +34,7 @@ from typing import Callable
 
 
 from common.transfer.base import (
+    TRANSFER_TIMEOUT_SECONDS,
     Gathered,
     KVHandle,
     KVInvalidPull,
@@ -67,7 +68,7 @@ class Offer:
 class OfferBook:
     """Thread-safe offers of one sender; every offer is released exactly once."""
 
-    def __init__(self, layout: KVLayout, on_release: OnRelease, ack_timeout_seconds: float = 30.0) -> None:
+    def __init__(self, layout: KVLayout, on_release: OnRelease, ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS) -> None:
         if ack_timeout_seconds <= 0:
             raise ValueError(f"ack_timeout_seconds: must be positive, got {ack_timeout_seconds}")
         self.layout = layout
