@@ -10,6 +10,7 @@ protos' `SamplingParams` messages (`protos/sampling_messages.py`) are all driven
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ def between(low: float, high: float, *, is_low_open: bool = False) -> Bounds:
     return Bounds(f"in [{low}, {high}]", lambda value, _: low <= value <= high)
 
 
+_SCALAR_CHECKS = {int: _is_int, float: _is_number, bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
 # Protobuf scalar type of each Python type a sampling field may have (a list is a repeated field).
 PROTO_TYPES = {float: "float", int: "int32", bool: "bool", str: "string"}
 
@@ -70,7 +72,7 @@ class SamplingField:
     is_engine: bool = True  # False: applied by the frontend alone (stop strings), not a SamplingParams field
     is_internal: bool = False  # set by Tandem itself, never by a user
 
-    @property
+    @functools.cached_property
     def scalar_type(self) -> Any:
         """The type of one value: int for `int | None` and for `list[int]`."""
         if self.is_list:
@@ -78,11 +80,11 @@ class SamplingField:
         args = [arg for arg in getattr(self.python_type, "__args__", ()) if arg is not type(None)]
         return args[0] if args else self.python_type
 
-    @property
+    @functools.cached_property
     def is_list(self) -> bool:
         return getattr(self.python_type, "__origin__", None) is list
 
-    @property
+    @functools.cached_property
     def is_optional(self) -> bool:
         """Whether None is a value (the worker proto then marks it `optional`)."""
         return self.default is None and not self.is_list
@@ -99,9 +101,8 @@ class SamplingField:
         """Raises ValueError starting with the field name when `value` has the wrong type or is out of bounds."""
         if self.is_optional and value is None:
             return
-        expected = self._expected()
         if not self._has_type(value) or (self.bounds is not None and not self._is_within(value, params)):
-            raise ValueError(f"{self.name} must be {expected}, got {value!r}")
+            raise ValueError(f"{self.name} must be {self._expected()}, got {value!r}")
 
     def _is_within(self, value: Any, params: Any) -> bool:
         if self.is_list:
@@ -109,8 +110,7 @@ class SamplingField:
         return self.bounds.contains(value, params)
 
     def _has_type(self, value: Any) -> bool:
-        is_scalar = {int: _is_int, float: _is_number, bool: lambda v: isinstance(v, bool),
-                     str: lambda v: isinstance(v, str)}[self.scalar_type]
+        is_scalar = _SCALAR_CHECKS[self.scalar_type]
         if self.is_list:
             return isinstance(value, (list, tuple)) and all(is_scalar(item) for item in value)
         return is_scalar(value)

@@ -90,9 +90,7 @@ class SamplingParams:
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing else to compute: the token is the argmax of the raw logits."""
-        return self.temperature == 0 and all(
-            getattr(self, row.name) == row.default for row in ENGINE_FIELDS if row.changes_greedy
-        )
+        return self.temperature == 0 and all(getattr(self, name) == default for name, default in _GREEDY_CHANGERS)
 
     @property
     def has_penalties(self) -> bool:
@@ -112,3 +110,5 @@ STOP_STRINGS = SamplingField(
     "stop", list[str], [], None, "Strings that end generation, matched in the text by the frontend; the "
     "matched string is not included in the output", generation=10, openai="stop", is_engine=False)
 SAMPLING_FIELDS: tuple[SamplingField, ...] = (*ENGINE_FIELDS, STOP_STRINGS)
+# (name, default) of the rows whose other values send even a greedy row through the sampler
+_GREEDY_CHANGERS = tuple((row.name, row.default) for row in ENGINE_FIELDS if row.changes_greedy)
