@@ -23,9 +23,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.engine.args import add_engine_args, engine_config_from_args
-from common.engine.sampling_params import SamplingParams
+from common.engine.sampling_params import DEFAULT_REQUEST_MAX_TOKENS, SamplingParams
 
-DEFAULT_MAX_TOKENS = 256
 PROMPT_FIELDS = ("prompt", "messages")
 
 
@@ -64,7 +63,7 @@ def parse_line(line_number: int, text: str) -> OfflineRequest:
     if messages is not None and (not isinstance(messages, list) or not messages):
         raise InputError(f"line {line_number}: field 'messages' must be a non-empty list of chat messages")
     sampling = {name: value for name, value in record.items() if name in sampling_fields}
-    sampling.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    sampling.setdefault("max_tokens", DEFAULT_REQUEST_MAX_TOKENS)
     try:
         params = SamplingParams(**sampling)
     except (ValueError, TypeError) as error:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from common.engine.kv_budget import KV_ROLES
+from common.model.formats import DTYPE_NAMES, LOAD_FORMATS
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *DTYPE_NAMES)
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB when nothing else says how big the CPU pool is
 

@@ -29,6 +29,7 @@ import torch
 
 from common.attention import AttentionMetadata
 from common.engine.decode_inputs import DecodeBatch, DecodeInputBuffers, field_views
+from common.kv.block_count import num_blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class DecodeForward:
     def __call__(self, num_rows: int, plan_context_len: int) -> torch.Tensor:  # -> [num_rows, V] fp32
         """Runs the rows currently in the buffers; attention plans for contexts up to plan_context_len."""
         input_ids, positions, slot_mapping, context_lens, table_rows = field_views(self.buffers.flat, num_rows)
-        width = -(-plan_context_len // self.buffers.block_size)
+        width = num_blocks_for(plan_context_len, self.buffers.block_size)
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping,
             query_start_locs=self.query_start_locs[: num_rows + 1],

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.kv.block_count import num_blocks_for
+
 KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")  # vLLM's KVTransferConfig.kv_role names
 PRODUCER_HELD_STEPS = 4  # prefill steps' worth of hand-offs a producer holds while they wait to be pulled
 _GIB = 2**30
@@ -69,8 +71,8 @@ def producer_max_num_kv_tokens(max_num_batched_tokens: int, max_num_seqs: int, m
     """What a prefill worker holds at most: PRODUCER_HELD_STEPS steps of hand-offs awaiting their pull
     (each step's prompts fill at most ceil(batched / block) blocks plus one partial block per prompt),
     plus one prompt of max_model_len being prefilled across steps."""
-    blocks_per_step = -(-max_num_batched_tokens // block_size) + max_num_seqs
-    return (PRODUCER_HELD_STEPS * blocks_per_step + -(-max_model_len // block_size)) * block_size
+    blocks_per_step = num_blocks_for(max_num_batched_tokens, block_size) + max_num_seqs
+    return (PRODUCER_HELD_STEPS * blocks_per_step + num_blocks_for(max_model_len, block_size)) * block_size
 
 
 def num_kv_blocks(kv_bytes: int, bytes_per_block: int, block_size: int, max_model_len: int,
@@ -81,7 +83,7 @@ def num_kv_blocks(kv_bytes: int, bytes_per_block: int, block_size: int, max_mode
         raise ValueError(f"KV bytes must be >= 0 and bytes per block > 0, got {kv_bytes}, {bytes_per_block}")
     num_blocks = kv_bytes // bytes_per_block
     if max_num_kv_tokens is not None:
-        num_blocks = min(num_blocks, -(-max_num_kv_tokens // block_size))
+        num_blocks = min(num_blocks, num_blocks_for(max_num_kv_tokens, block_size))
     if num_blocks * block_size < max_model_len:
         raise ValueError(
             f"the KV pool holds {num_blocks} blocks x {block_size} tokens, fewer than max_model_len "

@@ -42,6 +42,7 @@ from common.engine.kv_budget import MemoryProfile
 from common.engine.sampler import Sampler, SamplingRow
 from common.engine.scheduler import SampledToken, SchedulerPlan
 from common.engine.sequence import PLACEHOLDER_TOKEN_ID, Sequence, needs_host_tokens
+from common.kv.block_count import num_blocks_for
 from common.kv.kv_pool import KVPool
 from common.kv.layout import KVLayout
 
@@ -82,7 +83,7 @@ class ModelRunner:
         max_model_len = max_model_len or model.config.max_position_embeddings
         scratch_block_id = kv_pool.num_blocks - 1 if scratch_block_id is None else scratch_block_id
         self.decode_buffers = DecodeInputBuffers(
-            max_num_seqs, -(-max_model_len // self.block_size), self.block_size, scratch_block_id, device
+            max_num_seqs, num_blocks_for(max_model_len, self.block_size), self.block_size, scratch_block_id, device
         )
         self.decode_forward = DecodeForward(model, kv_pool.kv, self.decode_buffers, model.config.vocab_size)
         # Launched steps copy their tokens here, in turn: at most two steps are in flight.
@@ -300,7 +301,7 @@ def _forward_peak_bytes(model, layout: KVLayout, device: torch.device, lengths: 
     torch.cuda.reset_peak_memory_stats(device)
     tables, num_blocks = [], 0
     for length in lengths:
-        count = -(-length // layout.block_size)
+        count = num_blocks_for(length, layout.block_size)
         tables.append(list(range(num_blocks, num_blocks + count)))
         num_blocks += count
     pool = torch.zeros(layout.block_shape(num_blocks), dtype=layout.torch_dtype, device=device)

@@ -60,6 +60,7 @@ from common.engine.sequence import (
     needs_host_tokens,
 )
 from common.kv.block_allocator import BlockAllocator, OutOfKVBlocks
+from common.kv.block_count import num_blocks_for
 from common.kv.block_hash import extend_block_hashes
 from common.kv.prefix_cache import PrefixCache
 
@@ -429,7 +430,7 @@ class Scheduler:
         if self.prefix_cache is not None:
             num_lookup_blocks = min((num_prompt_tokens - 1) // block_size, len(block_hashes))
             cached_block_ids = self.prefix_cache.lookup(block_hashes[:num_lookup_blocks])
-        num_new_blocks = -(-num_prompt_tokens // block_size) - len(cached_block_ids)
+        num_new_blocks = num_blocks_for(num_prompt_tokens, block_size) - len(cached_block_ids)
         num_revived = sum(1 for block_id in cached_block_ids if self.allocator.ref_count(block_id) == 0)
         if not self.allocator.can_allocate(num_new_blocks + num_revived):
             raise OutOfKVBlocks(num_new_blocks + num_revived, self.allocator.num_free_blocks)

@@ -33,6 +33,7 @@ import enum
 from dataclasses import dataclass
 
 from common.engine.sampling_params import SamplingParams
+from common.kv.block_count import num_blocks_for
 
 PLACEHOLDER_TOKEN_ID = -1  # a token sampled by a step still in flight (never a vocabulary id)
 
@@ -117,7 +118,7 @@ class Sequence:
 
     def num_blocks_needed(self, num_tokens: int, block_size: int) -> int:
         """Extra blocks needed so that the block table covers `num_tokens` positions."""
-        return max(0, -(-num_tokens // block_size) - len(self.block_table))
+        return max(0, num_blocks_for(num_tokens, block_size) - len(self.block_table))
 
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         self.token_ids.append(token_id)

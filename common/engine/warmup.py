@@ -37,6 +37,7 @@ import torch
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SchedulerPlan
 from common.engine.sequence import Sequence
+from common.kv.block_count import num_blocks_for
 from common.model.layers import GEMV_MAX_ROWS
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _plan(engine, step_index: int, queries: list[WarmupQuery]) -> SchedulerPlan:
     for index, query in enumerate(queries):
         token_ids = [(31 * position + 7 * index + 3) % vocab_size for position in range(query.context_len)]
         seq = Sequence(f"warm-up-{step_index}-{index}", token_ids, query.params)
-        seq.block_table = [scratch_block_id] * -(-query.context_len // block_size)
+        seq.block_table = [scratch_block_id] * num_blocks_for(query.context_len, block_size)
         seq.num_computed_tokens = query.context_len - query.query_len
         if query.is_decode:
             plan.add_decode(seq)

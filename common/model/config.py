@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from common.model.formats import DTYPE_NAMES, canonical_dtype_name
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,8 @@ def _eos_token_ids(hf: dict[str, Any], generation: dict[str, Any]) -> tuple[int,
 def _dtype_name(value: Any) -> str | None:
     if value is None:
         return None
-    name = str(value).removeprefix("torch.")
-    aliases = {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    name = aliases.get(name, name)
-    if name not in DTYPE_NAMES:
+    name = canonical_dtype_name(value)
+    if name is None:
         raise ValueError(f"config dtype {value!r} is not supported (supported: {DTYPE_NAMES})")
     return name
 

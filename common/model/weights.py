@@ -17,14 +17,11 @@ from tqdm.auto import tqdm
 
 from common.attention import AttentionBackend, get_attention_backend
 from common.model.config import ModelConfig
+from common.model.formats import DTYPE_ALIASES, DTYPE_NAMES, LOAD_FORMATS, canonical_dtype_name
 from common.model.llama import LlamaForCausalLM
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+# every accepted dtype name (aliases included) -> its torch dtype
+DTYPES = {name: getattr(torch, canonical_dtype_name(name)) for name in (*DTYPE_NAMES, *DTYPE_ALIASES)}
 PROGRESS_MIN_BYTES = 256 * 2**20  # smaller checkpoints load in well under a second: no bar
 
 

@@ -24,7 +24,13 @@ from common.transfer.errors import (
     KVTransferNotFound,
     KVTransferTimeout,
 )
-from common.transfer.handle import KVHandle, TransferStats, new_transfer_id
+from common.transfer.handle import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_TIMEOUT_SECONDS,
+    KVHandle,
+    TransferStats,
+    new_transfer_id,
+)
 
 if TYPE_CHECKING:
     from common.transfer.base import Gathered, KVReceiver, KVSender, OnRelease
@@ -46,7 +52,7 @@ def create_sender(
     on_release: OnRelease,
     host: str | None = None,
     port: int = 0,
-    ack_timeout_seconds: float = 30.0,
+    ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
 ) -> KVSender:
     """A prefill-side sender; `host` is the address receivers dial (default 127.0.0.1, or "fake")."""
     _check_backend(backend)
@@ -60,7 +66,8 @@ def create_sender(
 
 
 def create_receiver(
-    backend: str, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0
+    backend: str, layout: KVLayout, timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+    connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS,
 ) -> KVReceiver:
     """A decode-side receiver for KV laid out as `layout`."""
     _check_backend(backend)
@@ -75,6 +82,8 @@ def create_receiver(
 
 __all__ = [
     "BACKENDS",
+    "CONNECT_TIMEOUT_SECONDS",
+    "TRANSFER_TIMEOUT_SECONDS",
     "KVHandle",
     "KVInvalidPull",
     "KVLayout",

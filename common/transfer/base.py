@@ -28,10 +28,17 @@ import torch
 
 from common.kv.layout import KVLayout
 from common.transfer.errors import KVTransferError, KVTransferTimeout
-from common.transfer.handle import KVHandle, TransferStats, split_address
+from common.transfer.handle import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_TIMEOUT_SECONDS,
+    KVHandle,
+    TransferStats,
+    split_address,
+)
 
 if TYPE_CHECKING:
     from common.kv.kv_pool import TransferBuffer
+
 
 
 class TransferState(enum.Enum):
@@ -196,7 +203,8 @@ class KVSender(abc.ABC):
 class KVReceiver(abc.ABC):
     """Decode side: pulls offered KV into caller-owned tensors. Methods are thread-safe and non-blocking."""
 
-    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
+    def __init__(self, layout: KVLayout, timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+                 connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS) -> None:
         if timeout_seconds <= 0 or connect_timeout_seconds <= 0:
             raise ValueError("timeout_seconds and connect_timeout_seconds must be positive")
         self.layout = layout

@@ -19,7 +19,7 @@ from common.kv.layout import KVLayout
 from common.transfer import protocol
 from common.transfer.base import Gathered, KVReceiver, OnRelease, TransferTicket, check_gathered, gathered_tensor
 from common.transfer.errors import KVTransferError, KVTransferTimeout
-from common.transfer.handle import KVHandle, TransferStats
+from common.transfer.handle import TRANSFER_TIMEOUT_SECONDS, KVHandle, TransferStats
 from common.transfer.offers import BookedSender
 
 _registry: dict[str, "FakeKVSender"] = {}
@@ -37,7 +37,7 @@ class FakeKVSender(BookedSender):
         on_release: OnRelease,
         host: str = "fake",
         port: int = 0,
-        ack_timeout_seconds: float = 30.0,
+        ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
     ) -> None:
         super().__init__(layout, gather_blocks, on_release, ack_timeout_seconds)
         with _registry_lock:

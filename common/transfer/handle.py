@@ -14,6 +14,10 @@ from common.kv.block_hash import BLOCK_HASH_BYTES
 from common.kv.layout import KVLayout
 
 
+TRANSFER_TIMEOUT_SECONDS = 30.0  # default: a pull completes, and its ack reaches the sender, within this
+CONNECT_TIMEOUT_SECONDS = 5.0  # default: a receiver reaches a sender's listener within this
+
+
 def new_transfer_id() -> str:
     """A random 128-bit transfer id as 32 lowercase hex chars."""
     return secrets.token_hex(16)

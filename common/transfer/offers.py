@@ -43,7 +43,13 @@ from common.transfer.errors import (
     KVTransferError,
     KVTransferNotFound,
 )
-from common.transfer.handle import KVHandle, TransferStats, check_block_hashes, check_transfer_id
+from common.transfer.handle import (
+    TRANSFER_TIMEOUT_SECONDS,
+    KVHandle,
+    TransferStats,
+    check_block_hashes,
+    check_transfer_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,8 @@ class Offer:
 class OfferBook:
     """Thread-safe offers of one sender; every offer is released exactly once."""
 
-    def __init__(self, layout: KVLayout, on_release: OnRelease, ack_timeout_seconds: float = 30.0) -> None:
+    def __init__(self, layout: KVLayout, on_release: OnRelease,
+                 ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS) -> None:
         if ack_timeout_seconds <= 0:
             raise ValueError(f"ack_timeout_seconds: must be positive, got {ack_timeout_seconds}")
         self.layout = layout

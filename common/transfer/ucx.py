@@ -35,7 +35,13 @@ from common.kv.layout import KVLayout
 from common.transfer import protocol
 from common.transfer.base import Gathered, KVReceiver, OnRelease, TransferTicket, as_bytes, check_gathered
 from common.transfer.errors import KVTransferError, KVTransferTimeout
-from common.transfer.handle import KVHandle, TransferStats, split_address
+from common.transfer.handle import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_TIMEOUT_SECONDS,
+    KVHandle,
+    TransferStats,
+    split_address,
+)
 from common.transfer.offers import BookedSender, Offer
 from common.transfer.ucx_runtime import UcxRuntime, endpoint_transport, ucx_buffer
 
@@ -70,7 +76,7 @@ class UcxKVSender(BookedSender):
         on_release: OnRelease,
         host: str = "127.0.0.1",
         port: int = 0,
-        ack_timeout_seconds: float = 30.0,
+        ack_timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
     ) -> None:
         if not 0 <= port < 65536:
             raise ValueError(f"port: must be in [0, 65535], got {port}")
@@ -228,7 +234,8 @@ class UcxKVReceiver(KVReceiver):
     no late bytes land in the destination); other pulls on that endpoint fail with it.
     """
 
-    def __init__(self, layout: KVLayout, timeout_seconds: float = 30.0, connect_timeout_seconds: float = 5.0) -> None:
+    def __init__(self, layout: KVLayout, timeout_seconds: float = TRANSFER_TIMEOUT_SECONDS,
+                 connect_timeout_seconds: float = CONNECT_TIMEOUT_SECONDS) -> None:
         super().__init__(layout, timeout_seconds, connect_timeout_seconds)
         self._runtime = UcxRuntime.get()
         self._endpoints: dict[str, Any] = {}  # loop thread only

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.engine.sampling_params import SamplingParams
+from common.engine.sampling_params import ENGINE_FIELDS, SamplingParams
 from common.engine.sequence import TokenLogprobs
 from common.kv.layout import KVLayout
 from common.transfer.handle import KVHandle, TransferStats
@@ -23,25 +23,18 @@ FINISH_REASON_TO_PB = {
 FINISH_REASON_FROM_PB = {value: key for key, value in FINISH_REASON_TO_PB.items()}
 
 
+# The fields worker.proto's SamplingParams carries, from the table of sampling parameters.
+_WORKER_SAMPLING_FIELDS = tuple(row for row in ENGINE_FIELDS if row.worker is not None)
+
+
 def sampling_to_pb(params: SamplingParams) -> worker_pb2.SamplingParams:
-    pb = worker_pb2.SamplingParams(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty,
-        frequency_penalty=params.frequency_penalty,
-        presence_penalty=params.presence_penalty,
-        stop_token_ids=params.stop_token_ids,
-        ignore_eos=params.ignore_eos,
-        min_tokens=params.min_tokens,
-        num_output_tokens_before=params.num_output_tokens_before,
-    )
-    if params.seed is not None:
-        pb.seed = params.seed
-    if params.logprobs is not None:
-        pb.logprobs = params.logprobs
+    pb = worker_pb2.SamplingParams()
+    for row in _WORKER_SAMPLING_FIELDS:
+        value = getattr(params, row.name)
+        if row.is_list:
+            getattr(pb, row.name).extend(value)
+        elif value is not None:
+            setattr(pb, row.name, value)
     return pb
 
 
@@ -51,23 +44,14 @@ def sampling_from_pb(pb: worker_pb2.SamplingParams, num_prompt_tokens: int | Non
     if num_prompt_tokens is not None and not 0 <= pb.num_output_tokens_before < num_prompt_tokens:
         raise ValueError(f"sampling.num_output_tokens_before must be in [0, {num_prompt_tokens}) (the prompt "
                          f"ends with them), got {pb.num_output_tokens_before}")
+    values = {}
+    for row in _WORKER_SAMPLING_FIELDS:
+        if row.is_list:
+            values[row.name] = list(getattr(pb, row.name))
+        elif not row.is_optional or pb.HasField(row.name):
+            values[row.name] = getattr(pb, row.name)
     try:
-        return SamplingParams(
-            max_tokens=pb.max_tokens,
-            temperature=pb.temperature,
-            top_p=pb.top_p,
-            top_k=pb.top_k,
-            min_p=pb.min_p,
-            seed=pb.seed if pb.HasField("seed") else None,
-            repetition_penalty=pb.repetition_penalty,
-            frequency_penalty=pb.frequency_penalty,
-            presence_penalty=pb.presence_penalty,
-            stop_token_ids=list(pb.stop_token_ids),
-            ignore_eos=pb.ignore_eos,
-            min_tokens=pb.min_tokens,
-            logprobs=pb.logprobs if pb.HasField("logprobs") else None,
-            num_output_tokens_before=pb.num_output_tokens_before,
-        )
+        return SamplingParams(**values)
     except ValueError as exc:
         raise ValueError(f"sampling.{exc}") from exc
 

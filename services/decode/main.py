@@ -16,7 +16,7 @@ import argparse
 import contextlib
 
 from common.engine.args import parse_memory_size
-from common.transfer.handle import split_address
+from common.transfer.handle import TRANSFER_TIMEOUT_SECONDS, split_address
 from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
 from services.common.worker_setup import create_receiver, kv_layout
@@ -35,15 +35,18 @@ def _add_decode_args(parser: argparse.ArgumentParser) -> None:
 
 def add_handoff_args(parser: argparse.ArgumentParser) -> None:
     """The flags of a worker that takes KV hand-offs (`tandem decode` and `tandem worker`)."""
-    parser.add_argument("--kv-transfer-timeout-seconds", type=float, default=float(env("KV_TRANSFER_TIMEOUT_SECONDS", "30")),
+    defaults = DecodeLimits()
+    parser.add_argument("--kv-transfer-timeout-seconds", type=float,
+                        default=float(env("KV_TRANSFER_TIMEOUT_SECONDS", TRANSFER_TIMEOUT_SECONDS)),
                         help="fail a KV pull that takes longer")
-    parser.add_argument("--max-num-admitting", type=int, default=int(env("MAX_NUM_ADMITTING", "1024")),
+    parser.add_argument("--max-num-admitting", type=int,
+                        default=int(env("MAX_NUM_ADMITTING", defaults.max_num_admitting)),
                         help="hand-offs waiting for free KV blocks before RESOURCE_EXHAUSTED")
     parser.add_argument("--kv-admission-timeout-seconds", type=float,
-                        default=float(env("KV_ADMISSION_TIMEOUT_SECONDS", "30")),
+                        default=float(env("KV_ADMISSION_TIMEOUT_SECONDS", defaults.admission_timeout_seconds)),
                         help="longest wait for free KV blocks before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-kv-receiving-bytes", type=parse_memory_size,
-                        default=parse_memory_size(env("MAX_KV_RECEIVING_BYTES", "2GiB")),
+                        default=parse_memory_size(env("MAX_KV_RECEIVING_BYTES", str(defaults.max_receiving_bytes))),
                         help="KV bytes pulled at once (receive buffers live outside the KV pool's budget)")
     parser.add_argument("--allowed-kv-senders", default=env("ALLOWED_KV_SENDERS"), metavar="HOST:PORT,...",
                         help="pull KV only from these prefill KV addresses; 'none' refuses every hand-off "

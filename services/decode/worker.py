@@ -38,6 +38,7 @@ from opentelemetry import trace
 from common import tracing
 from common.engine.outputs import RequestOutput
 from common.kv import OutOfKVBlocks
+from common.kv.block_count import num_blocks_for
 from common.kv.block_hash import full_block_hashes
 from common.tracing import Attr, SpanName, kv_reuse_attributes
 from common.transfer.base import KVReceiver, TransferState
@@ -105,7 +106,7 @@ class DecodeWorker:
         mismatch = job.handle.layout.describe_mismatch(self.layout, "prefill", "decode")
         if mismatch:
             raise KVLayoutMismatch(f"KV layout mismatch: {mismatch}")
-        num_blocks = -(-len(job.prompt_token_ids) // self.layout.block_size)
+        num_blocks = num_blocks_for(len(job.prompt_token_ids), self.layout.block_size)
         if job.handle.num_tokens != len(job.prompt_token_ids) or job.handle.num_blocks != num_blocks:
             raise InvalidRequest(
                 "kv_handle", f"holds {job.handle.num_tokens} tokens in {job.handle.num_blocks} blocks, the prompt "

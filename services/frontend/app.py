@@ -50,7 +50,12 @@ from services.frontend.router import Router
 from services.frontend.router_metrics import RouterMetrics
 from services.frontend.routing_policy import DEFAULT_ROUTER_MODE, RouterMode, RoutingConfig, parse_router_mode
 from services.frontend.text_stream import TextStream
-from services.frontend.validation import GenerateInput, fit_to_context, parse_generate_request
+from services.frontend.validation import (
+    DEFAULT_MAX_PROMPT_CHARS,
+    GenerateInput,
+    fit_to_context,
+    parse_generate_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ class FrontendConfig:
     migration_limit: int = 3  # times a request may move off a lost decode worker mid-stream; 0 = never
     api_key: str | None = None  # when set, every Generation RPC and /v1 call must carry "Bearer <api_key>"
     max_request_bytes: int = 4 * 1024 * 1024  # HTTP request body, refused with 413 before it is parsed
-    max_prompt_chars: int = 1_000_000  # text / chat characters (or prompt token ids), before tokenization
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # text / chat characters (or prompt token ids), before tokenization
     max_n: int = 8  # choices per prompt of an HTTP request (vLLM-like)
     max_output_tokens: int | None = None  # largest max_tokens a request may ask for; None = max_model_len
     tls: ServerTLS | None = None  # the gRPC and HTTP listeners' TLS; None = plaintext

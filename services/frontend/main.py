@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 
@@ -35,7 +36,7 @@ from services.common.server import configure_process, start_server, wait_for_shu
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.discovery import DEFAULT_REFRESH_SECONDS
 from services.frontend.openai.server import start_http_server
-from services.frontend.routing_policy import DEFAULT_ROUTER_MODE, RouterMode
+from services.frontend.routing_policy import RouterMode
 from services.frontend.servicer import GenerationServicer, add_generation_servicer
 
 logger = logging.getLogger("tandem.frontend")
@@ -51,7 +52,14 @@ def _addresses(text: str | None) -> list[str]:
     return [a.strip() for a in (text or "").split(",") if a.strip()]
 
 
+def _config_defaults() -> dict:
+    """FrontendConfig's defaults, which the flags fall back to."""
+    return {field.name: field.default for field in dataclasses.fields(FrontendConfig)
+            if field.default is not dataclasses.MISSING}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    defaults = _config_defaults()
     parser = argparse.ArgumentParser(prog="tandem frontend", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--prefill-addresses", default=_env("PREFILL_ADDRESSES"),
                         help="comma-separated host:port of prefill workers (env TANDEM_PREFILL_ADDRESSES)")
@@ -69,26 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
                         default=float(_env("DISCOVERY_REFRESH_SECONDS", str(DEFAULT_REFRESH_SECONDS))),
                         help="how often discovery resolves or re-reads its sources (env "
                              "TANDEM_DISCOVERY_REFRESH_SECONDS)")
-    parser.add_argument("--max-local-prefill-length", type=int, default=int(_env("MAX_LOCAL_PREFILL_LENGTH", "0")),
+    parser.add_argument("--max-local-prefill-length", type=int,
+                        default=int(_env("MAX_LOCAL_PREFILL_LENGTH", defaults["max_local_prefill_length"])),
                         help="conditional disaggregation: a prompt of at most this many tokens skips the prefill "
                              "workers when a decode worker has room for it, and that worker prefills it "
                              "(env TANDEM_MAX_LOCAL_PREFILL_LENGTH; 0 = never while prefill workers exist)")
-    parser.add_argument("--host", default=_env("HOST", "0.0.0.0"))
-    parser.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
+    parser.add_argument("--host", default=_env("HOST", defaults["host"]))
+    parser.add_argument("--port", type=int, default=int(_env("PORT", defaults["port"])))
     parser.add_argument("--model", default=_env("MODEL"), help="model whose tokenizer to use; default: embedded SmolLM2")
     parser.add_argument("--load-format", default=_env("LOAD_FORMAT", "auto"))
-    parser.add_argument("--max-num-requests", type=int, default=int(_env("MAX_NUM_REQUESTS", "1024")))
-    parser.add_argument("--stats-refresh-seconds", type=float, default=float(_env("STATS_REFRESH_SECONDS", "0.5")))
+    parser.add_argument("--max-num-requests", type=int,
+                        default=int(_env("MAX_NUM_REQUESTS", defaults["max_num_requests"])))
+    parser.add_argument("--stats-refresh-seconds", type=float,
+                        default=float(_env("STATS_REFRESH_SECONDS", defaults["stats_refresh_seconds"])))
     parser.add_argument("--router-mode", choices=[m.value for m in RouterMode],
-                        default=_env("ROUTER_MODE", DEFAULT_ROUTER_MODE.value),
+                        default=_env("ROUTER_MODE", RouterMode(defaults["router_mode"]).value),
                         help="how workers are picked (env TANDEM_ROUTER_MODE): kv (default) = the least expected "
                              "work counting each worker's cached prefix, load = the least loaded, round-robin, "
                              "random")
     parser.add_argument("--kv-overlap-score-weight", type=float,
-                        default=float(_env("KV_OVERLAP_SCORE_WEIGHT", "1.0")),
+                        default=float(_env("KV_OVERLAP_SCORE_WEIGHT", defaults["kv_overlap_score_weight"])),
                         help="kv router: how much one cached prompt token (decode: block) counts against one "
                              "queued on the worker (env TANDEM_KV_OVERLAP_SCORE_WEIGHT; 0 = load only)")
-    parser.add_argument("--migration-limit", type=int, default=int(_env("MIGRATION_LIMIT", "3")),
+    parser.add_argument("--migration-limit", type=int,
+                        default=int(_env("MIGRATION_LIMIT", defaults["migration_limit"])),
                         help="times a request may move to other workers when its decode worker is lost "
                              "mid-stream (env TANDEM_MIGRATION_LIMIT; 0 = off)")
     parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000")),
@@ -97,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=_env("API_KEY"),
                         help="require 'Authorization: Bearer <key>' on HTTP and gRPC (env TANDEM_API_KEY); "
                              "health checks stay open")
-    parser.add_argument("--max-request-bytes", type=int, default=int(_env("MAX_REQUEST_BYTES", str(4 * 1024 * 1024))),
+    parser.add_argument("--max-request-bytes", type=int,
+                        default=int(_env("MAX_REQUEST_BYTES", defaults["max_request_bytes"])),
                         help="largest HTTP request body; larger ones get 413 (env TANDEM_MAX_REQUEST_BYTES)")
-    parser.add_argument("--max-prompt-chars", type=int, default=int(_env("MAX_PROMPT_CHARS", "1000000")),
+    parser.add_argument("--max-prompt-chars", type=int,
+                        default=int(_env("MAX_PROMPT_CHARS", defaults["max_prompt_chars"])),
                         help="longest prompt in characters (or token ids), refused before tokenization")
-    parser.add_argument("--max-n", type=int, default=int(_env("MAX_N", "8")), help="most choices per prompt (HTTP n)")
+    parser.add_argument("--max-n", type=int,
+                        default=int(_env("MAX_N", defaults["max_n"])), help="most choices per prompt (HTTP n)")
     parser.add_argument("--max-output-tokens", type=int, default=_env("MAX_OUTPUT_TOKENS"),
                         help="largest max_tokens a request may ask for (default: max_model_len)")
     add_server_tls_args(parser, "gRPC and HTTP")

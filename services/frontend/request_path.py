@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from common.kv.block_count import num_blocks_for
 from services.common.worker_messages import WorkerStatsData
 
 
@@ -52,7 +53,7 @@ def has_room(stats: WorkerStatsData | None, num_prompt_tokens: int) -> bool:
     (hand-offs for blocks, prompts for a step), and its free blocks hold the prompt plus token #1."""
     if stats is None or stats.layout is None or stats.num_waiting > 0:
         return False
-    num_blocks_needed = -(-(num_prompt_tokens + 1) // stats.layout.block_size)
+    num_blocks_needed = num_blocks_for(num_prompt_tokens + 1, stats.layout.block_size)
     return stats.num_free_blocks >= num_blocks_needed
 
 

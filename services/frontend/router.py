@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry import trace
 
+from common.kv.block_count import num_blocks_for
 from common.tls import ClientTLS
 from protos import worker_pb2, worker_pb2_grpc
 from services.common.errors import Unavailable
@@ -262,7 +263,7 @@ class Router:
         index = choose(candidates, self.routing, next(self._turns[role]), self._rng)
         worker = healthy[index]
         if role == "decode":
-            worker.num_blocks_routed_since_stats += _num_blocks(len(prompt_token_ids), worker.block_size)
+            worker.num_blocks_routed_since_stats += num_blocks_for(len(prompt_token_ids), worker.block_size)
         if is_cache_aware:
             if worker.cache_view.has_published_keys:
                 worker.cache_view.predict(prompt.for_block_size(worker.block_size))
@@ -301,10 +302,6 @@ def _has_running_loop() -> bool:
     return True
 
 
-def _num_blocks(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 def _cached_tokens(num_prompt_tokens: int, num_cached_blocks: int, block_size: int) -> int:
     """Prompt tokens a worker holding `num_cached_blocks` leading blocks would not compute (the engine
     always computes at least the last one)."""
@@ -323,7 +320,7 @@ def _prefill_candidate(worker: WorkerHandle, num_prompt_tokens: int, num_cached_
 def _decode_candidate(worker: WorkerHandle, num_prompt_tokens: int, num_cached_blocks: int) -> Candidate:
     num_used_blocks = worker.stats.num_used_blocks if worker.stats else 0
     return Candidate(
-        num_uncached=max(0, _num_blocks(num_prompt_tokens, worker.block_size) - num_cached_blocks),
+        num_uncached=max(0, num_blocks_for(num_prompt_tokens, worker.block_size) - num_cached_blocks),
         num_pending=max(0, num_used_blocks) + worker.num_blocks_routed_since_stats,
         load_key=worker.decode_score(),
     )

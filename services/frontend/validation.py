@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
-from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from common.engine.sampling_params import ENGINE_FIELDS, SamplingParams
 from protos import generation_pb2
 from services.common.errors import InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024  # each stop string (the matcher holds back up to this much text)
 MAX_REQUEST_ID_LENGTH = 256
@@ -115,10 +114,38 @@ def parse_prompt(request: generation_pb2.GenerateRequest, vocab_size: int,
     return PromptInput("token_ids", token_ids=token_ids)
 
 
+# The engine fields generation.proto's SamplingParams carries, from the table of sampling parameters.
+_PUBLIC_SAMPLING_FIELDS = tuple(row for row in ENGINE_FIELDS if row.generation is not None)
+
+
 def _check_finite(pb: generation_pb2.SamplingParams) -> None:
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
-        if pb.HasField(name) and not math.isfinite(getattr(pb, name)):
-            raise InvalidRequest(f"sampling.{name}", f"must be a finite number, got {getattr(pb, name)}")
+    for row in _PUBLIC_SAMPLING_FIELDS:
+        if row.scalar_type is float and pb.HasField(row.name) and not math.isfinite(getattr(pb, row.name)):
+            raise InvalidRequest(f"sampling.{row.name}", f"must be a finite number, got {getattr(pb, row.name)}")
+
+
+def _check_stop_strings(pb: generation_pb2.SamplingParams) -> None:
+    if len(pb.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(pb.stop)}")
+    for index, stop in enumerate(pb.stop):
+        if not stop:
+            raise InvalidRequest(f"sampling.stop[{index}]", "stop strings must not be empty")
+        if len(stop) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequest(f"sampling.stop[{index}]", f"at most {MAX_STOP_STRING_CHARS} characters, "
+                                                            f"got {len(stop)}")
+
+
+def _given_values(pb: generation_pb2.SamplingParams) -> dict:
+    """The engine fields the request sets, and the frontend's value of those it leaves out."""
+    values = {}
+    for row in _PUBLIC_SAMPLING_FIELDS:
+        if row.is_list:
+            values[row.name] = list(getattr(pb, row.name))
+        elif pb.HasField(row.name):
+            values[row.name] = getattr(pb, row.name)
+        elif row.request_default is not None:
+            values[row.name] = row.request_default
+    return values
 
 
 def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int,
@@ -130,31 +157,12 @@ def parse_sampling(pb: generation_pb2.SamplingParams, vocab_size: int,
     if pb.HasField("max_tokens") and max_tokens_limit is not None and pb.max_tokens > max_tokens_limit:
         raise InvalidRequest("sampling.max_tokens", f"must be <= {max_tokens_limit} (this server's limit), "
                                                     f"got {pb.max_tokens}")
-    if pb.HasField("logprobs") and not 0 <= pb.logprobs <= MAX_LOGPROBS:
-        raise InvalidRequest("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {pb.logprobs}")
     for index, token_id in enumerate(pb.stop_token_ids):
         if not 0 <= token_id < vocab_size:
             raise InvalidRequest(f"sampling.stop_token_ids[{index}]", f"{token_id} is outside [0, {vocab_size})")
-    if len(pb.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest("sampling.stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(pb.stop)}")
-    for index, stop in enumerate(pb.stop):
-        if not stop:
-            raise InvalidRequest(f"sampling.stop[{index}]", "stop strings must not be empty")
-        if len(stop) > MAX_STOP_STRING_CHARS:
-            raise InvalidRequest(f"sampling.stop[{index}]", f"at most {MAX_STOP_STRING_CHARS} characters, "
-                                                            f"got {len(stop)}")
-    values = {
-        name: getattr(pb, name)
-        for name in (
-            "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
-            "frequency_penalty", "presence_penalty", "ignore_eos", "min_tokens", "logprobs",
-        )
-        if pb.HasField(name)
-    }
-    values.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    values["stop_token_ids"] = list(pb.stop_token_ids)
+    _check_stop_strings(pb)
     try:
-        sampling = SamplingParams(**values)
+        sampling = SamplingParams(**_given_values(pb))
     except ValueError as exc:  # the engine's message starts with the field name
         message = str(exc)
         name = message.split(" ", 1)[0]

@@ -16,7 +16,7 @@ from services.common.observability import Observability
 from services.common.worker_cli import StartWorker, WorkerParts, WorkerRole, build_worker_parser, env, run_worker
 from services.common.worker_setup import create_sender
 from services.prefill.servicer import PrefillServicer
-from services.prefill.worker import PrefillWorker
+from services.prefill.worker import DEFAULT_KV_LEASE_SECONDS, DEFAULT_MAX_NUM_WAITING, PrefillWorker
 
 
 def _add_prefill_args(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,10 @@ def _add_prefill_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(kv_role="kv_producer")
     parser.add_argument("--kv-port", type=int, default=int(env("KV_PORT", "0")),
                         help="UCX listener port (0 = any free port)")
-    parser.add_argument("--kv-lease-seconds", type=float, default=float(env("KV_LEASE_SECONDS", "60")),
+    parser.add_argument("--kv-lease-seconds", type=float,
+                        default=float(env("KV_LEASE_SECONDS", DEFAULT_KV_LEASE_SECONDS)),
                         help="free a prompt's KV if no decode worker pulled it within this time")
-    parser.add_argument("--max-num-waiting", type=int, default=int(env("MAX_NUM_WAITING", "1024")),
+    parser.add_argument("--max-num-waiting", type=int, default=int(env("MAX_NUM_WAITING", DEFAULT_MAX_NUM_WAITING)),
                         help="queued prompts before RESOURCE_EXHAUSTED")
 
 

@@ -73,8 +73,13 @@ def _settle(answer: tuple[asyncio.Future, PrefillResult | None, BaseException | 
         future.set_result(result)
 
 
+DEFAULT_KV_LEASE_SECONDS = 60.0  # a prompt's KV is freed if no decode worker pulled it within this time
+DEFAULT_MAX_NUM_WAITING = 1024  # queued prompts before RESOURCE_EXHAUSTED
+
+
 class PrefillWorker:
-    def __init__(self, engine, lease_seconds: float, max_num_waiting: int = 1024,
+    def __init__(self, engine, lease_seconds: float = DEFAULT_KV_LEASE_SECONDS,
+                 max_num_waiting: int = DEFAULT_MAX_NUM_WAITING,
                  observability: Observability | None = None):
         if lease_seconds <= 0:
             raise ValueError(f"kv_lease_seconds: must be > 0, got {lease_seconds}")

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from common.engine.sampling_params import DEFAULT_REQUEST_MAX_TOKENS
 from services.cli import main as tandem_main
-from services.offline import DEFAULT_MAX_TOKENS, InputError, main, parse_line
+from services.offline import InputError, main, parse_line
 
 FAST_ENGINE = ["--device", "cpu", "--max-model-len", "512", "--kv-cache-memory", "64MiB", "--no-progress"]
 
@@ -18,7 +19,7 @@ def write_jsonl(path, records):
 def test_parse_line_defaults_and_sampling_fields():
     request = parse_line(1, json.dumps({"prompt": "hi", "temperature": 0.5, "seed": 3}))
     assert request.prompt == "hi" and request.messages is None
-    assert request.sampling_params.max_tokens == DEFAULT_MAX_TOKENS
+    assert request.sampling_params.max_tokens == DEFAULT_REQUEST_MAX_TOKENS == 256
     assert request.sampling_params.temperature == 0.5 and request.sampling_params.seed == 3
 
 

@@ -6,7 +6,7 @@ A request with P prompts and `n` choices fans out into P x n gRPC-path requests;
 Seeds: with `seed` set, choice i of every prompt is sampled with seed `seed + i` (wrapped into int64).
 So a request with n=1 and seed s samples exactly what a gRPC Generate with seed s samples, choice i is
 reproducible across calls and does not depend on the other prompts in the batch. Without `seed`, every
-choice draws a random seed on the worker.
+choice is drawn from its worker's shared generator, so it depends on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from common.engine.sampling_params import SAMPLING_FIELDS, SamplingParams
 from protos import generation_pb2
 from services.frontend.openai.errors import bad_request, model_not_found
 from services.frontend.openai.protocol import (
+    COPIED_SAMPLING_FIELDS,
     MAX_NUM_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,12 +26,10 @@ from services.frontend.openai.protocol import (
 )
 
 _INT64_MIN, _INT64_RANGE = -(2**63), 2**64
-# GenerateRequest.sampling fields copied as-is when the client set them.
-_SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-    "presence_penalty", "ignore_eos", "min_tokens",
-)
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat uses the frontend's)
+# vLLM's default, which is OpenAI's for /v1/completions (chat uses the frontend's)
+COMPLETIONS_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+# The OpenAI name of every sampling parameter that has one, for errors the frontend's validation names.
+_OPENAI_NAMES = {row.name: row.openai for row in SAMPLING_FIELDS if row.openai}
 
 
 @dataclass
@@ -57,17 +57,15 @@ def _set(sampling: generation_pb2.SamplingParams, field: str, value, param: str)
 def _sampling(params: _GenerationParams, max_tokens: int | None, num_logprobs: int | None,
               max_tokens_param: str = "max_tokens", logprobs_param: str = "logprobs") -> generation_pb2.SamplingParams:
     sampling = generation_pb2.SamplingParams()
-    for name in _SAMPLING_FIELDS:
-        if getattr(params, name) is not None:
-            _set(sampling, name, getattr(params, name), name)
+    for row in COPIED_SAMPLING_FIELDS:
+        if getattr(params, row.openai) is not None:
+            _set(sampling, row.name, getattr(params, row.openai), row.openai)
     if max_tokens is not None:
         _set(sampling, "max_tokens", max_tokens, max_tokens_param)
     if num_logprobs is not None:
         _set(sampling, "logprobs", num_logprobs, logprobs_param)
     if params.stop is not None:
         sampling.stop.extend([params.stop] if isinstance(params.stop, str) else params.stop)
-    if params.stop_token_ids:
-        _set(sampling, "stop_token_ids", params.stop_token_ids, "stop_token_ids")
     return sampling
 
 
@@ -130,7 +128,7 @@ def public_param(field: str, body: CompletionRequest | ChatCompletionRequest, pr
             return body.max_tokens_param
         if name == "logprobs" and isinstance(body, ChatCompletionRequest):
             return "top_logprobs"
-        return name
+        return _OPENAI_NAMES.get(name, name)
     if field.startswith("chat"):
         return "messages" + field.removeprefix("chat").removeprefix(".messages")
     match = _PROMPT_FIELD.match(field)

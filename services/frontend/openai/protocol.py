@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
+
+from common.engine.sampling_fields import SamplingField
+from common.engine.sampling_params import MAX_LOGPROBS, SAMPLING_FIELDS
 
 MAX_NUM_CHOICES = 128  # prompts x n per request (OpenAI's own cap on n)
-MAX_COMPLETION_LOGPROBS = 20  # vLLM's cap (OpenAI's is 5)
+MAX_COMPLETION_LOGPROBS = MAX_LOGPROBS  # vLLM's cap (OpenAI's is 5)
 
 
 class _Strict(BaseModel):
@@ -26,28 +29,39 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, every chunk carries usage so far
 
 
-class _GenerationParams(_Strict):
-    """Parameters shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras)."""
+# Sampling parameters whose OpenAI form differs from the proto's, declared and converted by hand: max_tokens
+# (chat's alias, /v1/completions' default), seed (one per choice), stop (a string or a list) and logprobs
+# (chat's boolean plus top_logprobs).
+HAND_MAPPED_SAMPLING = ("max_tokens", "seed", "stop", "logprobs")
+# The others are declared from the table of sampling parameters and copied into the proto as they come.
+COPIED_SAMPLING_FIELDS = tuple(row for row in SAMPLING_FIELDS if row.openai and row.name not in HAND_MAPPED_SAMPLING)
+
+
+def _annotation(row: SamplingField):
+    """The request body's type of a copied sampling field: its own type, or null for the server default."""
+    if row.is_list:
+        return list[StrictInt] | None if row.scalar_type is int else list[row.scalar_type] | None
+    return row.scalar_type | None
+
+
+_SamplingParameters = create_model(
+    "_SamplingParameters", __base__=_Strict,
+    **{row.openai: (_annotation(row), None) for row in COPIED_SAMPLING_FIELDS},
+)
+
+
+class _GenerationParams(_SamplingParameters):
+    """Parameters shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras): the
+    sampling parameters copied from the table, and these."""
 
     model: str | None = None  # None = the served model
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     n: int = 1  # choices per prompt; choice i is seeded with seed + i (see convert.choice_seed)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility, unused
-    # vLLM's extra sampling parameters
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    stop_token_ids: list[StrictInt] | None = None
 
     @model_validator(mode="after")
     def _check_openai_only(self):
