@@ -1,9 +1,9 @@
 """Generates the Python protobuf and gRPC stubs for every .proto file in this folder.
 
-Run as `python -m protos.build`, which first writes both protos' `SamplingParams` messages from the table
-of sampling parameters (`protos/sampling_messages.py`); `protos/__init__.py` also calls `ensure_built()`
-on import so a fresh checkout (or a machine with a different protobuf runtime) never uses stale or
-missing stubs.
+Run as `python -m protos.build`; `protos/__init__.py` also calls `ensure_built()` on import so a fresh
+checkout (or a machine with a different protobuf runtime) never uses stale or missing stubs. Both protos'
+`SamplingParams` messages are written from the table of sampling parameters by
+`python -m common.engine.sampling_protos`, which then builds.
 The stubs are build outputs and are not committed.
 """
 
@@ -49,9 +49,5 @@ def ensure_built(force: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    from protos.sampling_messages import write_messages
-
-    for path in write_messages():
-        print(f"{path.name}: SamplingParams rewritten from the table of sampling parameters")
     ensure_built(force="--force" in sys.argv)
     print("protos built")

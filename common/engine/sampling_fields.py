@@ -4,7 +4,7 @@ The table itself is `SamplingParams` (`common/engine/sampling_params.py`): every
 `sampling_field(...)`, which records its bounds, its documentation, the protobuf messages that carry it
 and its OpenAI/vLLM request name. Validation, protobuf conversion (`services/common/worker_messages.py`,
 `services/frontend/validation.py`), the OpenAI schema (`services/frontend/openai/protocol.py`) and the
-protos' `SamplingParams` messages (`protos/sampling_messages.py`) are all driven by it.
+protos' `SamplingParams` messages (`common/engine/sampling_protos.py`) are all driven by it.
 """
 
 from __future__ import annotations

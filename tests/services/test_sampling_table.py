@@ -7,7 +7,7 @@ import pytest
 
 from common.engine.sampling_params import ENGINE_FIELDS, SAMPLING_FIELDS, SamplingParams
 from protos import generation_pb2, worker_pb2
-from protos.sampling_messages import MESSAGE_FILES, render_message, rendered_file
+from common.engine.sampling_protos import MESSAGE_FILES, render_message, rendered_file
 from services.common.errors import InvalidRequest
 from services.common.worker_messages import sampling_from_pb, sampling_to_pb
 from services.frontend.openai.convert import completion_requests, public_param
@@ -60,7 +60,7 @@ def test_every_row_has_examples_and_every_field_has_a_row():
 @pytest.mark.parametrize("api", sorted(MESSAGE_FILES))
 def test_protos_are_written_from_the_table(api):
     assert MESSAGE_FILES[api].read_text() == rendered_file(api), (
-        f"{MESSAGE_FILES[api].name} differs from the table of sampling parameters: run `python -m protos.build`")
+        f"{MESSAGE_FILES[api].name} differs from the table of sampling parameters: run `python -m common.engine.sampling_protos`")
 
 
 @pytest.mark.parametrize("api, message", [("generation", generation_pb2.SamplingParams),

@@ -1,8 +1,8 @@
 """Writes the `SamplingParams` message of generation.proto and worker.proto from the table of sampling
 parameters (`common/engine/sampling_params.py`), so field numbers, types and comments follow the table.
 
-`python -m protos.build` rewrites both messages before it builds the stubs;
-tests/protos/test_sampling_messages.py fails while a proto differs from what the table gives.
+`python -m common.engine.sampling_protos` rewrites both messages, then rebuilds the stubs;
+tests/services/test_sampling_table.py fails while a proto differs from what the table gives.
 Only the message's body is written: the comment above `message SamplingParams {` stays as written.
 """
 
@@ -15,9 +15,9 @@ import textwrap
 from common.engine.sampling_fields import SamplingField
 from common.engine.sampling_params import SAMPLING_FIELDS
 
-PROTOS_DIR = pathlib.Path(__file__).resolve().parent
+PROTOS_DIR = pathlib.Path(__file__).resolve().parents[2] / "protos"
 MESSAGE_FILES = {"generation": PROTOS_DIR / "generation.proto", "worker": PROTOS_DIR / "worker.proto"}
-GENERATED_NOTE = "// Generated from the table in common/engine/sampling_params.py by `python -m protos.build`."
+GENERATED_NOTE = "// Generated from the table in common/engine/sampling_params.py by `python -m common.engine.sampling_protos`."
 _MESSAGE = re.compile(r"^message SamplingParams \{\n.*?^\}\n", re.MULTILINE | re.DOTALL)
 _LINE_WIDTH = 110
 _UNBROKEN_SPACE = "\0"
@@ -81,3 +81,12 @@ def write_messages() -> list[pathlib.Path]:
             path.write_text(text)
             changed.append(path)
     return changed
+
+
+if __name__ == "__main__":
+    from protos.build import ensure_built
+
+    for path in write_messages():
+        print(f"{path.name}: SamplingParams rewritten from the table of sampling parameters")
+    ensure_built(force=True)
+    print("protos built")
