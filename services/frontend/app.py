@@ -42,6 +42,7 @@ from protos import generation_pb2
 from services.common.errors import Cancelled, InvalidRequest, Unavailable
 from services.common.observability import Observability
 from services.frontend.admission import Admission, Slot
+from services.frontend.api_server_metrics import ApiServerMetrics
 from services.frontend.convert import Chunk, Finish
 from services.frontend.relay import Relay, TokenEvent
 from services.frontend.request_path import PathPolicy
@@ -75,6 +76,8 @@ class FrontendConfig:
     kv_overlap_score_weight: float = 1.0  # kv mode: how much a cached prompt token counts against load
     # longest prompt a decode worker prefills itself while there are prefill workers (request_path.py)
     max_local_prefill_length: int = 0
+    api_server_count: int = 1  # processes serving the same ports (api_servers.py); each has all of the above
+    api_server_index: int = 0  # which of them this process is (labels its api_server_requests_total)
 
     def __post_init__(self) -> None:
         if not self.decode_addresses:
@@ -97,6 +100,11 @@ class FrontendConfig:
         for name in ("max_request_bytes", "max_prompt_chars", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.api_server_count < 1:
+            raise ValueError(f"api_server_count: must be >= 1, got {self.api_server_count}")
+        if not 0 <= self.api_server_index < self.api_server_count:
+            raise ValueError(f"api_server_index: must be in [0, {self.api_server_count - 1}], "
+                             f"got {self.api_server_index}")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise ValueError(f"max_output_tokens: must be >= 1, got {self.max_output_tokens}")
         self.routing  # validates the routing fields
@@ -142,6 +150,7 @@ class FrontendApp:
                            PathPolicy(config.max_local_prefill_length))
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)
+        self.api_server_metrics = ApiServerMetrics(self.metrics.registry, model_name, config.api_server_index)
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
     async def start(self) -> None:
@@ -187,6 +196,7 @@ class FrontendApp:
         since the previous one."""
         if slot is None:
             slot = self.admission.take()[0]  # RequestsExhausted, before anything else is done
+        self.api_server_metrics.request_admitted()
         record = _RequestRecord()
         parent = tracing.extract_context(metadata) if metadata is not None else None
         root = self.obs.tracing.tracer.start_span(
