@@ -122,6 +122,9 @@ class _ActiveRequest:
         self.task = task
         self.caller = caller  # who may abort it
         self.is_aborted = False
+        # The stream is suspended at its `yield`: the task runs its consumer's code (gRPC sending the
+        # last message), which must not be cancelled (see `abort`).
+        self.is_with_consumer = False
 
 
 class _RequestRecord:
@@ -131,6 +134,7 @@ class _RequestRecord:
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.is_accepted = False  # passed validation; only accepted requests count as finished
+        self.active: _ActiveRequest | None = None  # its Abort entry, once registered
         self.finish_reason = "error"  # stop | length | abort | error
         self.num_prompt_tokens = self.num_completion_tokens = 0
         self.request_id: str | None = None  # once validated
@@ -216,7 +220,14 @@ class FrontendApp:
                 finally:
                     otel_context.detach(token)
                 self._observe(record, item, root)
-                yield item if to_output is None else to_output(record.request_id, item)
+                active = record.active  # registered: items come only after validation
+                active.is_with_consumer = True
+                try:
+                    yield item if to_output is None else to_output(record.request_id, item)
+                finally:
+                    active.is_with_consumer = False
+                if active.is_aborted:  # an Abort while the consumer had the task
+                    raise Cancelled(f"request {record.request_id} was aborted")
         except (asyncio.CancelledError, GeneratorExit, Cancelled):  # client gone, or Abort
             if record.finish_reason == "error":  # not yet finished (a Finish already sent stands)
                 record.finish_reason = "abort"
@@ -274,6 +285,7 @@ class FrontendApp:
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         active = self._active[request.request_id] = _ActiveRequest(asyncio.current_task(), caller)  # no await yet
+        record.active = active
         try:
             with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
                 prompt_token_ids = await self.prompt_token_ids(request)
@@ -333,12 +345,19 @@ class FrontendApp:
 
     def abort(self, request_id: str, caller: str) -> bool:
         """Cancels a running Generate started by `caller`; its stream ends with CANCELLED. False when no
-        request of that caller runs under this id (another caller's request is left alone, unnamed)."""
+        request of that caller runs under this id (another caller's request is left alone, unnamed).
+
+        The task is cancelled only while the stream's own code awaits (tokenizing, waiting for tokens).
+        While the stream is suspended at its `yield` the task runs the consumer (gRPC sending the last
+        message), and a cancel landing there would end the RPC with no status at all (grpc.aio takes a
+        CancelledError in its own code for the client's cancel), leaving the caller waiting until its
+        deadline; the stream raises Cancelled instead when the consumer asks for its next item."""
         active = self._active.get(request_id)
         if active is None or active.caller != caller:
             return False
         active.is_aborted = True
-        active.task.cancel()
+        if not active.is_with_consumer:
+            active.task.cancel()
         return True
 
     def model_info(self) -> generation_pb2.ModelInfo:
