@@ -22,7 +22,8 @@ on the --device, and the frontend sends them every prompt. `--worker-devices 0 1
 
 While it runs, a worker that dies is restarted on its port after a back-off and the others keep
 serving (`services.supervisor`). The frontend is not restarted: if it dies, everything stops and
-`tandem serve` exits 1, for whatever runs it (systemd, a container runtime) to restart. Ctrl-C or
+`tandem serve` exits 1, for whatever runs it (systemd, a container runtime) to restart; with
+--api-server-count N its N processes fail as one (services/frontend/api_servers.py). Ctrl-C or
 SIGTERM stops every service, frontend first. Services log to files under --log-dir; without it, to a
 temporary folder removed at exit.
 
