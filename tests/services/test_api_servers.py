@@ -1,7 +1,7 @@
 """`--api-server-count` without starting a frontend: port reservation, flags, merged metrics, `tandem serve`.
 
 The processes themselves (both serving, Abort, SIGTERM, a killed API server) are in
-tests/e2e/test_api_servers.py."""
+tests/e2e/test_api_server_processes.py."""
 
 import signal
 import socket
