@@ -191,6 +191,6 @@ def table(report: dict) -> str:
              f"{devices['prefill']}, decode on {','.join(devices['decode'])}: ShareGPT-shaped, "
              f"{workload['num_requests']} requests, {workload['output_tokens']} output tokens; "
              f"gap1→2 = token #1 -> token #2 at the client; kv share = kv.send / time to token #2; "
-             f"client CPU = the busiest client process's CPU / wall; frontend CPU = its process's CPU time "
-             f"(all threads) / wall")
+             f"client CPU = the busiest client process's CPU / wall; frontend CPU = its processes' CPU time "
+             f"(all threads; with --api-server-count, every API server's) / wall")
     return title + "\n" + format_table(headers, rows)

@@ -226,8 +226,14 @@ class Services:
         return [s for s in self.started if s.role in ("prefill", "decode", "worker")]
 
     def cpu_seconds(self) -> dict[str, float | None]:
-        """CPU time each service process has used so far, all its threads (None where unreadable)."""
-        return {service.name: process_cpu_seconds(service.popen.pid) for service in self.started}
+        """CPU time each service has used so far, all its threads (None where unreadable); a frontend run
+        with --api-server-count N: its own and its N API server processes' together."""
+        totals = {}
+        for service in self.started:
+            seconds = [process_cpu_seconds(pid)
+                       for pid in [service.popen.pid, *service.info.get("api_server_pids", [])]]
+            totals[service.name] = None if None in seconds else sum(seconds)
+        return totals
 
     def stop(self, grace_seconds: float = 20.0) -> None:
         """SIGTERM, frontend first; SIGKILL whatever outlives the grace period."""

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/frontend_relay.py --output bench-frontend-relay.json
     .venv/bin/python bench/frontend_relay.py --quick          # a check, not a measurement: exact counts
+    .venv/bin/python bench/frontend_relay.py --api-server-count 2 --no-pin   # N frontend processes, one port
 
     clients (this process) ──gRPC Generate / HTTP SSE──► tandem frontend (the real one, own process)
                                                             ├─Prefill────────► prefill stand-in
@@ -13,7 +14,11 @@ decode worker sends them. Each level runs `concurrency` closed-loop clients (the
 previous one ended) with token-id prompts, greedy, ignore_eos, --max-tokens. After --warmup seconds,
 tokens received during --duration seconds give the relayed tokens/s, and the frontend's CPU time over
 the same window its CPU% (100 = one core, gRPC's threads included) and CPU microseconds per token. By
-default the frontend runs alone on the first core and everything else on the others. Clients then stop
+default the frontend runs alone on the first core and everything else on the others. With
+--api-server-count N the frontend is N processes sharing its ports (`tandem frontend --api-server-count`):
+CPU figures are their sum, the loop's the sum of their loops, and each level reports how many requests
+each process admitted (the kernel spreads connections: gRPC clients use --grpc-connections of them,
+HTTP clients one each); they take the first N cores when the machine has more. Clients then stop
 sending, and every request must have received exactly --max-tokens tokens whose ids and text match the
 stand-ins' continuation. The table is printed last; --output writes everything as JSON.
 """
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +45,7 @@ if sys.path and Path(sys.path[0]).resolve() == REPO_ROOT / "bench":
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench._relay_standins import Script, make_script, write_json  # noqa: E402
 from protos import generation_pb2, generation_pb2_grpc  # noqa: E402
@@ -210,6 +217,7 @@ class LevelResult:
     standins_cpu_percent: float
     offered_tokens_per_second: float  # concurrency x steps per second
     ttft_ms_p50: float  # request sent -> first token (the closed loop queues here once the frontend is full)
+    requests_by_api_server: dict[str, int]  # requests each frontend process admitted during the level
     num_requests: int  # finished, each checked token for token
     num_tokens: int  # all tokens received, warm-up and drain included
     errors: list[str] = field(default_factory=list)
@@ -220,12 +228,14 @@ class Processes:
     frontend: subprocess.Popen
     standins: list[subprocess.Popen]
     standin_stats: list[Path]  # decode stand-ins' counter files
+    api_server_pids: list[int]  # the frontend's serving processes (its own pid with one)
 
     def snapshot(self) -> dict:
         stats = [json.loads(path.read_text()) for path in self.standin_stats]
         own = psutil.Process().cpu_times()
-        return {"time": time.monotonic(), "frontend_cpu": _cpu_seconds(self.frontend.pid),
-                "frontend_loop_cpu": _main_thread_cpu_seconds(self.frontend.pid),
+        pids = {self.frontend.pid, *self.api_server_pids}
+        return {"time": time.monotonic(), "frontend_cpu": sum(_cpu_seconds(pid) for pid in pids),
+                "frontend_loop_cpu": sum(_main_thread_cpu_seconds(pid) for pid in self.api_server_pids),
                 "standins_cpu": sum(_cpu_seconds(p.pid) for p in self.standins),
                 "client_cpu": own.user + own.system, "client_loop_cpu": _main_thread_cpu_seconds(os.getpid()),
                 "worker_messages": sum(s["num_messages"] for s in stats)}
@@ -237,7 +247,8 @@ def _start_profiler(args, pid: int, name: str) -> subprocess.Popen | None:
         return None
     Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
     output = Path(args.profile_dir) / f"frontend-{name}.txt"
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(args.duration)), "--gil",
+    subprocesses = ["--subprocesses"] if args.api_server_count > 1 else []  # the API servers
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), *subprocesses, "--duration", str(int(args.duration)), "--gil",
                              "--rate", "250", "--format", "raw", "--output", str(output)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -245,6 +256,14 @@ def _start_profiler(args, pid: int, name: str) -> subprocess.Popen | None:
 def _cpu_seconds(pid: int) -> float:
     cpu = psutil.Process(pid).cpu_times()
     return cpu.user + cpu.system
+
+
+def requests_by_api_server(http_port: int) -> dict[str, int]:
+    """tandem:api_server_requests_total by frontend process, from the frontend's (merged) /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {sample.labels["api_server"]: int(sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "tandem:api_server_requests_total"}
 
 
 def _main_thread_cpu_seconds(pid: int) -> float:
@@ -262,9 +281,12 @@ async def run_level(args, processes: Processes, ports: dict, load: Load, path: s
     else:
         def keep_going(num_sent: int) -> bool:
             return time.monotonic() < stop_at[0]
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{ports['port']}") for _ in range(min(concurrency, 8))]
+    # Each channel a connection of its own (channels alike otherwise share one), for the kernel to spread.
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{ports['port']}", [("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(min(concurrency, args.grpc_connections))]
     targets = [generation_pb2_grpc.GenerationStub(channels[i % len(channels)]) if path == "grpc"
                else HttpConnection(ports["http_port"]) for i in range(concurrency)]
+    admitted_before = await asyncio.to_thread(requests_by_api_server, ports["http_port"])
     clients = [asyncio.create_task(run_client(path, targets[i], load, i, concurrency, counters, keep_going))
                for i in range(concurrency)]
     if args.quick:
@@ -283,6 +305,8 @@ async def run_level(args, processes: Processes, ports: dict, load: Load, path: s
             profiler.wait()
     for channel in channels:
         await channel.close()
+    admitted_after = await asyncio.to_thread(requests_by_api_server, ports["http_port"])
+    admitted = {index: count - admitted_before.get(index, 0) for index, count in sorted(admitted_after.items())}
     seconds = after["time"] - before["time"]
     if args.quick:
         expected = concurrency * args.requests_per_client
@@ -300,8 +324,8 @@ async def run_level(args, processes: Processes, ports: dict, load: Load, path: s
         rate("worker_messages"), 100 * rate("frontend_cpu"), 100 * rate("frontend_loop_cpu"),
         1e6 * rate("frontend_cpu") / max(rate("tokens"), 1.0),
         100 * rate("client_cpu"), 100 * rate("client_loop_cpu"), 100 * rate("standins_cpu"),
-        concurrency * 1000 / args.step_ms, 1000 * statistics.median(counters.ttfts or [0.0]), counters.num_requests,
-        counters.num_tokens, counters.errors[:10])
+        concurrency * 1000 / args.step_ms, 1000 * statistics.median(counters.ttfts or [0.0]), admitted,
+        counters.num_requests, counters.num_tokens, counters.errors[:10])
 
 
 # ---- processes, table, main ------------------------------------------------------------------------
@@ -349,34 +373,35 @@ def start_processes(args, work_dir: Path, setup_path: Path) -> tuple[Processes, 
         frontend = _start([sys.executable, "-m", "services.cli", "frontend", "--host", "127.0.0.1", "--port", "0",
                            "--http-port", "0", "--prefill-addresses", ",".join(addresses["prefill"]),
                            "--decode-addresses", ",".join(addresses["decode"]), "--ready-file", str(ready),
-                           "--log-level", "WARNING"], log)
+                           "--api-server-count", str(args.api_server_count), "--log-level", "WARNING"], log)
         started.append(frontend)
         if args.pin:
-            _pin(frontend, started[:-1])
+            _pin(frontend, started[:-1], args.api_server_count)  # before it starts its API servers: they inherit it
         ports = _wait_ready(frontend, ready, log)
         while not all(path.exists() for path in stats_paths):
             time.sleep(0.05)
-        return Processes(frontend, started[:-1], stats_paths), ports
+        return Processes(frontend, started[:-1], stats_paths, ports.get("api_server_pids", [frontend.pid])), ports
     except BaseException:
         _stop(started)
         raise
 
 
-def _pin(frontend: subprocess.Popen, others: list[subprocess.Popen]) -> None:
-    """The frontend on a core of its own (its gRPC threads included); stand-ins and clients on the rest."""
+def _pin(frontend: subprocess.Popen, others: list[subprocess.Popen], num_frontend_cores: int) -> None:
+    """The frontend's processes on cores of their own (one per API server, their gRPC threads included);
+    stand-ins and clients on the rest. Nothing is pinned without a core left for the rest."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
+    if len(cores) <= num_frontend_cores:
         return
-    os.sched_setaffinity(frontend.pid, {cores[0]})
+    os.sched_setaffinity(frontend.pid, set(cores[:num_frontend_cores]))
     for process in others:
-        os.sched_setaffinity(process.pid, set(cores[1:]))
-    os.sched_setaffinity(0, set(cores[1:]))  # this process (the clients); threads started later follow
+        os.sched_setaffinity(process.pid, set(cores[num_frontend_cores:]))
+    os.sched_setaffinity(0, set(cores[num_frontend_cores:]))  # this process (the clients); later threads follow
 
 
 def print_table(results: list[LevelResult]) -> None:
     columns = [("concurrency", 11), ("path", 5), ("offered", 8), ("tokens/s", 9), ("frontend CPU%", 13), ("(loop)", 6),
                ("us/token", 8), ("msgs/s", 7), ("tokens/msg", 10), ("worker msgs/s", 13), ("client CPU%", 11),
-               ("stand-ins CPU%", 14), ("TTFT p50 ms", 11), ("checked", 7)]
+               ("stand-ins CPU%", 14), ("TTFT p50 ms", 11), ("requests/process", 16), ("checked", 7)]
     header = " ".join(f"{name:>{width}}" for name, width in columns)
     print(header)
     print("-" * len(header))
@@ -386,7 +411,8 @@ def print_table(results: list[LevelResult]) -> None:
                   f"{r.frontend_cpu_percent:.0f}", f"{r.frontend_loop_cpu_percent:.0f}",
                   f"{r.frontend_cpu_us_per_token:.1f}", f"{r.messages_per_second:.0f}", f"{tokens_per_message:.1f}",
                   f"{r.worker_messages_per_second:.0f}", f"{r.client_cpu_percent:.0f}", f"{r.standins_cpu_percent:.0f}",
-                  f"{r.ttft_ms_p50:.0f}", "ok" if not r.errors else "FAILED"]
+                  f"{r.ttft_ms_p50:.0f}", "/".join(map(str, r.requests_by_api_server.values())) or "-",
+                  "ok" if not r.errors else "FAILED"]
         print(" ".join(f"{value:>{width}}" for value, (_, width) in zip(values, columns)))
 
 
@@ -401,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, help="tokens per request (default 512)")
     parser.add_argument("--step-ms", type=float, help="decode stand-in step time, one token per stream (default 4)")
     parser.add_argument("--num-decode", type=int, default=2, help="decode stand-in processes")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="frontend processes serving its ports (tandem frontend --api-server-count)")
+    parser.add_argument("--grpc-connections", type=int, default=8,
+                        help="gRPC connections the clients of a level share (the kernel spreads connections "
+                             "among API servers, not requests)")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds before the measured window")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of the measured window")
     parser.add_argument("--quick", action="store_true",
@@ -450,9 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             _stop([processes.frontend, *processes.standins])
     print()
-    placement = "the frontend alone on one core" if args.pin and os.cpu_count() > 1 else "processes placed by the OS"
-    print(f"frontend relay: {os.cpu_count()} CPU cores ({placement}), {args.num_decode} decode stand-ins stepping "
-          f"every {args.step_ms} ms, max_tokens {args.max_tokens}")
+    is_pinned = args.pin and len(os.sched_getaffinity(0)) > args.api_server_count
+    placement = (f"the frontend alone on {args.api_server_count} core(s)" if is_pinned
+                 else "processes placed by the OS")
+    print(f"frontend relay: {os.cpu_count()} CPU cores ({placement}), {args.api_server_count} frontend process(es), "
+          f"{args.num_decode} decode stand-ins stepping every {args.step_ms} ms, max_tokens {args.max_tokens}")
     print_table(results)
     if args.output:
         Path(args.output).write_text(json.dumps({

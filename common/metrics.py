@@ -28,14 +28,19 @@ docs/observability.md says exactly what each worker measures.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "tandem:"
+# prometheus_client's own variable: where each process of a multiprocess group writes its metrics. It is
+# read once, when prometheus_client is imported, so it must be in a process's environment from its start.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 ROLES = ("frontend", "prefill", "decode", "worker")  # worker: a colocated `tandem worker`
 # vLLM's FinishReason values (request_success_total{finished_reason}).
 FINISHED_REASONS = ("stop", "length", "abort", "error")
@@ -83,8 +88,8 @@ class ServiceMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(PREFIX + name, doc, _LABELS, buckets=buckets, registry=self.registry)
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, _LABELS, registry=self.registry)
+        def gauge(name: str, doc: str, multiprocess_mode: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, _LABELS, registry=self.registry, multiprocess_mode=multiprocess_mode)
 
         def counter(name: str, doc: str, extra_labels: tuple[str, ...] = ()) -> Counter:
             return Counter(PREFIX + name, doc, _LABELS + extra_labels, registry=self.registry)
@@ -95,9 +100,10 @@ class ServiceMetrics:
             "e2e_request_latency_seconds", "End-to-end request latency in seconds.", REQUEST_LATENCY_BUCKETS
         )
         self._kv_seconds = histogram("kv_transfer_seconds", "KV hand-off duration in seconds.", KV_TRANSFER_BUCKETS)
-        self._running = gauge("num_requests_running", "Requests being computed now.")
-        self._waiting = gauge("num_requests_waiting", "Requests queued, not yet computed.")
-        self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).")
+        # Merged over the live processes when several share a PROMETHEUS_MULTIPROC_DIR (`merged_registry`).
+        self._running = gauge("num_requests_running", "Requests being computed now.", "livesum")
+        self._waiting = gauge("num_requests_waiting", "Requests queued, not yet computed.", "livesum")
+        self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", "livemax")
         self._prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self._generation_tokens = counter("generation_tokens", "Tokens generated.")
         self._success = counter("request_success", "Finished requests by finish reason.", ("finished_reason",))
@@ -185,6 +191,22 @@ class ServiceMetrics:
         if hits_tokens > last_hits:
             self._bound[self._prefix_hits].inc(hits_tokens - last_hits)
         self._prefix_totals = (queries_tokens, hits_tokens)
+
+
+def exposition_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics serves: `registry`; or, in a process among several that share a prometheus_client
+    multiprocess directory (PROMETHEUS_MULTIPROC_DIR, set by `tandem frontend --api-server-count N` for
+    its API servers), every process's metrics merged: counters and histograms summed, the gauges as
+    each one's multiprocess mode says."""
+    directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+    return merged_registry(directory) if directory else registry
+
+
+def merged_registry(directory: str) -> CollectorRegistry:
+    """A registry that reads, at each scrape, the metrics every process wrote under `directory`."""
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=directory)
+    return merged
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """`tandem serve`: the whole system on one machine, each service its own process.
 
-    tandem serve [--num-prefill 1] [--num-decode 1] [--port 50051] [engine flags, e.g. --model, --block-size]
+    tandem serve [--num-prefill 1] [--num-decode 1] [--port 50051] [--api-server-count 1]
+                 [engine flags, e.g. --model, --block-size]
                  [--device cuda:0 | --prefill-devices 0 --decode-devices 1]
     tandem serve --colocated [--num-workers 1] [--device cuda:0 | --worker-devices 0 1]
                  [--worker-gpu-memory-utilization X]
@@ -21,7 +22,8 @@ on the --device, and the frontend sends them every prompt. `--worker-devices 0 1
 
 While it runs, a worker that dies is restarted on its port after a back-off and the others keep
 serving (`services.supervisor`). The frontend is not restarted: if it dies, everything stops and
-`tandem serve` exits 1, for whatever runs it (systemd, a container runtime) to restart. Ctrl-C or
+`tandem serve` exits 1, for whatever runs it (systemd, a container runtime) to restart; with
+--api-server-count N its N processes fail as one (services/frontend/api_servers.py). Ctrl-C or
 SIGTERM stops every service, frontend first. Services log to files under --log-dir; without it, to a
 temporary folder removed at exit.
 
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051, help="frontend port (0 = any free port)")
     parser.add_argument("--http-port", type=int, default=8000,
                         help="frontend's OpenAI-compatible HTTP port (0 = any free port, -1 = off)")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="frontend processes serving its gRPC and HTTP ports (tandem frontend --api-server-count)")
     parser.add_argument("--worker-host", default="127.0.0.1",
                         help="workers' gRPC and /metrics bind address, and the address their KV is pulled from")
     parser.add_argument("--model", default=None, help="model for every service; default: the embedded SmolLM2")
@@ -174,6 +178,8 @@ def worker_argv(placement: WorkerPlacement, args: argparse.Namespace, engine_arg
 
 def frontend_argv(args: argparse.Namespace, prefill_addresses: list[str], decode_addresses: list[str]) -> list[str]:
     argv = ["frontend", "--host", args.host, "--port", str(args.port), "--http-port", str(args.http_port)]
+    if args.api_server_count != 1:
+        argv += ["--api-server-count", str(args.api_server_count)]
     if args.model:
         argv += ["--model", args.model]
     if args.otlp_traces_endpoint:
@@ -192,6 +198,8 @@ def _check_own_flags(args: argparse.Namespace, engine_argv: list[str]) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if not -1 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be in [-1, 65535], got {args.http_port}")
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count must be >= 1, got {args.api_server_count}")
     if args.threads_per_service < 1:
         raise ValueError(f"--threads-per-service must be >= 1, got {args.threads_per_service}")
     if not args.ready_timeout > 0:

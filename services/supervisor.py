@@ -84,8 +84,8 @@ class Service:
         return ""
 
 
-def _die_with_parent() -> None:
-    """Child side of fork: get SIGTERM if the launcher dies, so no service outlives it."""
+def die_with_parent() -> None:
+    """Child side of fork: get SIGTERM if the process that started it dies, so no service outlives it."""
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -138,7 +138,7 @@ class Launcher:
             service.process = subprocess.Popen(
                 [*self.command, *service.argv, "--ready-file", str(service.ready_file)],
                 stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         service.started_at = time.monotonic()
         service.ready_at = service.restart_at = None

@@ -37,7 +37,9 @@ _CHANNEL_OPTIONS = [
 
 
 # SO_REUSEPORT off: a second server on a taken port fails to bind instead of silently sharing it.
-_SERVER_OPTIONS = [*_CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+# On (`reuse_port`) only where processes share a port on purpose (`tandem frontend --api-server-count`).
+def _server_options(reuse_port: bool) -> list[tuple[str, object]]:
+    return [*_CHANNEL_OPTIONS, ("grpc.so_reuseport", int(reuse_port))]
 
 
 class ServiceFailed(RuntimeError):
@@ -106,14 +108,17 @@ async def start_server(
     port: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tls: ServerTLS | None = None,
+    reuse_port: bool = False,
 ) -> RunningServer:
     """Starts a grpc.aio server with Tandem's servicers, health (NOT_SERVING) and reflection; OSError
     (one line naming the port) when `host:port` cannot be bound, e.g. another server holds it.
 
     `interceptors` (tracing) run outside the status mapping, so their spans see the final status.
     `tls`: serve TLS only (health and reflection included); plaintext without it.
+    `reuse_port`: bind with SO_REUSEPORT, beside other processes of this user serving the same port
+    (the kernel spreads connections among them).
     """
-    server = grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=_SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[*interceptors, StatusInterceptor()], options=_server_options(reuse_port))
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -42,6 +42,7 @@ from protos import generation_pb2
 from services.common.errors import Cancelled, InvalidRequest, Unavailable
 from services.common.observability import Observability
 from services.frontend.admission import Admission, Slot
+from services.frontend.api_server_metrics import ApiServerMetrics
 from services.frontend.convert import Chunk, Finish
 from services.frontend.discovery import DEFAULT_REFRESH_SECONDS, DiscoveryConfig, WorkerDiscovery
 from services.frontend.relay import Relay, TokenEvent
@@ -85,6 +86,8 @@ class FrontendConfig:
     prefill_discovery: str | None = None
     decode_discovery: str | None = None
     discovery_refresh_seconds: float = DEFAULT_REFRESH_SECONDS
+    api_server_count: int = 1  # processes serving the same ports (api_servers.py); each has all of the above
+    api_server_index: int = 0  # which of them this process is (labels its api_server_requests_total)
 
     def __post_init__(self) -> None:
         if not self.decode_addresses and self.decode_discovery is None:
@@ -109,6 +112,11 @@ class FrontendConfig:
         for name in ("max_request_bytes", "max_prompt_chars", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.api_server_count < 1:
+            raise ValueError(f"api_server_count: must be >= 1, got {self.api_server_count}")
+        if not 0 <= self.api_server_index < self.api_server_count:
+            raise ValueError(f"api_server_index: must be in [0, {self.api_server_count - 1}], "
+                             f"got {self.api_server_index}")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise ValueError(f"max_output_tokens: must be >= 1, got {self.max_output_tokens}")
         self.routing  # validates the routing fields
@@ -130,6 +138,9 @@ class _ActiveRequest:
         self.task = task
         self.caller = caller  # who may abort it
         self.is_aborted = False
+        # The stream is suspended at its `yield`: the task runs its consumer's code (gRPC sending the
+        # last message), which must not be cancelled (see `abort`).
+        self.is_with_consumer = False
 
 
 class _RequestRecord:
@@ -139,6 +150,7 @@ class _RequestRecord:
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.is_accepted = False  # passed validation; only accepted requests count as finished
+        self.active: _ActiveRequest | None = None  # its Abort entry, once registered
         self.finish_reason = "error"  # stop | length | abort | error
         self.num_prompt_tokens = self.num_completion_tokens = 0
         self.request_id: str | None = None  # once validated
@@ -164,6 +176,7 @@ class FrontendApp:
             discovery.refresh_seconds) if discovery.is_enabled else None
         self._active: dict[str, _ActiveRequest] = {}
         self.admission = Admission(config.max_num_requests)
+        self.api_server_metrics = ApiServerMetrics(self.metrics.registry, model_name, config.api_server_index)
         self._num_open = 0  # open Generate streams (the num_requests_running gauge)
 
     async def start(self) -> None:
@@ -213,6 +226,7 @@ class FrontendApp:
         since the previous one."""
         if slot is None:
             slot = self.admission.take()[0]  # RequestsExhausted, before anything else is done
+        self.api_server_metrics.request_admitted()
         record = _RequestRecord()
         parent = tracing.extract_context(metadata) if metadata is not None else None
         root = self.obs.tracing.tracer.start_span(
@@ -232,7 +246,14 @@ class FrontendApp:
                 finally:
                     otel_context.detach(token)
                 self._observe(record, item, root)
-                yield item if to_output is None else to_output(record.request_id, item)
+                active = record.active  # registered: items come only after validation
+                active.is_with_consumer = True
+                try:
+                    yield item if to_output is None else to_output(record.request_id, item)
+                finally:
+                    active.is_with_consumer = False
+                if active.is_aborted:  # an Abort while the consumer had the task
+                    raise Cancelled(f"request {record.request_id} was aborted")
         except (asyncio.CancelledError, GeneratorExit, Cancelled):  # client gone, or Abort
             if record.finish_reason == "error":  # not yet finished (a Finish already sent stands)
                 record.finish_reason = "abort"
@@ -290,6 +311,7 @@ class FrontendApp:
         if request.request_id in self._active:
             raise InvalidRequest("request_id", f"{request.request_id!r} is already running")
         active = self._active[request.request_id] = _ActiveRequest(asyncio.current_task(), caller)  # no await yet
+        record.active = active
         try:
             with self.obs.tracing.start_span(SpanName.TOKENIZE, attributes={Attr.REQUEST_ID: request.request_id}):
                 prompt_token_ids = await self.prompt_token_ids(request)
@@ -349,12 +371,19 @@ class FrontendApp:
 
     def abort(self, request_id: str, caller: str) -> bool:
         """Cancels a running Generate started by `caller`; its stream ends with CANCELLED. False when no
-        request of that caller runs under this id (another caller's request is left alone, unnamed)."""
+        request of that caller runs under this id (another caller's request is left alone, unnamed).
+
+        The task is cancelled only while the stream's own code awaits (tokenizing, waiting for tokens).
+        While the stream is suspended at its `yield` the task runs the consumer (gRPC sending the last
+        message), and a cancel landing there would end the RPC with no status at all (grpc.aio takes a
+        CancelledError in its own code for the client's cancel), leaving the caller waiting until its
+        deadline; the stream raises Cancelled instead when the consumer asks for its next item."""
         active = self._active.get(request_id)
         if active is None or active.caller != caller:
             return False
         active.is_aborted = True
-        active.task.cancel()
+        if not active.is_with_consumer:
+            active.task.cancel()
         return True
 
     def model_info(self) -> generation_pb2.ModelInfo:

@@ -33,6 +33,7 @@ from common import tracing
 from common.tls import ClientTLS, add_server_tls_args, server_tls_from_args, with_flag_names
 from services.common.observability import Observability, add_observability_args
 from services.common.server import configure_process, start_server, wait_for_shutdown, write_ready_file
+from services.frontend.api_servers import add_api_server_args, is_api_server_parent, run_api_servers
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.discovery import DEFAULT_REFRESH_SECONDS
 from services.frontend.openai.server import start_http_server
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-ssl-keyfile", default=_env("WORKER_SSL_KEYFILE"), metavar="PEM",
                         help="its private key (default: --ssl-keyfile; env TANDEM_WORKER_SSL_KEYFILE)")
     add_observability_args(parser)
+    add_api_server_args(parser)
     parser.add_argument("--ready-file", default=None, help="write {port, http_port} as JSON here once serving")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
@@ -155,12 +157,12 @@ async def serve(config: FrontendConfig, args: argparse.Namespace, http_port: int
     app = FrontendApp(config, tokenizer, resolved.name, obs)
     running = await start_server(
         lambda server: add_generation_servicer(GenerationServicer(app), server),
-        [SERVICE_NAME], config.host, config.port, tls=config.tls,
+        [SERVICE_NAME], config.host, config.port, tls=config.tls, reuse_port=config.api_server_count > 1,
     )
     http = None
     try:
         if http_port >= 0:
-            http = await start_http_server(app, config.host, http_port, config.tls)
+            http = await start_http_server(app, config.host, http_port, config.tls, config.api_server_count > 1)
         await app.start()
         shutdown = asyncio.ensure_future(wait_for_shutdown())
         while not app.router.is_ready() and not shutdown.done():
@@ -200,6 +202,7 @@ def main(argv: list[str]) -> int:
             tls=server_tls_from_args(args), worker_tls=worker_tls_from_args(args),
             prefill_discovery=args.prefill_discovery or None, decode_discovery=args.decode_discovery or None,
             discovery_refresh_seconds=args.discovery_refresh_seconds,
+            api_server_count=args.api_server_count, api_server_index=args.api_server_index or 0,
         )
     except ValueError as exc:
         print(f"tandem frontend: {exc}")
@@ -208,5 +211,7 @@ def main(argv: list[str]) -> int:
     if not -1 <= http_port <= 65535:
         print(f"tandem frontend: --http-port must be in [-1, 65535], got {http_port}")
         return 2
+    if is_api_server_parent(args):
+        return run_api_servers(argv, args, config.host, config.port, http_port)
     asyncio.run(serve(config, args, http_port))
     return 0

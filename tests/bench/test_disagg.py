@@ -12,6 +12,7 @@ import pytest
 
 from bench._common import poisson_arrivals
 from bench._disagg_client import RequestRecord
+from bench import _disagg_services
 from bench._disagg_report import client_figures
 from bench._disagg_services import hf_config, write_synthetic_tokenizer
 from bench.disagg import default_client_processes
@@ -30,6 +31,23 @@ RUN_FIELDS = {
 }
 KV_FIELDS = {"num_sends", "num_recvs", "send_ms", "recv_ms", "gb_per_s", "recv_gb_per_s", "bytes", "total_bytes",
              "transports", "ttft_share", "num_failed_spans"}
+
+
+def test_a_frontends_cpu_time_counts_its_api_server_processes(monkeypatch, tmp_path):
+    seconds_by_pid = {10: 0.5, 11: 2.0, 12: 3.0, 20: 1.5}
+    monkeypatch.setattr(_disagg_services, "process_cpu_seconds", seconds_by_pid.get)
+    services = _disagg_services.Services(tmp_path, "")
+
+    def started(name: str, pid: int, info: dict) -> None:
+        popen = type("Popen", (), {"pid": pid})()
+        services.started.append(_disagg_services.Service(name, name, None, popen, tmp_path / "log", tmp_path / "ready",
+                                                         info))
+
+    started("frontend", 10, {"port": 1, "api_server_pids": [11, 12]})
+    started("decode", 20, {"port": 2})
+    assert services.cpu_seconds() == {"frontend": 5.5, "decode": 1.5}
+    seconds_by_pid[12] = None  # an API server gone: no figure rather than a short one
+    assert services.cpu_seconds() == {"frontend": None, "decode": 1.5}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -36,3 +36,14 @@ def test_quick_run_relays_every_token_on_both_paths(tmp_path):
         assert level["num_tokens"] == concurrency * 2 * 40
         assert level["messages_per_second"] > 0 and level["frontend_cpu_percent"] > 0
     assert "tokens/s" in lines[-6] and lines[-1].split()[-1] == "ok"
+
+
+def test_quick_run_through_two_api_servers_counts_each_ones_requests(tmp_path):
+    result, lines = run_bench("frontend_relay.py", ["--quick", "--concurrency", "6", "--requests-per-client", "2",
+                                                    "--max-tokens", "24", "--api-server-count", "2"],
+                              tmp_path, timeout=300)
+    for level in result["results"]:
+        assert level["errors"] == [] and level["num_requests"] == 12 and level["num_tokens"] == 12 * 24
+        assert set(level["requests_by_api_server"]) == {"0", "1"}  # both processes report on the one /metrics
+        assert sum(level["requests_by_api_server"].values()) == 12  # every request admitted by one of them
+    assert "2 frontend process(es)" in lines[-5] and lines[-1].split()[-1] == "ok"

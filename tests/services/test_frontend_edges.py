@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generation_pb2 as g
 from protos import generation_pb2_grpc
-from services.common.errors import InvalidRequest
+from services.common.errors import Cancelled, InvalidRequest
 from services.frontend.app import FrontendApp, FrontendConfig
 from services.frontend.servicer import GenerationServicer
 
@@ -149,6 +149,33 @@ def test_abort_only_reaches_the_callers_own_requests(system):
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
         assert info.value.code() == grpc.StatusCode.CANCELLED
+    system.wait_until_idle()
+
+
+def test_an_abort_while_the_consumer_holds_the_stream_ends_it_at_the_next_item(system, tokenizer):
+    """An Abort that arrives while the stream is suspended at its yield (gRPC sending the last message)
+    must not cancel the consumer's own await: grpc.aio ends an RPC cancelled there with no status, and
+    the caller would wait until its deadline. The stream raises Cancelled at its next item instead."""
+    async def abort_between_items() -> int:
+        config = FrontendConfig([system.prefill_address], [system.decode_address], stats_refresh_seconds=0.1)
+        app = FrontendApp(config, tokenizer, "tiny")
+        await app.start()
+        while not app.router.is_ready():
+            await asyncio.sleep(0.02)
+        items = app.generate(_long_request("held"), lambda: None, caller="owner")
+        try:
+            await anext(items)
+            assert app.abort("held", "owner")
+            await asyncio.sleep(0.05)  # the consumer's own await: cancelled here, this test would fail
+            with pytest.raises(Cancelled, match="request held was aborted"):
+                await anext(items)
+            assert not app.abort("held", "owner")  # gone: its Abort entry was dropped
+        finally:
+            await items.aclose()
+            await app.close()
+        return app.admission.num_taken
+
+    assert system.run(abort_between_items()) == 0  # its slot came back
     system.wait_until_idle()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from common.metrics import ServiceMetrics
+from common.metrics import ServiceMetrics, exposition_registry
 
 
 class ChoiceClock:
@@ -26,7 +26,7 @@ class HttpMetrics:
     def __init__(self, app_metrics: ServiceMetrics | None, model_name: str):
         self.is_recording = app_metrics is None
         self.service_metrics = app_metrics or ServiceMetrics(role="frontend", model_name=model_name)
-        self.registry = self.service_metrics.registry
+        self.registry = exposition_registry(self.service_metrics.registry)  # merged over API server processes
         self._num_open = 0
 
     def request_started(self) -> None:

@@ -55,10 +55,12 @@ class HttpServer:
             self._task.cancel()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # beside the other API server processes on this port (the kernel spreads connections)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -69,12 +71,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_http_server(app: FrontendApp, host: str, port: int, tls: ServerTLS | None = None) -> HttpServer:
+async def start_http_server(app: FrontendApp, host: str, port: int, tls: ServerTLS | None = None,
+                            reuse_port: bool = False) -> HttpServer:
     """Binds host:port and serves the OpenAI-compatible API for `app` in the running loop (HTTPS only
-    with `tls`, requiring client certificates when it says so)."""
+    with `tls`, requiring client certificates when it says so); `reuse_port`: with SO_REUSEPORT, beside
+    the other API server processes of `tandem frontend --api-server-count`."""
     if not 0 <= port <= 65535:
         raise ValueError(f"http_port: must be in [0, 65535], got {port}")
-    sock = _bind(host, port)
+    sock = _bind(host, port, reuse_port)
     bound_port = sock.getsockname()[1]
     ready = [False]
     api = create_app(app, is_ready=lambda: ready[0])
