@@ -24,8 +24,10 @@ def no_tandem_env(monkeypatch):
 
 def test_frontend_flags_default_to_frontend_config():
     args = frontend_parser().parse_args([])
+    # model: resolved, not defaulted; api_server_index: an internal flag whose absence marks the parent process
+    not_defaults = {"model", "api_server_index"}
     for field in dataclasses.fields(FrontendConfig):
-        if field.default is not dataclasses.MISSING and hasattr(args, field.name) and field.name != "model":
+        if field.default is not dataclasses.MISSING and hasattr(args, field.name) and field.name not in not_defaults:
             expected = getattr(field.default, "value", field.default)
             assert getattr(args, field.name) == expected, field.name
 
