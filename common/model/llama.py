@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.attention import AttentionBackend, AttentionMetadata
 from common.model.config import ModelConfig
-from common.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary, fused_rms_norm, linear
+from common.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from common.model.ops import ModelOps, model_ops
 
 # Checkpoint tensors that carry no learned state.
 IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -29,12 +29,13 @@ class WeightLoadError(ValueError):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: ModelOps):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.backend = backend
+        self.ops = ops
         self.scale = config.head_dim**-0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
@@ -50,80 +51,59 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()  # [T, Hkv, D]
-        self.backend.write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
-        out = self.backend.paged_attention(q, kv_cache, metadata, self.scale)  # [T, H, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
-
-    def forward_fused(self, hidden, cos, sin, kv_cache, metadata):  # hidden: [T, hidden] -> [T, hidden]
-        """Triton path: q and k rotated by one kernel straight from the fused projection (no copies);
-        GEMV projections for decode-sized batches."""
-        from kernels.rope import apply_rotary as rotary_kernel
-
-        num_tokens = hidden.shape[0]
-        qkv = linear(hidden, self.qkv_proj)  # [T, (H + 2 Hkv) D]
+        qkv = self.ops.linear(hidden, self.qkv_proj)  # [T, (H + 2 Hkv) D]
         q_size, kv_size, _ = self.split_sizes
+        # q and k rotated in one call straight from the fused projection (no copies before it).
         query_key = qkv[:, : q_size + kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        query_key = rotary_kernel(query_key, cos, sin)  # [T, H + Hkv, D] contiguous
+        query_key = self.ops.rotary(query_key, cos, sin)  # [T, H + Hkv, D] contiguous
         q, k = query_key[:, : self.num_heads], query_key[:, self.num_heads :]  # strided views
         v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D] strided
         self.backend.write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache, metadata, self.scale)  # [T, H, D]
-        return linear(out.reshape(num_tokens, self.num_heads * self.head_dim), self.o_proj)
+        return self.ops.linear(out.reshape(num_tokens, self.num_heads * self.head_dim), self.o_proj)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: ModelOps):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.self_attn = Attention(config, backend, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, ops)
 
-    def forward(self, hidden, cos, sin, kv_cache, metadata):  # hidden: [T, hidden] -> [T, hidden]
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-    def forward_fused(self, hidden, residual, cos, sin, kv_cache, metadata):
-        """Triton path, vLLM-style: each RMSNorm also adds the residual (hidden, residual: [T, hidden]).
-
-        Returns (block output, residual) with block output + residual == the layer's output; the
-        sums round to the activation dtype exactly as `forward`'s additions do.
-        """
+    def forward(self, hidden, residual, cos, sin, kv_cache, metadata):
+        """vLLM-style residual stream: each RMSNorm also adds the residual (hidden, residual: [T, hidden],
+        residual None in the first layer). Returns (block output, residual) whose sum is the layer's
+        output, rounded to the activation dtype exactly as `residual + block(norm(residual))` is."""
         if residual is None:
-            residual, normed = hidden, fused_rms_norm(self.input_layernorm, hidden)
+            residual, normed = hidden, self.input_layernorm(hidden)
         else:
-            normed, residual = fused_rms_norm(self.input_layernorm, hidden, residual)
-        attended = self.self_attn.forward_fused(normed, cos, sin, kv_cache, metadata)
-        normed, residual = fused_rms_norm(self.post_attention_layernorm, attended, residual)
-        return self.mlp.forward_fused(normed), residual
+            normed, residual = self.input_layernorm(hidden, residual)
+        attended = self.self_attn(normed, cos, sin, kv_cache, metadata)
+        normed, residual = self.post_attention_layernorm(attended, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops: ModelOps):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, attention_backend: AttentionBackend):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attention_backend)
+        # Triton attention brings the Triton RMSNorm (+ residual), RoPE, SiLU-and-mul and GEMV kernels.
+        self.ops = model_ops(attention_backend)
+        self.model = LlamaModel(config, attention_backend, self.ops)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False
         )
-        # The Triton backend also takes the Triton RMSNorm (+ residual), RoPE and SiLU-and-mul kernels
-        # (a decode step launches ~11 kernels per layer instead of ~35) and, for batches of at most
-        # 4 tokens, the GEMV projections. The reference backend keeps plain PyTorch.
         self.attention_backend = attention_backend
-        self.use_fused_kernels = attention_backend.name == "triton"
 
     def forward(
         self,
@@ -143,19 +123,15 @@ class LlamaForCausalLM(nn.Module):
             )
         hidden = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary(positions, hidden.dtype)
-        if self.use_fused_kernels:
-            residual = None
-            for layer_index, layer in enumerate(self.model.layers):
-                hidden, residual = layer.forward_fused(hidden, residual, cos, sin, kv_cache[layer_index], metadata)
-            return fused_rms_norm(self.model.norm, hidden, residual)[0]
+        residual = None
         for layer_index, layer in enumerate(self.model.layers):
-            hidden = layer(hidden, cos, sin, kv_cache[layer_index], metadata)
-        return self.model.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache[layer_index], metadata)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32, written into `out` ([N, vocab] float32) when given."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head  # weight: [vocab, hidden]
-        logits = linear(hidden, head) if self.use_fused_kernels else F.linear(hidden, head.weight)
+        logits = self.ops.linear(hidden, head)
         if out is None:
             return logits.float()
         return out.copy_(logits)
