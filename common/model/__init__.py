@@ -1,4 +1,5 @@
-"""The Llama-family model (Llama, Qwen2, Mistral), its config, and where its weights come from.
+"""Models by family (common/model/families/, looked up by HF architecture), their config, and where
+their weights come from.
 
     resolved = resolve_model(args.model, args.load_format)          # folder, name, load_format
     model, config = load_model(resolved.folder, resolved.load_format, dtype, device,
@@ -8,16 +9,19 @@
 """
 
 from common.model.config import ModelConfig, RopeScaling
-from common.model.llama import LlamaForCausalLM, WeightLoadError
+from common.model.architectures import family_for_architecture, known_architectures
+from common.model.family import ModelFamily
 from common.model.registry import ResolvedModel, resolve_model
-from common.model.weights import load_model
+from common.model.weights import WeightLoadError, load_model
 
 __all__ = [
-    "LlamaForCausalLM",
     "ModelConfig",
+    "ModelFamily",
     "ResolvedModel",
     "RopeScaling",
     "WeightLoadError",
+    "family_for_architecture",
+    "known_architectures",
     "load_model",
     "resolve_model",
 ]

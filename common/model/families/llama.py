@@ -1,31 +1,51 @@
-"""One decoder for Llama, Qwen2 and Mistral over the paged KV pool.
+"""The Llama family: Llama, Mistral and Qwen2, one decoder over the paged KV pool.
 
-The forward pass takes a flat batch of new tokens from any number of sequences (packed prefill,
-decode, or a mix) and never sees sequences itself: where each token's K/V goes and what it attends
-to is all in `AttentionMetadata`, handled by the attention backend.
+    LlamaForCausalLM    model_type llama     optional bias on q/k/v/o, Llama 3 RoPE scaling
+    MistralForCausalLM  model_type mistral   sliding window: the context is capped at the window
+    Qwen2ForCausalLM    model_type qwen2     bias on q/k/v (never o)
+
+What differs between the three is data in ModelConfig, read by `parse_config`. The forward pass takes
+a flat batch of new tokens from any number of sequences (packed prefill, decode, or a mix) and never
+sees sequences itself: where each token's K/V goes and what it attends to is all in
+`AttentionMetadata`, handled by the attention backend.
 
 Parameter names mirror transformers' (`model.layers.3.self_attn...`), except that q/k/v are fused
-into `qkv_proj` and gate/up into `gate_up_proj`; `load_weights` stacks the HF tensors into them.
+into `qkv_proj` and gate/up into `gate_up_proj`; `parameter_slice` says which rows each HF tensor fills.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from common.attention import AttentionBackend, AttentionMetadata
-from common.model.config import ModelConfig
+from common.model.config import ModelConfig, decoder_fields
+from common.model.family import GGUFMapping, ModelFamily
 from common.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from common.model.ops import ModelOps, model_ops
 
-# Checkpoint tensors that carry no learned state.
-IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)  # checkpoint tensors that carry no learned state
 
 
-class WeightLoadError(ValueError):
-    """The checkpoint does not fit the model: missing, unexpected or mis-shaped tensors."""
+def parse_config(hf: dict[str, Any], generation: dict[str, Any], model_type: str) -> ModelConfig:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+    if hf.get("mlp_bias"):
+        raise ValueError("mlp_bias=true is not supported")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is not supported for qwen2")
+    fields = decoder_fields(hf, generation)
+    if model_type == "mistral" and hf.get("sliding_window"):
+        # Within the window, sliding-window attention equals full attention: cap the context there.
+        fields["max_position_embeddings"] = min(fields["max_position_embeddings"], hf["sliding_window"])
+    has_llama_bias = model_type != "qwen2" and bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        architecture=model_type, attention_bias=model_type == "qwen2" or has_llama_bias,
+        attention_output_bias=has_llama_bias, **fields,
+    )
 
 
 class Attention(nn.Module):
@@ -136,67 +156,69 @@ class LlamaForCausalLM(nn.Module):
             return logits.float()
         return out.copy_(logits)
 
-    def hf_weight_names(self) -> list[str]:
-        """Every tensor name an HF checkpoint of this config must provide."""
-        config = self.config
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not config.tie_word_embeddings:
-            names.append("lm_head.weight")
-        for i in range(config.num_hidden_layers):
-            prefix = f"model.layers.{i}"
-            names += [f"{prefix}.input_layernorm.weight", f"{prefix}.post_attention_layernorm.weight"]
-            names += [f"{prefix}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-            names += [f"{prefix}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            if config.attention_bias:
-                names += [f"{prefix}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-            if config.attention_output_bias:
-                names.append(f"{prefix}.self_attn.o_proj.bias")
-        return names
 
-    def _target_slice(self, hf_name: str) -> tuple[str, slice | None]:
-        """Maps an HF tensor name to (our parameter name, rows of it), rows None meaning all."""
-        q_size = self.config.num_attention_heads * self.config.head_dim
-        kv_size = self.config.num_key_value_heads * self.config.head_dim
-        inter = self.config.intermediate_size
-        stacked = {
-            "self_attn.q_proj": ("self_attn.qkv_proj", slice(0, q_size)),
-            "self_attn.k_proj": ("self_attn.qkv_proj", slice(q_size, q_size + kv_size)),
-            "self_attn.v_proj": ("self_attn.qkv_proj", slice(q_size + kv_size, q_size + 2 * kv_size)),
-            "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
-            "mlp.up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
-        }
-        for hf_part, (our_part, rows) in stacked.items():
-            if f".{hf_part}." in hf_name:
-                return hf_name.replace(hf_part, our_part), rows
-        return hf_name, None
+def weight_names(config: ModelConfig) -> list[str]:
+    """Every tensor name an HF checkpoint of this config must provide."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}"
+        names += [f"{prefix}.input_layernorm.weight", f"{prefix}.post_attention_layernorm.weight"]
+        names += [f"{prefix}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+        names += [f"{prefix}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if config.attention_bias:
+            names += [f"{prefix}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
+        if config.attention_output_bias:
+            names.append(f"{prefix}.self_attn.o_proj.bias")
+    return names
 
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies HF-named tensors into the model (cast to its dtype/device); all must be present."""
-        params = dict(self.named_parameters())
-        expected = set(self.hf_weight_names())
-        loaded: set[str] = set()
-        unexpected: list[str] = []
-        for hf_name, tensor in weights:
-            if hf_name.endswith(IGNORED_WEIGHT_SUFFIXES) or (
-                hf_name == "lm_head.weight" and self.config.tie_word_embeddings
-            ):
-                continue
-            our_name, rows = self._target_slice(hf_name)
-            if hf_name not in expected or our_name not in params:
-                unexpected.append(hf_name)
-                continue
-            target = params[our_name].data if rows is None else params[our_name].data[rows]
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise WeightLoadError(
-                    f"weight {hf_name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            loaded.add(hf_name)
-        if unexpected:
-            raise WeightLoadError(
-                f"checkpoint has {len(unexpected)} unexpected tensors: {sorted(unexpected)[:10]}"
-            )
-        missing = sorted(expected - loaded)
-        if missing:
-            raise WeightLoadError(f"checkpoint is missing {len(missing)} tensors: {missing[:10]}")
+
+def parameter_slice(hf_name: str, config: ModelConfig) -> tuple[str, slice | None] | None:
+    """An HF tensor name -> (our parameter name, the rows it fills, None for all); None: skip it."""
+    if hf_name.endswith(IGNORED_WEIGHT_SUFFIXES) or (hf_name == "lm_head.weight" and config.tie_word_embeddings):
+        return None
+    q_size = config.num_attention_heads * config.head_dim
+    kv_size = config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    stacked = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", slice(0, q_size)),
+        "self_attn.k_proj": ("self_attn.qkv_proj", slice(q_size, q_size + kv_size)),
+        "self_attn.v_proj": ("self_attn.qkv_proj", slice(q_size + kv_size, q_size + 2 * kv_size)),
+        "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
+        "mlp.up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
+    }
+    for hf_part, (our_part, rows) in stacked.items():
+        if f".{hf_part}." in hf_name:
+            return hf_name.replace(hf_part, our_part), rows
+    return hf_name, None
+
+
+def _gguf_extra_config(gguf_architecture: str, tensor_names: set[str]) -> dict[str, Any]:
+    """Llama GGUFs carry their attention bias as tensors only (Qwen2's is implied by its model_type)."""
+    if gguf_architecture == "llama":
+        return {"attention_bias": "blk.0.attn_q.bias" in tensor_names}
+    return {}
+
+
+GGUF = GGUFMapping(
+    architectures={"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"},
+    block_tensors={
+        "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    },
+    global_tensors={
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    },
+    permuted_query_key=("llama",),  # llama.cpp's converter permutes Q/K of llama only, not qwen2
+    extra_config=_gguf_extra_config,
+)
+
+FAMILY = ModelFamily(
+    name="llama", architectures=ARCHITECTURES, parse_config=parse_config, build_model=LlamaForCausalLM,
+    weight_names=weight_names, parameter_slice=parameter_slice, gguf=GGUF,
+)
