@@ -22,6 +22,17 @@ if TYPE_CHECKING:
     from common.attention import AttentionBackend
 
 
+def decoder_weight_names(config: ModelConfig, layer_tensors: list[str]) -> list[str]:
+    """The HF tensor names of a decoder checkpoint: the embedding, the final norm, `lm_head` unless tied,
+    then `model.layers.N.<name>` for each of `layer_tensors` (e.g. "mlp.down_proj.weight") in every layer."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        names += [f"model.layers.{i}.{name}" for name in layer_tensors]
+    return names
+
+
 def no_extra_gguf_config(gguf_architecture: str, tensor_names: set[str]) -> dict[str, Any]:
     return {}
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.attention import AttentionBackend, AttentionMetadata
 from common.model.config import ModelConfig, decoder_fields
-from common.model.family import GGUFMapping, ModelFamily
+from common.model.family import GGUFMapping, ModelFamily, decoder_weight_names
 from common.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from common.model.ops import ModelOps, model_ops
 
@@ -159,19 +159,14 @@ class LlamaForCausalLM(nn.Module):
 
 def weight_names(config: ModelConfig) -> list[str]:
     """Every tensor name an HF checkpoint of this config must provide."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for i in range(config.num_hidden_layers):
-        prefix = f"model.layers.{i}"
-        names += [f"{prefix}.input_layernorm.weight", f"{prefix}.post_attention_layernorm.weight"]
-        names += [f"{prefix}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        names += [f"{prefix}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if config.attention_bias:
-            names += [f"{prefix}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-        if config.attention_output_bias:
-            names.append(f"{prefix}.self_attn.o_proj.bias")
-    return names
+    layer_tensors = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    layer_tensors += [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    layer_tensors += [f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if config.attention_bias:
+        layer_tensors += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
+    if config.attention_output_bias:
+        layer_tensors.append("self_attn.o_proj.bias")
+    return decoder_weight_names(config, layer_tensors)
 
 
 def parameter_slice(hf_name: str, config: ModelConfig) -> tuple[str, slice | None] | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from common.model.config import ModelConfig, decoder_fields
 from common.model.families.llama import LlamaForCausalLM
-from common.model.family import ModelFamily
+from common.model.family import ModelFamily, decoder_weight_names
 
 
 def parse_config(hf: dict[str, Any], generation: dict[str, Any], model_type: str) -> ModelConfig:
@@ -29,16 +29,9 @@ def parse_config(hf: dict[str, Any], generation: dict[str, Any], model_type: str
 
 
 def weight_names(config: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    for i in range(config.num_hidden_layers):
-        prefix = f"model.layers.{i}"
-        names += [f"{prefix}.{part}.weight" for part in (
-            "input_layernorm", "post_attention_layernorm", "self_attn.qkv_proj", "self_attn.o_proj",
-            "mlp.gate_up_proj", "mlp.down_proj",
-        )]
-    return names
+    layer_tensors = ["input_layernorm", "post_attention_layernorm", "self_attn.qkv_proj", "self_attn.o_proj",
+                     "mlp.gate_up_proj", "mlp.down_proj"]
+    return decoder_weight_names(config, [f"{name}.weight" for name in layer_tensors])
 
 
 def parameter_slice(hf_name: str, config: ModelConfig) -> tuple[str, slice | None] | None:
