@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from common.model.architectures import hf_architecture_name
 from common.model.config import ModelConfig
 from protos import worker_pb2, worker_pb2_grpc
 from services.supervisor import stop_processes
@@ -55,7 +56,8 @@ def hf_config(config: ModelConfig, vocab_size: int) -> dict:
     eos_ids = [i for i in config.eos_token_ids if i < vocab_size] or [2]
     bos_id = config.bos_token_id if config.bos_token_id is not None and config.bos_token_id < vocab_size else 1
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": config.architecture, "vocab_size": vocab_size,
+        "architectures": [hf_architecture_name(config.architecture)], "model_type": config.architecture,
+        "vocab_size": vocab_size,
         "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim, "hidden_act": "silu",

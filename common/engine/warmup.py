@@ -38,7 +38,7 @@ from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import SchedulerPlan
 from common.engine.sequence import Sequence
 from common.kv.block_count import num_blocks_for
-from common.model.layers import GEMV_MAX_ROWS
+from common.model.ops import GEMV_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The Llama-family model (Llama, Qwen2, Mistral), its config, and where its weights come from.
+"""Models by family (common/model/families/, looked up by HF architecture), their config, and where
+their weights come from.
 
     resolved = resolve_model(args.model, args.load_format)          # folder, name, load_format
     model, config = load_model(resolved.folder, resolved.load_format, dtype, device,
@@ -13,10 +14,11 @@ The names load on first use, so a process that only resolves a model name (the f
 from common.lazy_names import lazy_names
 
 _NAMES_BY_MODULE = {
+    "common.model.architectures": ("family_for_architecture", "known_architectures"),
     "common.model.config": ("ModelConfig", "RopeScaling"),
-    "common.model.llama": ("LlamaForCausalLM", "WeightLoadError"),
+    "common.model.family": ("ModelFamily",),
     "common.model.registry": ("ResolvedModel", "resolve_model"),
-    "common.model.weights": ("load_model",),
+    "common.model.weights": ("WeightLoadError", "load_model"),
 }
 __all__ = sorted(name for names in _NAMES_BY_MODULE.values() for name in names)
 __getattr__ = lazy_names(__name__, _NAMES_BY_MODULE)

@@ -1,9 +1,11 @@
-"""The shape of a Llama-family model, parsed once from an HF `config.json`.
+"""The shape of a decoder model, parsed once from an HF `config.json` by the family that serves it.
 
-Llama, Qwen2 and Mistral share one implementation; what differs between them is data here:
-Qwen2 has a bias on q/k/v, Llama may have a bias on all four attention projections, Llama 3
-rescales RoPE frequencies. Anything the implementation cannot reproduce exactly is rejected with
-a ValueError that names the field, rather than silently computing something else.
+The fields every decoder has (sizes, heads, RoPE, stop tokens, dtype) are read here
+(`decoder_fields`); what differs between variants is data the family sets (Qwen2 has a bias on q/k/v,
+Llama may have a bias on all four attention projections, Llama 3 rescales RoPE frequencies). Anything
+a family cannot reproduce exactly is rejected with a ValueError that names the field, rather than
+silently computing something else. Families: `common/model/families/`, found by
+`common/model/architectures.py`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from common.model.formats import DTYPE_NAMES, canonical_dtype_name
-
-ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "qwen2" | "mistral"
+    architecture: str  # the HF model_type, e.g. "llama" | "qwen2" | "mistral"; its family builds the model
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # SwiGLU inner width
@@ -61,8 +61,8 @@ class ModelConfig:
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, e.g. "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"model_type {self.architecture!r} is not supported (supported: {ARCHITECTURES})")
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"architecture must be an HF model_type such as 'llama', got {self.architecture!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -90,42 +90,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
-        """Parses an HF config.json dict (transformers 4.x or 5.x layout)."""
-        architecture = hf.get("model_type")
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"model_type {architecture!r} is not supported (supported: {ARCHITECTURES})")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if name not in hf:
-                raise ValueError(f"config.json is missing {name!r}")
-        _reject_unsupported(hf, architecture)
-        num_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        rope_theta, rope_scaling = _parse_rope(hf)
-        max_positions = hf.get("max_position_embeddings", 2048)
-        if architecture == "mistral" and hf.get("sliding_window"):
-            # Within the window, sliding-window attention equals full attention: cap the context there.
-            max_positions = min(max_positions, hf["sliding_window"])
-        has_llama_bias = architecture != "qwen2" and bool(hf.get("attention_bias", False))
-        return cls(
-            architecture=architecture,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=architecture == "qwen2" or has_llama_bias,
-            attention_output_bias=has_llama_bias,
-            eos_token_ids=_eos_token_ids(hf, generation_config or {}),
-            bos_token_id=(generation_config or {}).get("bos_token_id", hf.get("bos_token_id")),
-            torch_dtype=_dtype_name(hf.get("dtype") or hf.get("torch_dtype")),
-        )
+        """Parses an HF config.json dict (transformers 4.x or 5.x layout) with the family that serves it."""
+        from common.model.architectures import family_for_hf_config  # the families import this module
+
+        family, model_type = family_for_hf_config(hf)
+        return family.parse_config(hf, generation_config or {}, model_type)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
@@ -150,13 +119,34 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-def _reject_unsupported(hf: dict[str, Any], architecture: str) -> None:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-    if hf.get("mlp_bias"):
-        raise ValueError("mlp_bias=true is not supported")
-    if architecture == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError("use_sliding_window=true is not supported for qwen2")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def decoder_fields(hf: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's keyword arguments that every decoder's config.json spells alike (all but
+    `architecture` and the attention biases, which the family sets)."""
+    for name in REQUIRED_FIELDS:
+        if name not in hf:
+            raise ValueError(f"config.json is missing {name!r}")
+    num_heads = hf["num_attention_heads"]
+    rope_theta, rope_scaling = _parse_rope(hf)
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=num_heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        eos_token_ids=_eos_token_ids(hf, generation),
+        bos_token_id=generation.get("bos_token_id", hf.get("bos_token_id")),
+        torch_dtype=_dtype_name(hf.get("dtype") or hf.get("torch_dtype")),
+    )
 
 
 def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

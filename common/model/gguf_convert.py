@@ -3,9 +3,11 @@
     model.gguf ──► out_dir/ config.json, generation_config.json, model*.safetensors (+ index),
                             tokenizer.json, tokenizer_config.json, chat_template.jinja
 
-Tensors are dequantized with the `gguf` package. llama.cpp's converter permutes the rows of Q and
-K of `llama` models (to its interleaved RoPE layout); `unpermute_rows` undoes that so the weights
-work with HF's rotate-half RoPE. Qwen2 GGUFs are not permuted. Writes into `out_dir`, which must
+Tensors are dequantized with the `gguf` package. Which GGUF architectures convert, and how their
+tensor names map to HF ones, is each model family's `GGUFMapping` (`common/model/families/`); the
+metadata keys read here are llama.cpp's own, the same for every family. llama.cpp's converter permutes
+the rows of Q and K of some architectures (`llama`: to its interleaved RoPE layout); `unpermute_rows`
+undoes that so the weights work with HF's rotate-half RoPE. Writes into `out_dir`, which must
 not exist: callers convert into a temp dir and rename (see `registry.converted_gguf_folder`).
 """
 
@@ -20,25 +22,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from common.model.architectures import family_for_gguf
 from common.model.config import RopeScaling
+from common.model.family import GGUFMapping, ModelFamily
 from common.model.formats import DTYPE_NAMES
 from common.model.layers import rope_inverse_frequencies
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 SHARD_BYTES = 2 * 2**30
 LLAMA3_CANDIDATES = ((1.0, 4.0, 8192),)  # (low_freq_factor, high_freq_factor, original context)
-
-_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -46,17 +37,25 @@ class GGUFConversionError(ValueError):
     """The GGUF file holds something this converter cannot represent faithfully."""
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, mapping: GGUFMapping) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for derived tensors."""
     if gguf_name == "rope_freqs.weight":
         return None  # folded into config.json's rope scaling
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
+    if gguf_name in mapping.global_tensors:
+        return mapping.global_tensors[gguf_name]
     match = _BLOCK_NAME.match(gguf_name)
-    if match is None or match.group(2) not in _BLOCK_TENSORS:
+    if match is None or match.group(2) not in mapping.block_tensors:
         raise GGUFConversionError(f"GGUF tensor {gguf_name!r} has no HF equivalent")
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_BLOCK_TENSORS[part]}.{kind}"
+    return f"model.layers.{layer}.{mapping.block_tensors[part]}.{kind}"
+
+
+def gguf_family(reader) -> ModelFamily:
+    """The family that converts this file's `general.architecture` (llama.cpp's name, e.g. "qwen2")."""
+    try:
+        return family_for_gguf(_field(reader, "general.architecture"))
+    except ValueError as error:
+        raise GGUFConversionError(str(error)) from None
 
 
 def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -97,10 +96,8 @@ def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, rope_theta:
 def hf_config_from_gguf(reader, storage_dtype: str) -> dict:
     """Builds the HF config.json dict from GGUF metadata (and which tensors exist)."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise GGUFConversionError(
-            f"GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_GGUF_ARCHITECTURES})"
-        )
+    family = gguf_family(reader)
+    hf_architecture = family.gguf.architectures[arch]
     tensor_names = {t.name for t in reader.tensors}
     num_heads = int(_field(reader, f"{arch}.attention.head_count"))
     num_kv_heads = _field(reader, f"{arch}.attention.head_count_kv", num_heads)
@@ -123,8 +120,8 @@ def hf_config_from_gguf(reader, storage_dtype: str) -> dict:
         factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
         rope_parameters = _llama3_scaling_from_factors(np.asarray(factors, np.float32), head_dim, rope_theta)
     config = {
-        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
-        "model_type": arch,
+        "architectures": [hf_architecture],
+        "model_type": family.architectures[hf_architecture],
         "vocab_size": int(token_embedding.shape[1]),
         "hidden_size": hidden_size,
         "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
@@ -141,18 +138,17 @@ def hf_config_from_gguf(reader, storage_dtype: str) -> dict:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "dtype": storage_dtype,
     }
-    if arch == "llama":
-        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-    return config
+    return config | family.gguf.extra_config(arch, tensor_names)
 
 
 def _dequantized_tensors(reader, config: dict, dtype: torch.dtype, show_progress: bool):
-    """Yields (HF name, tensor) for every GGUF tensor, un-permuting Q/K of llama models."""
+    """Yields (HF name, tensor) for every GGUF tensor, un-permuting Q/K where llama.cpp permuted them."""
     from gguf.quants import dequantize
 
-    is_permuted = config["model_type"] == "llama"
+    mapping = gguf_family(reader).gguf
+    is_permuted = _field(reader, "general.architecture") in mapping.permuted_query_key
     for tensor in tqdm(reader.tensors, desc="Converting GGUF", unit="tensor", disable=not show_progress):
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, mapping)
         if name is None:
             continue
         array = dequantize(tensor.data, tensor.tensor_type)  # numpy, HF row-major [rows, cols]

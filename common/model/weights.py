@@ -1,4 +1,4 @@
-"""Builds a model and fills its weights: HF safetensors folders (single or sharded), or dummy.
+"""Builds a model with its family and fills its weights: HF safetensors folders (single or sharded), or dummy.
 
 GGUF files are first converted into an HF-style folder (`common/model/registry.py` caches that), so
 this module reads only safetensors. The model is built on the meta device and materialised on
@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from common.attention import AttentionBackend, get_attention_backend
+from common.model.architectures import family_for_model_type
 from common.model.config import ModelConfig
+from common.model.family import ModelFamily
 from common.model.formats import DTYPE_ALIASES, DTYPE_NAMES, LOAD_FORMATS, canonical_dtype_name
-from common.model.llama import LlamaForCausalLM
 
 # every accepted dtype name (aliases included) -> its torch dtype
 DTYPES = {name: getattr(torch, canonical_dtype_name(name)) for name in (*DTYPE_NAMES, *DTYPE_ALIASES)}
 PROGRESS_MIN_BYTES = 256 * 2**20  # smaller checkpoints load in well under a second: no bar
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not fit the model: missing, unexpected or mis-shaped tensors."""
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
@@ -96,11 +101,43 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
 
 def build_empty_model(
     config: ModelConfig, attention_backend: AttentionBackend, dtype: torch.dtype, device: torch.device
-) -> LlamaForCausalLM:
-    """The model with uninitialised parameters allocated on `device` in `dtype`."""
+) -> torch.nn.Module:
+    """The model of `config`'s family with uninitialised parameters allocated on `device` in `dtype`."""
+    family = family_for_model_type(config.architecture)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, attention_backend)
+        model = family.build_model(config, attention_backend)
     return model.to(dtype=dtype).to_empty(device=device)
+
+
+@torch.no_grad()
+def load_hf_weights(
+    model: torch.nn.Module, family: ModelFamily, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """Copies HF-named tensors into the model (cast to its dtype/device); all must be present."""
+    params = dict(model.named_parameters())
+    expected = set(family.weight_names(config))
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for hf_name, tensor in weights:
+        target_slice = family.parameter_slice(hf_name, config)
+        if target_slice is None:
+            continue
+        our_name, rows = target_slice
+        if hf_name not in expected or our_name not in params:
+            unexpected.append(hf_name)
+            continue
+        target = params[our_name].data if rows is None else params[our_name].data[rows]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise WeightLoadError(
+                f"weight {hf_name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        loaded.add(hf_name)
+    if unexpected:
+        raise WeightLoadError(f"checkpoint has {len(unexpected)} unexpected tensors: {sorted(unexpected)[:10]}")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise WeightLoadError(f"checkpoint is missing {len(missing)} tensors: {missing[:10]}")
 
 
 def _pick_format(folder: Path | None, load_format: str) -> str:
@@ -121,7 +158,7 @@ def load_model(
     attention_backend: AttentionBackend | None,
     model_config: ModelConfig | None = None,
     seed: int = 0,
-) -> tuple[LlamaForCausalLM, ModelConfig]:
+) -> tuple[torch.nn.Module, ModelConfig]:
     """Builds the model for an HF folder, a .gguf file (converted and cached) or dummy weights.
 
     `model_config` overrides the folder's config.json (dummy presets have no folder at all).
@@ -147,5 +184,6 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        model.load_weights(iterate_hf_weights(folder, device))
+        family = family_for_model_type(model_config.architecture)
+        load_hf_weights(model, family, model_config, iterate_hf_weights(folder, device))
     return model.eval(), model_config

@@ -136,7 +136,7 @@ def test_model_linear_takes_the_gemv_for_decode_sized_half_batches(device, num_r
     """The Triton path's projections: gemv for 1..4 rows in fp16/bf16 (same numbers as nn.Linear),
     F.linear otherwise."""
     import kernels.gemv
-    from common.model.layers import linear
+    from common.model.ops import linear
 
     calls = []
     monkeypatch.setattr(kernels.gemv, "gemv", lambda *args: calls.append(args) or gemv(*args))
@@ -155,13 +155,16 @@ def test_model_linear_takes_the_gemv_for_decode_sized_half_batches(device, num_r
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_mlp_with_gemv_projections_matches_the_eager_mlp(device):
     from common.model.layers import SwiGLUMLP
+    from common.model.ops import FUSED_OPS, REFERENCE_OPS
 
     dtype, hidden, intermediate = torch.bfloat16, 128, 344
     torch.manual_seed(6)
-    mlp = SwiGLUMLP(hidden, intermediate).to(device=device, dtype=dtype)
+    mlp = SwiGLUMLP(hidden, intermediate, REFERENCE_OPS).to(device=device, dtype=dtype)
+    fused_mlp = SwiGLUMLP(hidden, intermediate, FUSED_OPS).to(device=device, dtype=dtype)
+    fused_mlp.load_state_dict(mlp.state_dict())
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(6)).to(device=device, dtype=dtype)
     with torch.no_grad():
-        fused, eager = mlp.forward_fused(x).float(), mlp(x).float()
+        fused, eager = fused_mlp(x).float(), mlp(x).float()
     # gate_up, SiLU x up and down each round to bf16 in both; one ulp of an input can move an output near
     # zero, so compare as a whole. The interpreter truncates those roundings (a bias toward zero, about
     # twice the error of rounding to nearest), hence the wider CPU bound.

@@ -1,4 +1,4 @@
-"""Triton rotary embedding vs the reference and the model's apply_rotary, on the CPU (interpreter)
+"""Triton rotary embedding vs the reference and the model's rotary op, on the CPU (interpreter)
 and on CUDA (compiled kernel, reference computed on CUDA too)."""
 
 import pytest
@@ -48,12 +48,12 @@ def assert_close_in_dtype(out, expected):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rotary_matches_the_model_on_a_fused_qkv_view(device):
-    from common.model.layers import apply_rotary as model_apply_rotary
+    from common.model.ops import REFERENCE_OPS
 
     cos, sin = _angles(5, 32, torch.bfloat16, seed=2, device=device)
     qkv = torch.randn(5, 4 + 2 * 2, 64).to(device=device, dtype=torch.bfloat16)  # [T, H + 2 Hkv, D]
     key = qkv[:, 4:6]
-    assert_close_in_dtype(apply_rotary(key, cos, sin), model_apply_rotary(key, cos, sin))
+    assert_close_in_dtype(apply_rotary(key, cos, sin), REFERENCE_OPS.rotary(key, cos, sin))
 
 
 def test_rotary_rejects_bad_tables():

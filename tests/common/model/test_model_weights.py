@@ -10,8 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from common.attention import get_attention_backend
 from common.model.config import ModelConfig
-from common.model.llama import WeightLoadError
-from common.model.weights import iterate_hf_weights, load_model, resolve_dtype
+from common.model.weights import WeightLoadError, iterate_hf_weights, load_model, resolve_dtype
 from tests.common.model.paged_runner import PagedRunner
 from tests.helpers.devices import DEVICES
 from tests.helpers.tiny_models import make_tiny_hf_model
