@@ -188,10 +188,12 @@ class Relay:
         num_prompt_tokens = len(prompt_token_ids)
         if not self._policy.may_go_local(num_prompt_tokens, has_prefill_workers):
             return None
-        worker = self._route(request_id, "decode", lambda: self._router.pick_decode(prompt_token_ids))
+        choice = self._router.choose_decode(prompt_token_ids)  # recorded only if the prompt stays local
         path = choose_path(self._policy, num_prompt_tokens, has_prefill_workers,
-                           has_room(worker.stats, num_prompt_tokens))
-        return worker if path is RequestPath.LOCAL else None
+                           has_room(choice.worker.stats, num_prompt_tokens))
+        if path is not RequestPath.LOCAL:
+            return None  # the decode worker is picked again once the prefill has answered
+        return self._route(request_id, "decode", lambda: self._router.commit(choice))
 
     async def _decode(self, decode: WorkerHandle, request: worker_pb2.DecodeRequest, num_prompt_tokens: int,
                       time_remaining: Callable[[], float | None]) -> AsyncIterator[TokenEvent | FinishEvent]:

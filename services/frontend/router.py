@@ -90,6 +90,17 @@ class WorkerHandle:
         return (self.num_inflight_requests, -free_blocks)
 
 
+@dataclass(frozen=True)
+class RouteChoice:
+    """One worker pick before it is recorded (`Router.choose_decode`, then `Router.commit`)."""
+
+    role: str  # "prefill" | "decode"
+    worker: WorkerHandle
+    prompt: PromptKeys  # the request's prompt and its block keys
+    num_cached_blocks: int  # the prompt's leading blocks the worker is believed to hold
+    is_cache_aware: bool  # kv mode with a prompt: the choice counted cached blocks
+
+
 class Router:
     def __init__(self, prefill_addresses: list[str], decode_addresses: list[str], refresh_seconds: float = 0.5,
                  interceptors: list | None = None, tls: ClientTLS | None = None,
@@ -244,13 +255,31 @@ class Router:
         return min(ready, key=lambda s: s.max_model_len)
 
     def pick_prefill(self, prompt_token_ids: Sequence[int] = ()) -> WorkerHandle:
-        return self._pick("prefill", self.prefill_workers, prompt_token_ids)
+        return self.commit(self._choose("prefill", self.prefill_workers, prompt_token_ids))
 
     def pick_decode(self, prompt_token_ids: Sequence[int] = ()) -> WorkerHandle:
         """`prompt_token_ids`: the prompt the decode worker is handed (its KV is what it would pull)."""
-        return self._pick("decode", self.decode_workers, prompt_token_ids)
+        return self.commit(self.choose_decode(prompt_token_ids))
 
-    def _pick(self, role: str, workers: list[WorkerHandle], prompt_token_ids: Sequence[int]) -> WorkerHandle:
+    def choose_decode(self, prompt_token_ids: Sequence[int] = ()) -> "RouteChoice":
+        """The decode worker `pick_decode` would take, with nothing recorded yet (no load counted, no
+        cache prediction, no metric): `commit` it once the request really goes there."""
+        return self._choose("decode", self.decode_workers, prompt_token_ids)
+
+    def commit(self, choice: "RouteChoice") -> WorkerHandle:
+        """Records a choice as made: the blocks it adds to the worker's load, what the worker will cache,
+        the decision's metrics (on the current `route` span too); returns its worker."""
+        worker, num_prompt_tokens = choice.worker, len(choice.prompt.token_ids)
+        if choice.role == "decode":
+            worker.num_blocks_routed_since_stats += num_blocks_for(num_prompt_tokens, worker.block_size)
+        if choice.is_cache_aware:
+            if worker.cache_view.has_published_keys:
+                worker.cache_view.predict(choice.prompt.for_block_size(worker.block_size))
+            self._record(choice.role, num_prompt_tokens,
+                         _cached_tokens(num_prompt_tokens, choice.num_cached_blocks, worker.block_size))
+        return worker
+
+    def _choose(self, role: str, workers: list[WorkerHandle], prompt_token_ids: Sequence[int]) -> "RouteChoice":
         healthy = [w for w in workers if w.is_healthy]
         if not healthy:
             raise Unavailable(f"no {role} worker is ready ({', '.join(w.address for w in workers) or 'none known'})")
@@ -261,15 +290,7 @@ class Router:
         candidate = _prefill_candidate if role == "prefill" else _decode_candidate
         candidates = [candidate(w, len(prompt_token_ids), n) for w, n in zip(healthy, cached_blocks)]
         index = choose(candidates, self.routing, next(self._turns[role]), self._rng)
-        worker = healthy[index]
-        if role == "decode":
-            worker.num_blocks_routed_since_stats += num_blocks_for(len(prompt_token_ids), worker.block_size)
-        if is_cache_aware:
-            if worker.cache_view.has_published_keys:
-                worker.cache_view.predict(prompt.for_block_size(worker.block_size))
-            self._record(role, len(prompt_token_ids), _cached_tokens(len(prompt_token_ids), cached_blocks[index],
-                                                                     worker.block_size))
-        return worker
+        return RouteChoice(role, healthy[index], prompt, cached_blocks[index], is_cache_aware)
 
     def _record(self, role: str, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         """A cache-aware decision: on the current (`route`) span and in the metrics."""

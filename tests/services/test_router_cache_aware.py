@@ -249,3 +249,21 @@ def test_the_frontend_config_names_a_bad_router_setting():
         FrontendConfig(["h:1"], ["h:2"], router_mode="least-loaded")
     with pytest.raises(ValueError, match="kv_overlap_score_weight"):
         FrontendConfig(["h:1"], ["h:2"], kv_overlap_score_weight=-2.0)
+
+
+def test_a_decode_choice_is_recorded_only_when_committed():
+    """The frontend asks which decode worker would take a short prompt before deciding whether it stays
+    off the prefill workers; a choice it drops must leave no load, prediction or metric behind."""
+    registry = CollectorRegistry()
+    router = _router(metrics=RouterMetrics(registry, "m"))
+    _publish(router, _idle(router))
+    prompt = list(range(40))  # 10 blocks, cached nowhere
+    labels = {"model_name": "m", "role": "frontend", "worker_role": "decode"}
+    choice = router.choose_decode(prompt)
+    assert all(w.num_blocks_routed_since_stats == 0 for w in router.decode_workers)
+    assert choice.worker.cache_view.num_cached_blocks(_keys(prompt)) == 0
+    assert not registry.get_sample_value("tandem:router_prompt_tokens_total", labels)
+    assert router.commit(choice) is choice.worker
+    assert choice.worker.num_blocks_routed_since_stats == 10
+    assert choice.worker.cache_view.num_cached_blocks(_keys(prompt)) == 10  # predicted cached there
+    assert registry.get_sample_value("tandem:router_prompt_tokens_total", labels) == 40
