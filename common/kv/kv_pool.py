@@ -72,7 +72,6 @@ class KVPool:
         """
         if self.device.type != "cuda":
             return TransferBuffer(self.kv.index_select(2, self._index(block_ids)), None)
-        self._check_ids(block_ids)
         stream = self._copy_stream()
         with torch.cuda.stream(stream):
             index = self._index(block_ids)
@@ -114,15 +113,12 @@ class KVPool:
             raise ValueError(f"KV data has dtype {data.dtype}, expected {self.layout.torch_dtype}")
         self.kv.index_copy_(2, self._index(block_ids), data.to(self.device))
 
-    def _check_ids(self, block_ids: list[int]) -> None:
-        for block_id in block_ids:
-            if not 0 <= block_id < self.num_blocks:
-                raise ValueError(f"block id {block_id} is outside 0..{self.num_blocks - 1}")
-
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         """The block ids as a device tensor for the current stream, copied without making the host wait:
         a plain host-to-device copy from pageable memory would wait for every kernel queued before it."""
-        self._check_ids(block_ids)
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise ValueError(f"block id {block_id} is outside 0..{self.num_blocks - 1}")
         index = torch.tensor(block_ids, dtype=torch.int64)
         if self.device.type != "cuda":
             return index

@@ -234,15 +234,11 @@ class DecodeWorker:
     def _settle_transfers(self) -> None:
         for request_id, job in list(self._receiving.items()):
             try:
-                if job.ticket is None:  # its buffer was not ready yet: nothing can write it, so an abort is final
-                    if job.is_aborted:
-                        del self._receiving[request_id]
-                        self.engine.abort_request(request_id)  # frees the reserved blocks
-                        _end_spans(job, "aborted")
-                    else:
+                if job.ticket is None:  # its buffer was not ready: no pull began, so an abort settles it now
+                    if not job.is_aborted:
                         self._start_pull(job)
-                    continue
-                if self.receiver.poll(job.ticket) is TransferState.PENDING:
+                        continue
+                elif self.receiver.poll(job.ticket) is TransferState.PENDING:
                     continue
                 del self._receiving[request_id]
                 self._settle(job)
@@ -256,8 +252,8 @@ class DecodeWorker:
         buffer, job.buffer = job.buffer, None
         # The ticket holds the receive buffer too: drop it, or every running request would keep its
         # prompt's KV twice (on 2xH200, 500 requests held ~12 GiB of such buffers).
-        ticket, job.ticket = job.ticket, None
-        error = ticket.error
+        ticket, job.ticket = job.ticket, None  # None: aborted before its pull began
+        error = None if ticket is None else ticket.error
         if job.is_aborted or error is not None:
             self.engine.abort_request(job.request_id)  # frees the reserved blocks
             _end_spans(job, error or "aborted")
