@@ -11,6 +11,7 @@ afterwards (GetStats, /metrics, log tails).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -19,8 +20,10 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,6 +332,24 @@ def save_metrics(services: Services) -> dict[str, str]:
         path.write_text(text)
         files[service.name] = str(path)
     return files
+
+
+@contextlib.contextmanager
+def stopped_after(services: Services, report: dict, label: str = "") -> Iterator[None]:
+    """Runs a measurement on started services and stops them whatever happens; a failure is kept in
+    `report["failure"]` (prefixed with `label`), so what was measured before it stays in the report."""
+    prefix = f"{label}: " if label else ""
+    try:
+        yield
+    except ServiceFailure as exc:
+        report["failure"] = f"{prefix}{exc}"
+        print(f"service failure: {exc}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - keep what was measured, stop the services, say why
+        report["failure"] = f"{prefix}{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        services.stop()
+        save_service_logs_tail(services, report)
 
 
 def save_service_logs_tail(services: Services, report: dict) -> None:

@@ -65,7 +65,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +80,8 @@ from bench._disagg_client import ClientPool, RequestRecord, Target  # noqa: E402
 from bench._disagg_report import (  # noqa: E402
     add_ratios, client_figures, kv_figures, merge_previous, new_report, table, wait_for_kv_spans)
 from bench._disagg_services import (  # noqa: E402
-    REPO_ROOT, ServiceFailure, Services, add_model_args, all_worker_stats, compile_counts, prepare_model,
-    save_metrics, save_service_logs_tail, start_services, stats_dict)
+    REPO_ROOT, Services, add_model_args, all_worker_stats, compile_counts, prepare_model,
+    save_metrics, start_services, stats_dict, stopped_after)
 from bench.sharegpt import sharegpt_workload, workload_summary  # noqa: E402
 from common.otlp_collector import OtlpCollector, save_spans  # noqa: E402
 from protos import generation_pb2, generation_pb2_grpc  # noqa: E402
@@ -335,7 +334,7 @@ def run_services(args, model: dict, report: dict, log_dir: Path, prompts, output
     # The client processes start first: they load their imports while the workers load the model.
     with OtlpCollector() as collector, ClientPool(args.client_processes) as clients:
         services = Services(log_dir, collector.endpoint)
-        try:
+        with stopped_after(services, report):
             session = open_session(args, model, report, services, collector, clients)
             for name, api, rate, run_prompts, run_lens in plan:
                 limit = clock.limit(args.time_limit)
@@ -352,15 +351,6 @@ def run_services(args, model: dict, report: dict, log_dir: Path, prompts, output
                 write_json(args.output, report)
             report["phases_done"] += [p for p in args.phases if p != "engine"]
             report["metrics_files"] = save_metrics(services)
-        except ServiceFailure as exc:
-            report["failure"] = str(exc)
-            print(f"service failure: {exc}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - keep what was measured, stop the services, say why
-            report["failure"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        finally:
-            services.stop()
-            save_service_logs_tail(services, report)
 
 
 def run_engine_phase(args, model: dict, report: dict, log_dir: Path, clock: Clock) -> None:

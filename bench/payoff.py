@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
@@ -46,7 +45,7 @@ from bench._common import write_json  # noqa: E402
 from bench._disagg_client import ClientPool, RequestRecord, Target  # noqa: E402
 from bench._disagg_report import client_figures  # noqa: E402
 from bench._disagg_services import (  # noqa: E402
-    ServiceFailure, Services, add_model_args, all_worker_stats, engine_argv, prepare_model, save_service_logs_tail)
+    Services, add_model_args, all_worker_stats, engine_argv, prepare_model, stopped_after)
 from bench._payoff_figures import (  # noqa: E402
     TOPOLOGIES, WORKLOADS, burst_offsets, burst_workload, run_key, slo_figures, summarize, table)
 from bench.disagg import SHUTDOWN_RESERVE_SECONDS, Clock, default_client_processes  # noqa: E402
@@ -166,7 +165,7 @@ def run_topology(topology: str, args, model: dict, workloads: dict, report: dict
                  clients: ClientPool, collector: OtlpCollector) -> None:
     services = Services(log_dir / topology, collector.endpoint)
     services.log_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with stopped_after(services, report, topology):
         frontend, num_gpus = start_topology(topology, args, model, services)
         target = Target(frontend.address, 0, "")
         print(f"{topology}: ready; warm-up errors: {warm_up(clients, target, args, model['vocab_size'])}", flush=True)
@@ -190,15 +189,6 @@ def run_topology(topology: str, args, model: dict, workloads: dict, report: dict
             single_gpu_runs(clients, target, services, workloads["sharegpt"], args, clock, report["single_gpu"])
             write_json(args.output, report)
         report["topologies_done"].append(topology)
-    except ServiceFailure as exc:
-        report["failure"] = f"{topology}: {exc}"
-        print(f"service failure: {exc}", flush=True)
-    except Exception as exc:  # noqa: BLE001 - keep what was measured, stop the services, say why
-        report["failure"] = f"{topology}: {type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    finally:
-        services.stop()
-        save_service_logs_tail(services, report)
 
 
 def engine_baseline(args, model: dict, log_dir: Path, clock: Clock) -> dict:
