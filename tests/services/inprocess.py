@@ -22,6 +22,7 @@ import grpc
 from common import tracing
 from common.engine.config import EngineConfig
 from common.engine.llm_engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
 from common.tokenizer import load_tokenizer
 from protos import worker_pb2, worker_pb2_grpc
 from services.common.observability import Observability
@@ -188,6 +189,20 @@ class InProcessSystem:
 def decode_stats(address: str) -> worker_pb2.WorkerStats:
     with grpc.insecure_channel(address) as channel:
         return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+
+
+def single_engine_tokens(tiny_folder, tiny_model, prompts, params: SamplingParams) -> list[list[int]]:
+    """What one `LLMEngine` with the services' settings generates for `prompts`: the reference that
+    output through the services must equal token for token."""
+    model, model_config = tiny_model
+    engine = LLMEngine(EngineConfig(model=str(tiny_folder), **ENGINE_SETTINGS), model=model, model_config=model_config)
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), prompt, params)
+    tokens = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens[output.request_id].extend(output.new_token_ids)
+    return [tokens[str(i)] for i in range(len(prompts))]
 
 
 def assert_idle(system: InProcessSystem) -> None:

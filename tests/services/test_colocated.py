@@ -11,30 +11,16 @@ import time
 import grpc
 import pytest
 
-from common.engine.config import EngineConfig
-from common.engine.llm_engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from protos import generation_pb2 as g
 from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.decode.jobs import DecodeLimits
 from services.decode.main import parse_kv_senders
-from tests.services.inprocess import ENGINE_SETTINGS, assert_idle, decode_stats
+from tests.services.inprocess import ENGINE_SETTINGS, assert_idle, decode_stats, single_engine_tokens
 
 SHORT_PROMPTS = [[5, 17, 300, 41, 9], [1000, 2000, 3000], [7] * 8]
 LONG_PROMPTS = [list(range(50, 71)), list(range(200, 230))]
 LOCAL_PREFILL_LENGTH = 8
-
-
-def _single_engine_tokens(tiny_folder, tiny_model, prompts, params: SamplingParams) -> list[list[int]]:
-    model, model_config = tiny_model
-    engine = LLMEngine(EngineConfig(model=str(tiny_folder), **ENGINE_SETTINGS), model=model, model_config=model_config)
-    for index, prompt in enumerate(prompts):
-        engine.add_request(str(index), prompt, params)
-    tokens = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            tokens[output.request_id].extend(output.new_token_ids)
-    return [tokens[str(i)] for i in range(len(prompts))]
 
 
 def _generate(address: str, prompt: list[int], timeout: float = 60, **sampling) -> tuple[list[int], g.GenerateResponse]:
@@ -86,7 +72,7 @@ def test_colocated_workers_give_one_engines_tokens_and_move_no_kv(colocated_syst
     prompts = SHORT_PROMPTS + LONG_PROMPTS
     colocated_system.wait_until_idle()
     served_before = sum(s.num_requests_served for s in _decode_side_stats(colocated_system))
-    expected = _single_engine_tokens(tiny_folder, tiny_model, prompts,
+    expected = single_engine_tokens(tiny_folder, tiny_model, prompts,
                                      SamplingParams(max_tokens=12, ignore_eos=True, **sampling))
     assert _generate_all(colocated_system.frontend_address, prompts, max_tokens=12, ignore_eos=True,
                          **sampling) == expected
@@ -99,7 +85,7 @@ def test_colocated_workers_give_one_engines_tokens_and_move_no_kv(colocated_syst
 
 
 def test_first_token_can_end_a_colocated_request(colocated_system, tiny_folder, tiny_model):
-    [[first]] = _single_engine_tokens(tiny_folder, tiny_model, SHORT_PROMPTS[:1], SamplingParams(max_tokens=1))
+    [[first]] = single_engine_tokens(tiny_folder, tiny_model, SHORT_PROMPTS[:1], SamplingParams(max_tokens=1))
     token_ids, final = _generate(colocated_system.frontend_address, SHORT_PROMPTS[0], max_tokens=3,
                                  stop_token_ids=[first])
     assert token_ids == [first] and final.finish_reason == g.FINISH_REASON_STOP
@@ -121,7 +107,7 @@ def _direct_decode(address: str, request: worker_pb2.DecodeRequest) -> list[work
 
 def test_a_direct_prefill_here_call_streams_token_1_and_reports_no_transfer(colocated_system, tiny_folder,
                                                                             tiny_model):
-    [expected] = _single_engine_tokens(tiny_folder, tiny_model, LONG_PROMPTS[:1],
+    [expected] = single_engine_tokens(tiny_folder, tiny_model, LONG_PROMPTS[:1],
                                        SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
     responses = _direct_decode(colocated_system.colocated_addresses[0], _prefill_here("direct", LONG_PROMPTS[0]))
     assert [t for r in responses if r.HasField("tokens") for t in r.tokens.token_ids] == expected
@@ -255,7 +241,7 @@ def mixed_system(tiny_folder, tiny_model):
 def test_a_mixed_cluster_prefills_short_prompts_on_decode_workers_and_long_ones_on_the_prefill_worker(
         mixed_system, tiny_folder, tiny_model):
     params = dict(max_tokens=10, ignore_eos=True, temperature=0.0)
-    expected = _single_engine_tokens(tiny_folder, tiny_model, SHORT_PROMPTS + LONG_PROMPTS,
+    expected = single_engine_tokens(tiny_folder, tiny_model, SHORT_PROMPTS + LONG_PROMPTS,
                                      SamplingParams(**params))
     for index, prompt in enumerate(SHORT_PROMPTS + LONG_PROMPTS):  # one at a time: every worker has room
         prefill_before, _ = mixed_system.worker_stats()

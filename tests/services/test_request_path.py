@@ -10,12 +10,10 @@ import time
 import grpc
 import pytest
 
-from common.engine.config import EngineConfig
-from common.engine.llm_engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from protos import generation_pb2 as g
 from protos import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.services.inprocess import ENGINE_SETTINGS, assert_idle
+from tests.services.inprocess import ENGINE_SETTINGS, assert_idle, single_engine_tokens
 
 PROMPTS = [[5, 17, 300, 41, 9], [1000, 2000, 3000], list(range(50, 71)), [7] * 9]
 
@@ -34,25 +32,13 @@ def _generate(stub, request: g.GenerateRequest, **kwargs):
     return token_ids, text, responses[-1].final, responses
 
 
-def _single_engine_tokens(tiny_folder, tiny_model, prompts, params: SamplingParams) -> list[list[int]]:
-    model, model_config = tiny_model
-    engine = LLMEngine(EngineConfig(model=str(tiny_folder), **ENGINE_SETTINGS), model=model, model_config=model_config)
-    for index, prompt in enumerate(prompts):
-        engine.add_request(str(index), prompt, params)
-    tokens = {str(i): [] for i in range(len(prompts))}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            tokens[output.request_id].extend(output.new_token_ids)
-    return [tokens[str(i)] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("sampling", [
     dict(temperature=0.0),
     dict(temperature=0.9, top_p=0.9, top_k=50, seed=123, repetition_penalty=1.1),
 ])
 def test_concurrent_requests_match_one_engine(system, stub, tiny_folder, tiny_model, sampling):
     params = SamplingParams(max_tokens=12, ignore_eos=True, **sampling)
-    expected = _single_engine_tokens(tiny_folder, tiny_model, PROMPTS, params)
+    expected = single_engine_tokens(tiny_folder, tiny_model, PROMPTS, params)
     results = [None] * len(PROMPTS)
 
     def run(index):
@@ -202,7 +188,7 @@ def test_hand_offs_wait_for_free_decode_blocks_and_all_finish(make_system, tiny_
     system = make_system(decode_overrides={"num_kv_blocks": 32})  # room for ~2 of these requests at once
     prompts = [list(range(100 + 7 * i, 160 + 7 * i)) for i in range(4)]  # 60 tokens = 15 blocks each
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    expected = _single_engine_tokens(tiny_folder, tiny_model, prompts, params)
+    expected = single_engine_tokens(tiny_folder, tiny_model, prompts, params)
     results = [None] * len(prompts)
     with grpc.insecure_channel(system.frontend_address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
