@@ -14,8 +14,10 @@ engines on a tiny random Llama (with SmolLM2's tokenizer), the in-process `fake`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -189,6 +191,34 @@ class InProcessSystem:
 def decode_stats(address: str) -> worker_pb2.WorkerStats:
     with grpc.insecure_channel(address) as channel:
         return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+
+
+@contextlib.contextmanager
+def extra_decode_worker(system: InProcessSystem, servicer) -> Iterator[str]:
+    """Another decode worker on the system's loop, served by `servicer` (a DecodeServicer subclass that
+    misbehaves as a test needs; its `.worker` is set), with an engine and metrics of its own (each engine
+    reports its own running totals); yields its address and stops it afterwards."""
+
+    async def start():
+        engine = system._engine({})
+        worker = DecodeWorker(engine, create_receiver("fake", kv_layout(engine), 10.0), DecodeLimits(),
+                              Observability.disabled("decode", "tiny"))
+        server = await start_server(lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
+                                    ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
+        worker.start()
+        servicer.worker = worker
+        await server.mark_serving()
+        return server, worker
+
+    server, worker = system.run(start())
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        async def stop():
+            await server.stop(0)
+            worker.stop()
+
+        system.run(stop())
 
 
 def single_engine_tokens(tiny_folder, tiny_model, prompts, params: SamplingParams) -> list[list[int]]:

@@ -18,13 +18,9 @@ import grpc
 import pytest
 
 from protos import generation_pb2 as g
-from protos import generation_pb2_grpc, worker_pb2_grpc
-from services.common.observability import Observability
-from services.common.server import start_server
-from services.common.worker_setup import create_receiver, kv_layout
+from protos import generation_pb2_grpc
 from services.decode.servicer import DecodeServicer
-from services.decode.worker import DecodeLimits, DecodeWorker
-from tests.services.inprocess import assert_idle
+from tests.services.inprocess import assert_idle, extra_decode_worker
 
 ROUTED_WITHIN_SECONDS = 5.0
 NUM_HELD_REQUESTS = 4
@@ -55,26 +51,8 @@ def scalable(make_system, tmp_path):
     system = make_system(frontend_overrides={"decode_discovery": f"file:{listing}", "router_mode": "round-robin",
                                              "migration_limit": 0})
     servicer = HeldDecode()
-
-    async def start():
-        engine = system._engine({})
-        worker = DecodeWorker(engine, create_receiver("fake", kv_layout(engine), 10.0), DecodeLimits(),
-                              Observability.disabled("decode", "tiny"))
-        server = await start_server(lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
-                                    ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
-        worker.start()
-        servicer.worker = worker
-        await server.mark_serving()
-        return server, worker
-
-    server, worker = system.run(start())
-    yield system, listing, f"127.0.0.1:{server.port}", servicer
-
-    async def stop():
-        await server.stop(0)
-        worker.stop()
-
-    system.run(stop())
+    with extra_decode_worker(system, servicer) as address:
+        yield system, listing, address, servicer
 
 
 def _generate(address: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:

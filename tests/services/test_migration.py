@@ -17,14 +17,11 @@ import pytest
 
 from common.engine.sampling_params import SamplingParams
 from protos import worker_pb2, worker_pb2_grpc
-from services.common.observability import Observability
-from services.common.server import start_server
-from services.common.worker_setup import create_receiver, kv_layout
 from services.decode.servicer import DecodeServicer
-from services.decode.worker import DecodeLimits, DecodeWorker
 from services.frontend.decode_streams import WorkerRequestError
 from services.frontend.relay import FinishEvent, Relay, TokenEvent
 from services.frontend.router import Router
+from tests.services.inprocess import extra_decode_worker
 
 NUM_TOKENS_BEFORE_LOSS = 12  # tokens the lost worker's stream carries (over all its requests) before it dies
 REQUESTS = [
@@ -61,27 +58,8 @@ def lost_worker(make_system):
     """(system, address of the stand-in decode worker, its servicer) on the system's event loop."""
     system = make_system()
     servicer = LostAfterTokens(NUM_TOKENS_BEFORE_LOSS, on_loss=lambda: None)
-
-    async def start():
-        engine = system._engine({})
-        # metrics of its own: each engine reports its own running totals (prefix cache queries, ...)
-        worker = DecodeWorker(engine, create_receiver("fake", kv_layout(engine), 10.0), DecodeLimits(),
-                              Observability.disabled("decode", "tiny"))
-        server = await start_server(lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s),
-                                    ["tandem.worker.v1.DecodeWorker"], "127.0.0.1", 0)
-        worker.start()
-        servicer.worker = worker
-        await server.mark_serving()
-        return server, worker
-
-    server, worker = system.run(start())
-    yield system, f"127.0.0.1:{server.port}", servicer
-
-    async def stop():
-        await server.stop(0)
-        worker.stop()
-
-    system.run(stop())
+    with extra_decode_worker(system, servicer) as address:
+        yield system, address, servicer
 
 
 async def _run_all(relay: Relay) -> dict[str, list[int] | grpc.StatusCode]:
